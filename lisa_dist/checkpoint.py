@@ -1,0 +1,115 @@
+"""Step checkpoints (sharded, atomic), the final HF directory, and export of any step checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+from accelerate import init_empty_weights
+
+COMPLETE_MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+HF_CONFIG_DIR = "hf"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"step_{step}"
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.iterdir():
+        name = child.name
+        if child.is_dir() and name.startswith("step_") and name[5:].isdigit() and is_complete(child):
+            found.append((int(name[5:]), child))
+    return max(found)[1] if found else None
+
+
+def write_hf_meta(directory: Path, hf_config: transformers.PretrainedConfig, tokenizer_dir: Path) -> None:
+    """Config and tokenizer beside the shards, so a checkpoint exports without the original model."""
+    target = directory / HF_CONFIG_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(target)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+
+
+def begin_save(output_dir: Path, step: int, is_main: bool) -> Path:
+    tmp = step_dir(output_dir, step).with_name(f"step_{step}.tmp")
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    return tmp
+
+
+def finish_save(tmp: Path, final: Path, state: dict[str, Any], is_main: bool) -> None:
+    """Every rank has written its shards; rank 0 publishes the directory and marks it complete last."""
+    dist.barrier()
+    if is_main:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        (final / COMPLETE_MARKER).write_text("ok\n")
+    dist.barrier()
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    if not is_complete(directory):
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.PretrainedConfig,
+                  tokenizer_dir: Path, out_dir: Path) -> None:
+    """Write an HF directory that `AutoModelForCausalLM.from_pretrained` loads."""
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"} | {
+            "lm_head.weight": state_dict.get("lm_head.weight", state_dict.get("model.embed_tokens.weight"))}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Turn a sharded step checkpoint into an HF model directory, in one process, without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    read_state(checkpoint_dir)
+    meta = checkpoint_dir / HF_CONFIG_DIR
+    hf_config = transformers.AutoConfig.from_pretrained(meta)
+    dtype = getattr(hf_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(hf_config)
+    template = {"model": {k: torch.empty(v.shape, dtype=dtype) for k, v in skeleton.state_dict().items()}}
+    dcp.load(template, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    save_hf_model(template["model"], hf_config, meta, out_dir)

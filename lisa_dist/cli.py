@@ -1,0 +1,46 @@
+"""`lisa-dist train CONFIG.yaml [dotted.key=value ...]` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lisa-dist", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fine-tune a model (under torchrun, or as one process)")
+    train.add_argument("config", help="YAML run configuration")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lisa.gamma=4")
+    export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
+    export.add_argument("checkpoint_dir")
+    export.add_argument("out_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from lisa_dist.checkpoint import CheckpointError
+    from lisa_dist.config import ConfigError, load_config
+    from lisa_dist.data import DataError
+    from lisa_dist.models.parts import UnsupportedModelError
+    from lisa_dist.models.weights import WeightsError
+
+    user_errors = (ConfigError, DataError, CheckpointError, UnsupportedModelError, WeightsError)
+    try:
+        if args.command == "train":
+            from lisa_dist.train import run_training
+
+            config = load_config(args.config, args.overrides)
+            out = run_training(config)
+            print(f"lisa-dist: training done; outputs in {out}", file=sys.stderr)
+        elif args.command == "export":
+            from lisa_dist.checkpoint import export_checkpoint
+
+            export_checkpoint(Path(args.checkpoint_dir), Path(args.out_dir))
+            print(f"lisa-dist: exported {args.checkpoint_dir} to {args.out_dir}", file=sys.stderr)
+    except user_errors as e:
+        print(f"lisa-dist: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,275 @@
+"""Typed run configuration: YAML plus dotted overrides, validated before any process group starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the key."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LisaConfig:
+    gamma: int = 2
+    """Number of decoder layers trained in each interval (the paper's gamma)."""
+    interval: int = 20
+    """Optimizer steps between re-sampling the active layers (the paper's K)."""
+    layer_weights: list[float] | None = None
+    """Optional non-negative sampling weight per decoder layer; uniform when unset."""
+    train_embeddings: bool = True
+    """Keep the input embeddings (and position embeddings) trainable at every step."""
+    train_norm: bool = True
+    """Keep the final norm trainable at every step."""
+    train_head: bool = True
+    """Keep the LM head trainable at every step."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    path: str | None = None
+    """A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)."""
+    preset: str | None = None
+    """A named architecture built with random weights (see `lisa_dist.models.presets`)."""
+    config: str | None = None
+    """A config.json (or a directory holding one) built with random weights."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to `path`, else the bundled tiny tokenizer."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = ""
+    """A local JSONL file in Alpaca (instruction/input/output) or chat (messages) format."""
+    format: Literal["auto", "alpaca", "chat"] = "auto"
+    """Record format; `auto` decides from the first record's keys."""
+    seq_len: int = 512
+    """Tokens per training sequence."""
+    pack: bool = False
+    """Concatenate examples into full sequences instead of padding each one."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks; independent of the world size."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass on one rank; the rest is gradient accumulation."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Storage and compute dtype of the parameters; bf16 keeps fp32 master copies of active shards."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Update rule applied to the trainable shards."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 decay (SGD), applied to trainable parameters only."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    momentum: float = 0.0
+    """SGD momentum; 0 keeps no optimizer state."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to `lr`."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate decay after warm-up, down to `min_lr_ratio * lr` at `max_steps`."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr` for decaying schedules."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    name: Literal["fsdp2"] = "fsdp2"
+    """Sharding engine."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered parameters after forward (ZeRO-3 style) rather than keep them."""
+    timeout_s: int = 600
+    """Collective timeout; a dead peer ends the job after this many seconds."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    seed: int = 0
+    """Seeds the layer schedule, the data order and random initialization."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    output_dir: str = "runs/default"
+    """Where metrics, checkpoints and the final model go."""
+    save_every: int = 0
+    """Write a sharded checkpoint every this many steps; 0 saves only the final model."""
+    method: Literal["lisa", "full"] = "lisa"
+    """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
+    resume: str | None = None
+    """`auto` continues from the newest complete checkpoint in output_dir; or a checkpoint directory."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 when attached to a terminal."""
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `dotted.key=value` overrides, build and validate the typed config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    config = from_dict(raw)
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, prefix="")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    value = yaml.safe_load(text) if text else ""
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {prefix}{key}{hint}; allowed keys: {', '.join(prefix + n for n in names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp} for {key}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    """Checks that need no model or process group; model-dependent ones live in `models`."""
+    _require(c.max_steps >= 1, f"max_steps must be >= 1, got {c.max_steps}")
+    _require(c.save_every >= 0, f"save_every must be >= 0 (0 = final model only), got {c.save_every}")
+    _require(bool(c.output_dir), "output_dir must not be empty")
+    _require(c.lisa.gamma >= 1, f"lisa.gamma must be >= 1, got {c.lisa.gamma}")
+    _require(c.lisa.interval >= 1, f"lisa.interval must be >= 1, got {c.lisa.interval}")
+    if c.lisa.layer_weights is not None:
+        weights = c.lisa.layer_weights
+        _require(all(w >= 0 for w in weights), f"lisa.layer_weights must be >= 0, got {weights}")
+        _require(sum(w > 0 for w in weights) >= c.lisa.gamma,
+                 f"lisa.layer_weights has {sum(w > 0 for w in weights)} positive weights, fewer than lisa.gamma={c.lisa.gamma}")
+    sources = [k for k in ("path", "preset", "config") if getattr(c.model, k)]
+    _require(len(sources) == 1,
+             f"set exactly one of model.path, model.preset, model.config; got {', '.join('model.' + s for s in sources) or 'none'}")
+    _require(bool(c.data.path), "data.path must name a JSONL file")
+    _require(Path(c.data.path).is_file(), f"data.path: file not found: {c.data.path}")
+    _require(c.data.seq_len >= 2, f"data.seq_len must be >= 2, got {c.data.seq_len}")
+    _require(c.train.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {c.train.global_batch_size}")
+    _require(c.train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {c.train.micro_batch_size}")
+    _require(c.train.global_batch_size % c.train.micro_batch_size == 0,
+             f"train.global_batch_size={c.train.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={c.train.micro_batch_size}")
+    _require(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
+    _require(c.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {c.optim.weight_decay}")
+    _require(c.optim.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {c.optim.max_grad_norm}")
+    _require(len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
+             f"optim.betas must be two numbers in [0, 1), got {c.optim.betas}")
+    _require(c.optim.eps > 0, f"optim.eps must be > 0, got {c.optim.eps}")
+    _require(0 <= c.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {c.optim.momentum}")
+    _require(c.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {c.optim.warmup_steps}")
+    _require(0 <= c.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
+    _require(c.engine.timeout_s >= 1, f"engine.timeout_s must be >= 1, got {c.engine.timeout_s}")
+
+
+def check_world_size(c: Config, world_size: int) -> None:
+    per_step = c.train.micro_batch_size * world_size
+    _require(c.train.global_batch_size % per_step == 0,
+             f"train.global_batch_size={c.train.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={c.train.micro_batch_size} x world size {world_size}")

@@ -1,0 +1,88 @@
+"""Process-group set-up and the cross-rank agreement checks every engine relies on."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lisa_dist.env import LaunchEnv
+
+
+class RankDisagreementError(RuntimeError):
+    """Ranks hold different values for something they must agree on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    env: LaunchEnv
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
+    """Start the default process group; a plain process gets a world of one so every path is the same."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+        backend = "cuda:nccl,cpu:gloo"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if env.is_distributed:
+            if env.master_addr is None:
+                raise ValueError(f"{env.launcher} launch without MASTER_ADDR: cannot reach the rendezvous")
+            dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return Runtime(env=env, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def verify_same_across_ranks(what: str, value: Any) -> None:
+    """Raise on every rank, naming the ranks, if `value` differs from rank 0's."""
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    reference = gathered[0]
+    differing = [r for r, v in enumerate(gathered) if v != reference]
+    if differing:
+        details = "; ".join(f"rank {r}: {gathered[r]!r}" for r in differing[:4])
+        raise RankDisagreementError(
+            f"ranks disagree on {what}: rank 0 has {reference!r} but {details}"
+            f" (ranks {differing} differ from rank 0)")
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

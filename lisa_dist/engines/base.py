@@ -1,0 +1,72 @@
+"""The small interface training code uses; each sharding engine implements it in one module."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lisa_dist.config import Config
+from lisa_dist.distributed import Runtime
+from lisa_dist.models import ModelParts, ModelSource
+
+
+class Engine(ABC):
+    name: str
+
+    def __init__(self, config: Config, runtime: Runtime) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.model: nn.Module | None = None
+        self.parts: ModelParts | None = None
+
+    @abstractmethod
+    def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
+        """Construct the model sharded over the world and load (or randomly initialize) this rank's shards."""
+
+    @abstractmethod
+    def local_shard(self, param: nn.Parameter) -> torch.Tensor:
+        """This rank's slice of `param`, sharing storage with it."""
+
+    @abstractmethod
+    def local_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        """This rank's slice of `param`'s reduced gradient, or None if it has none."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    @abstractmethod
+    def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Write model shards and the optimizer's local state as a resharding-capable checkpoint."""
+
+    @abstractmethod
+    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Fill the model shards and `optim_state` (local tensors allocated by the caller) in place."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Unsharded CPU tensors on rank 0 (None elsewhere), for exporting an HF directory."""
+
+    def reset_peak_memory(self) -> None:
+        if self.runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.runtime.device)
+
+    def peak_memory_bytes(self) -> int | None:
+        """The allocator's peak since the last reset on GPU; None where the trainer must track storages."""
+        if self.runtime.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.runtime.device)
+        return None
+
+
+def create_engine(config: Config, runtime: Runtime) -> Engine:
+    from lisa_dist.engines.fsdp2 import FSDP2Engine
+
+    engines: dict[str, type[Engine]] = {"fsdp2": FSDP2Engine}
+    return engines[config.engine.name](config, runtime)
+
+
+def trainable_named_parameters(model: nn.Module) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,107 @@
+"""PyTorch FSDP2 (`fully_shard`): one FSDP unit per decoder layer, the root holding embeddings, norm and head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from lisa_dist.engines.base import Engine
+from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
+from lisa_dist.models.build import DTYPES
+from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+
+    def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
+        c = self.config
+        dtype = DTYPES[c.train.dtype]
+        model = build_meta_model(source.hf_config, dtype, c.model.attn_implementation)
+        parts = find_parts(model)
+        if c.model.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
+        # Gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
+        mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in parts.layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=mp_policy,
+                        reshard_after_forward=c.engine.reshard_after_forward)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        model.to_empty(device=self.runtime.device)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+            self._materialize(model, source)
+        self.model, self.parts = model, parts
+        return model, parts
+
+    def _materialize(self, model: nn.Module, source: ModelSource) -> None:
+        reader = None
+        if source.weights_dir is not None:
+            reader = SafetensorsReader(source.weights_dir, getattr(model, "base_model_prefix", ""))
+        std = float(getattr(source.hf_config, "initializer_range", 0.02))
+        for name, param in model.named_parameters():
+            local = self.local_shard(param)
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            start = offset[0] if offset else 0
+            rows = shape[0] if shape else 1
+            if reader is not None:
+                stored = reader.shape(name)
+                if stored != list(param.shape):
+                    raise WeightsError(f"{source.weights_dir}: {name} has shape {stored}, the config expects {list(param.shape)}")
+                if local.numel():
+                    local.copy_(reader.read_rows(name, start, start + rows))
+            else:
+                full = random_init(name, param.shape, std, self.config.seed)
+                if local.numel():
+                    local.copy_(full[start:start + rows] if full.dim() else full)
+        if reader is not None:
+            reader.close()
+
+    def local_shard(self, param: nn.Parameter) -> torch.Tensor:
+        return param.to_local() if isinstance(param, DTensor) else param.data
+
+    def local_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        grad = param.grad
+        if grad is None:
+            return None
+        return grad.to_local() if isinstance(grad, DTensor) else grad
+
+    def _as_global(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        if not isinstance(param, DTensor) or local.shape != self.local_shard(param).shape:
+            return local
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+
+    def _checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
+        params = dict(self.model.named_parameters())
+        optim = {name: {key: self._as_global(params[name], t) for key, t in state.items()}
+                 for name, state in optim_state.items()}
+        return {"model": self.model.state_dict(), "optim": optim}
+
+    def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        dcp.save(self._checkpoint_state(optim_state), checkpoint_id=str(directory))
+
+    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        state = self._checkpoint_state(optim_state)
+        dcp.load(state, checkpoint_id=str(directory))
+        # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
+        for name, entries in state["optim"].items():
+            for key, value in entries.items():
+                if not isinstance(value, DTensor):
+                    optim_state[name][key].copy_(value)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.runtime.is_main else None

@@ -1,0 +1,56 @@
+"""The one place that reads the launcher's environment (torchrun, deepspeed, SLURM, a plain process)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+    """`torchrun`, `deepspeed`, `slurm` or `single`."""
+    master_addr: str | None = None
+    master_port: int | None = None
+    is_tty: bool = False
+    """Whether stderr is a terminal (for the progress bar)."""
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.launcher != "single"
+
+
+def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    is_tty = sys.stderr.isatty()
+
+    def num(key: str, default: int | None = None) -> int:
+        value = env.get(key)
+        if value is None:
+            if default is None:
+                raise ValueError(f"launcher environment is missing {key}")
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"launcher environment variable {key}={value!r} is not an integer") from None
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        world_size = num("WORLD_SIZE")
+        return LaunchEnv(
+            rank=num("RANK"), world_size=world_size, local_rank=num("LOCAL_RANK", 0),
+            local_world_size=num("LOCAL_WORLD_SIZE", world_size), launcher=launcher,
+            master_addr=env.get("MASTER_ADDR"), master_port=num("MASTER_PORT", 29500), is_tty=is_tty)
+    if "SLURM_PROCID" in env and num("SLURM_NTASKS", 1) > 1:
+        return LaunchEnv(
+            rank=num("SLURM_PROCID"), world_size=num("SLURM_NTASKS"), local_rank=num("SLURM_LOCALID", 0),
+            local_world_size=num("SLURM_NTASKS_PER_NODE", 1), launcher="slurm",
+            master_addr=env.get("MASTER_ADDR"), master_port=num("MASTER_PORT", 29500), is_tty=is_tty)
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single", is_tty=is_tty)

@@ -1,0 +1,99 @@
+"""Model configs and parameter-free (meta) construction; weights are materialized by the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+
+from lisa_dist.config import Config, ConfigError
+from lisa_dist.models.presets import PRESETS
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    hf_config: transformers.PretrainedConfig
+    weights_dir: Path | None
+    """Directory of *.safetensors to load, or None for random initialization."""
+    tokenizer_dir: Path
+
+
+def _bundled_tokenizer() -> Path:
+    from lisa_dist.assets import TINY_MODEL_DIR
+
+    return TINY_MODEL_DIR
+
+
+def load_hf_config(c: Config) -> tuple[transformers.PretrainedConfig, Path | None]:
+    if c.model.path:
+        root = Path(c.model.path)
+        if not (root / "config.json").is_file():
+            raise ConfigError(f"model.path: {root} has no config.json (expected a Hugging Face model directory)")
+        if not list(root.glob("*.safetensors")):
+            raise ConfigError(f"model.path: {root} has no *.safetensors weights")
+        return transformers.AutoConfig.from_pretrained(root), root
+    if c.model.preset:
+        if c.model.preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {', '.join(sorted(PRESETS))}, got {c.model.preset!r}")
+        spec = dict(PRESETS[c.model.preset])
+        return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec), None
+    path = Path(c.model.config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.config: file not found: {path}")
+    return transformers.AutoConfig.from_pretrained(path), None
+
+
+def resolve_model_source(c: Config) -> ModelSource:
+    hf_config, weights_dir = load_hf_config(c)
+    if c.model.tokenizer:
+        tokenizer_dir = Path(c.model.tokenizer)
+    elif weights_dir is not None:
+        tokenizer_dir = weights_dir
+    else:
+        tokenizer_dir = _bundled_tokenizer()
+    if not tokenizer_dir.is_dir() or not any(tokenizer_dir.glob("tokenizer*")):
+        raise ConfigError(f"no tokenizer files in {tokenizer_dir}; set model.tokenizer to a tokenizer directory")
+    return ModelSource(hf_config=hf_config, weights_dir=weights_dir, tokenizer_dir=tokenizer_dir)
+
+
+def num_decoder_layers(hf_config: transformers.PretrainedConfig) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"cannot tell the number of decoder layers of model type {hf_config.model_type!r}")
+
+
+def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> None:
+    """Config checks that need the architecture but no weights and no process group."""
+    num_layers = num_decoder_layers(hf_config)
+    if c.method == "lisa" and c.lisa.gamma > num_layers:
+        raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {num_layers} decoder layers")
+    if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != num_layers:
+        raise ConfigError(f"lisa.layer_weights has {len(c.lisa.layer_weights)} entries; the model has {num_layers} layers")
+    max_positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if max_positions is not None and c.data.seq_len > max_positions:
+        raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's {max_positions} positions")
+
+
+def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    """Parameters on the meta device in `dtype`; buffers (rotary tables) real, on CPU, in their own dtype."""
+    hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
+    hf_config._attn_implementation = attn_implementation
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype != dtype:
+                module.register_parameter(name, nn.Parameter(param.to(dtype), requires_grad=param.requires_grad))
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model

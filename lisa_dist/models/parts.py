@@ -1,0 +1,105 @@
+"""Find a causal LM's decoder stack, embeddings, final norm and head from its structure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder stack or heads cannot be located."""
+
+
+# model_type -> dotted path of the final norm, where the structural search would be ambiguous.
+_FINAL_NORM = {
+    "llama": "model.norm",
+    "mistral": "model.norm",
+    "qwen2": "model.norm",
+    "qwen3": "model.norm",
+    "gpt2": "transformer.ln_f",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelParts:
+    layers: list[nn.Module]
+    """Decoder layers in order; LISA samples among these."""
+    embeddings: list[nn.Module]
+    """Input (and position) embeddings."""
+    norm: nn.Module | None
+    head: nn.Module | None
+    tied_embeddings: bool
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _num_layers_from_config(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _find_decoder_stack(model: nn.Module) -> nn.ModuleList:
+    expected = _num_layers_from_config(model)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and any(p.numel() for p in module.parameters()):
+                candidates.append((name, module))
+    if expected is not None:
+        candidates = [(n, m) for n, m in candidates if len(m) == expected]
+    if len(candidates) != 1:
+        found = ", ".join(f"{n} ({len(m)})" for n, m in candidates) or "none"
+        raise UnsupportedModelError(
+            f"cannot find the decoder stack of {type(model).__name__}: expected one ModuleList of "
+            f"{expected} identical layers, found {found}")
+    return candidates[0][1]
+
+
+def _find_final_norm(model: nn.Module, stack: nn.ModuleList) -> nn.Module | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _FINAL_NORM:
+        return model.get_submodule(_FINAL_NORM[model_type])
+    in_stack = {id(m) for m in stack.modules()}
+    norms = [m for n, m in model.named_modules()
+             if "norm" in type(m).__name__.lower() and id(m) not in in_stack and n.count(".") <= 1]
+    return norms[-1] if norms else None
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    stack = _find_decoder_stack(model)
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not a Hugging Face causal LM (no get_input_embeddings)")
+    embed = get_in()
+    head = get_out()
+    embeddings = [embed]
+    position = getattr(getattr(model, "transformer", None), "wpe", None)
+    if isinstance(position, nn.Embedding):
+        embeddings.append(position)
+    tied = head is not None and head.weight is embed.weight
+    parts = ModelParts(layers=list(stack), embeddings=embeddings, norm=_find_final_norm(model, stack),
+                       head=head, tied_embeddings=tied)
+    _check_coverage(model, parts)
+    return parts
+
+
+def _check_coverage(model: nn.Module, parts: ModelParts) -> None:
+    covered = set()
+    modules = [*parts.layers, *parts.embeddings, parts.norm, parts.head]
+    for module in modules:
+        if module is not None:
+            covered.update(id(p) for p in module.parameters())
+    stray = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if stray:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has parameters outside the decoder stack, embeddings, final norm and head: "
+            f"{', '.join(stray[:5])}")

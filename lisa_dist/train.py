@@ -1,0 +1,232 @@
+"""The training loop: same code for every engine, method and launcher."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from lisa_dist import checkpoint as ckpt
+from lisa_dist.config import Config, ConfigError, check_world_size
+from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
+from lisa_dist.distributed import Runtime, all_reduce_max, all_reduce_sum, init_distributed, shutdown, verify_same_across_ranks
+from lisa_dist.engines.base import create_engine, trainable_named_parameters
+from lisa_dist.env import read_launch_env
+from lisa_dist.memory import GIB, StorageTracker
+from lisa_dist.models.build import check_against_model, resolve_model_source
+from lisa_dist.models.build import ModelSource
+from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
+from lisa_dist.sampler import LayerSampler
+
+
+def prepare(config: Config, world_size: int) -> tuple[ModelSource, SequenceSet]:
+    """Everything that can fail on user input, done before a process group exists."""
+    check_world_size(config, world_size)
+    source = resolve_model_source(config)
+    check_against_model(config, source.hf_config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    if len(tokenizer) > source.hf_config.vocab_size:
+        raise ConfigError(f"tokenizer in {source.tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
+                          f"vocab_size {source.hf_config.vocab_size}")
+    examples = load_examples(config.data.path, tokenizer, config.data.format)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences = build_sequences(examples, config.data.seq_len, pad_id, config.data.pack)
+    _check_output_dir(config)
+    return source, sequences
+
+
+def _check_output_dir(config: Config) -> None:
+    out = Path(config.output_dir)
+    if config.resume is None and ckpt.latest_checkpoint(out) is not None:
+        raise ConfigError(f"output_dir {out} already holds checkpoints of a run; "
+                          "pass resume=auto to continue it or choose another output_dir")
+    if config.resume not in (None, "auto") and not ckpt.is_complete(Path(config.resume)):
+        raise ConfigError(f"resume={config.resume}: not a complete checkpoint directory")
+
+
+class Trainer:
+    def __init__(self, config: Config, runtime: Runtime, source: ModelSource, sequences: SequenceSet) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.source = source
+        self.output_dir = Path(config.output_dir)
+        self.engine = create_engine(config, runtime)
+        self.model, self.parts = self.engine.build(source)
+        self.model.train()
+        self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
+                                    config.lisa.layer_weights, config.method)
+        self.optimizer = ShardedOptimizer(make_rule(config.optim), self.engine.local_shard, self.engine.local_grad)
+        self.batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size,
+                                     runtime.rank, runtime.world_size, config.seed)
+        self.active_layers: tuple[int, ...] | None = None
+        self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
+        self.skip_update = False
+
+    def set_active_layers(self, active: tuple[int, ...]) -> None:
+        """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""
+        lisa = self.config.lisa
+        always = [(self.parts.embeddings, lisa.train_embeddings), ([self.parts.norm], lisa.train_norm),
+                  ([self.parts.head], lisa.train_head)]
+        for i, layer in enumerate(self.parts.layers):
+            layer.requires_grad_(i in active)
+        for modules, on in always:
+            for module in modules:
+                if module is not None:
+                    module.requires_grad_(on)
+        if self.parts.tied_embeddings and (lisa.train_embeddings or lisa.train_head):
+            self.parts.embeddings[0].weight.requires_grad_(True)
+        self.optimizer.set_trainable(trainable_named_parameters(self.model))
+        self.active_layers = active
+
+    def _maybe_switch(self, step: int) -> None:
+        if self.active_layers is not None and not self.sampler.is_switch(step):
+            return
+        active = self.sampler.active_layers(step)
+        verify_same_across_ranks(f"the active layers for step {step}", list(active))
+        if active != self.active_layers:
+            self.set_active_layers(active)
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: float) -> float:
+        device = self.runtime.device
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        logits = self.model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
+                            use_cache=False).logits
+        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100, reduction="sum")
+        # Every rank's gradients are averaged by the reduce-scatter, so scale by world size to get the
+        # per-token mean over the whole global batch whatever the world size and micro-batch split.
+        self.engine.backward(loss_sum * (self.runtime.world_size / global_tokens))
+        return float(loss_sum.detach())
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        self._maybe_switch(step)
+        micro_batches = self.batches.micro_batches(step)
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
+        loss_sum = sum(self._micro_step(b, max(global_targets, 1.0)) for b in micro_batches)
+        grad_norm = self.optimizer.grad_norm()
+        max_norm = self.config.optim.max_grad_norm
+        scale = min(1.0, max_norm / (grad_norm + 1e-6)) if max_norm > 0 else 1.0
+        lr = lr_at(self.config.optim, step, self.config.max_steps)
+        self.optimizer.step(lr, grad_scale=scale)
+        self.optimizer.zero_grad(self.model)
+        (total_loss,) = all_reduce_sum([loss_sum], self.runtime.device)
+        elapsed = time.perf_counter() - start
+        return {"step": step + 1, "loss": total_loss / max(global_targets, 1.0), "lr": lr,
+                "active_layers": sorted(self.active_layers), "grad_norm": grad_norm,
+                "tokens": int(global_tokens), "tokens_per_s": global_tokens / elapsed, "step_time_s": elapsed}
+
+    def _measured_step(self, step: int) -> dict[str, Any]:
+        self.engine.reset_peak_memory()
+        if self.tracker is None:
+            record = self.train_step(step)
+            peak = self.engine.peak_memory_bytes() or 0
+        else:
+            self.tracker.track(p for p in self.model.parameters())
+            self.tracker.track(t for s in self.optimizer.state_dict().values() for t in s.values())
+            self.tracker.reset_peak()
+            with self.tracker:
+                record = self.train_step(step)
+            peak = self.tracker.peak
+        peak_max, optim_max = all_reduce_max([peak, self.optimizer.state_bytes()], self.runtime.device)
+        record["peak_mem_gib"] = peak_max / GIB
+        record["optim_state_gib"] = optim_max / GIB
+        return record
+
+    def trainer_state(self, step: int) -> dict[str, Any]:
+        return {"step": step, "sampler": self.sampler.state_dict() | {"step": step},
+                "data": self.batches.state_dict(), "world_size": self.runtime.world_size,
+                "engine": self.engine.name, "config": self.config.to_dict(),
+                "optim_params": self.optimizer.names}
+
+    def save(self, step: int) -> Path:
+        final = ckpt.step_dir(self.output_dir, step)
+        tmp = ckpt.begin_save(self.output_dir, step, self.runtime.is_main)
+        if self.runtime.is_main:
+            ckpt.write_hf_meta(tmp, self._export_config(), self.source.tokenizer_dir)
+        self.engine.save(tmp, self.optimizer.state_dict())
+        ckpt.finish_save(tmp, final, self.trainer_state(step), self.runtime.is_main)
+        return final
+
+    def resume_from(self, directory: Path) -> int:
+        state = ckpt.read_state(directory)
+        if state["engine"] != self.engine.name:
+            raise ckpt.CheckpointError(f"{directory} was written by engine {state['engine']}, this run uses {self.engine.name}")
+        step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.batches.load_state_dict(state["data"])
+        self.set_active_layers(self.sampler.active_layers(step))
+        if sorted(self.optimizer.names) != sorted(state["optim_params"]):
+            raise ckpt.CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
+        self.engine.load(directory, self.optimizer.state_dict())
+        self.optimizer.after_load()
+        return step
+
+    def _export_config(self) -> transformers.PretrainedConfig:
+        hf_config = self.source.hf_config.__class__.from_dict(self.source.hf_config.to_dict())
+        hf_config.dtype = {"bf16": "bfloat16", "fp32": "float32"}[self.config.train.dtype]
+        return hf_config
+
+    def save_final(self) -> Path:
+        state_dict = self.engine.full_state_dict()
+        out = self.output_dir / "final"
+        if self.runtime.is_main:
+            ckpt.save_hf_model(state_dict, self._export_config(), self.source.tokenizer_dir, out)
+        torch.distributed.barrier()
+        return out
+
+    def fit(self) -> None:
+        start_step = 0
+        resume = self.config.resume
+        if resume is not None:
+            directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+            if directory is not None:
+                start_step = self.resume_from(directory)
+        progress = self._progress(start_step)
+        metrics = self.output_dir / "metrics.jsonl"
+        for step in range(start_step, self.config.max_steps):
+            record = self._measured_step(step)
+            if self.runtime.is_main:
+                with metrics.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"][:8])
+                    progress.update(1)
+            done = step + 1
+            if self.config.save_every and done % self.config.save_every == 0:
+                self.save(done)
+        if progress is not None:
+            progress.close()
+        self.save_final()
+
+    def _progress(self, start_step: int) -> Any:
+        if not (self.runtime.is_main and self.config.progress_bar and self.runtime.env.is_tty):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.max_steps, initial=start_step, desc="train", unit="step")
+
+
+def run_training(config: Config) -> Path:
+    env = read_launch_env()
+    source, sequences = prepare(config, env.world_size)
+    runtime = init_distributed(env, config.engine.timeout_s)
+    try:
+        verify_same_across_ranks("the run configuration", config.to_dict())
+        if runtime.is_main:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            if config.resume is None:
+                (Path(config.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        trainer = Trainer(config, runtime, source, sequences)
+        trainer.fit()
+        return Path(config.output_dir)
+    finally:
+        shutdown()
