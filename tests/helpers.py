@@ -1,0 +1,80 @@
+"""Shared test helpers: tiny configs and a runner for gloo multi-process workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
+from lisa_dist.config import Config, from_dict, validate
+
+
+def tiny_config(output_dir: Path | str, **sections: Any) -> Config:
+    raw: dict[str, Any] = {
+        "seed": 0, "max_steps": 6, "output_dir": str(output_dir), "method": "lisa", "progress_bar": False,
+        "lisa": {"gamma": 2, "interval": 3},
+        "model": {"path": str(TINY_MODEL_DIR)},
+        "data": {"path": str(TINY_ALPACA), "seq_len": 48},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "dtype": "fp32"},
+        "optim": {"name": "adamw", "lr": 1e-3, "max_grad_norm": 0.0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    config = from_dict(raw)
+    validate(config)
+    return config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], out_dir: str, kwargs: dict) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "test", "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    result = fn(rank=rank, world_size=world_size, **kwargs)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> list[Any]:
+    """Run `fn(rank=, world_size=, **kwargs)` in `world_size` spawned processes; return each rank's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_entry, args=(world_size, free_port(), fn, out_dir, kwargs), nprocs=world_size,
+                           start_method="spawn", join=True)
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def start_trainer(config: Config):
+    """Inside a worker: the process group, the engine and a Trainer, as `lisa-dist train` builds them."""
+    from lisa_dist.distributed import init_distributed
+    from lisa_dist.env import read_launch_env
+    from lisa_dist.train import Trainer, prepare
+
+    env = read_launch_env()
+    source, sequences = prepare(config, env.world_size)
+    runtime = init_distributed(env, config.engine.timeout_s)
+    return Trainer(config, runtime, source, sequences)
+
+
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    """Unsharded weights on every rank (all-gathered DTensors), for comparisons."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone()
+    return out

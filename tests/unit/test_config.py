@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
+from lisa_dist.config import ConfigError, check_world_size, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = f"""
+max_steps: 3
+output_dir: out
+model: {{path: {TINY_MODEL_DIR}}}
+data: {{path: {TINY_ALPACA}, seq_len: 32}}
+"""
+
+
+def test_bundled_config_loads_with_contract_keys():
+    c = load_config(REPO / "configs" / "tiny.yaml")
+    assert c.method == "lisa" and c.engine.name == "fsdp2" and c.optim.name == "adamw"
+    assert c.lisa.gamma >= 1 and c.lisa.interval >= 1 and c.train.global_batch_size >= 1
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    c = load_config(write(tmp_path, BASE), ["lisa.gamma=3", "optim.lr=2e-4", "method=full", "optim.betas=[0.8,0.9]"])
+    assert c.lisa.gamma == 3 and c.optim.lr == pytest.approx(2e-4) and c.method == "full"
+    assert c.optim.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lisa.gama=2", "unknown config key lisa.gama (did you mean lisa.gamma?)"),
+    ("optimizer.lr=1", "unknown config key optimizer"),
+    ("method=lora", "method must be one of 'lisa', 'full'"),
+    ("engine.name=zero2", "engine.name must be one of"),
+    ("optim.name=adam", "optim.name must be one of 'adamw', 'sgd'"),
+    ("lisa.gamma=two", "lisa.gamma must be an integer"),
+    ("lisa.gamma=0", "lisa.gamma must be >= 1"),
+    ("lisa.interval=0", "lisa.interval must be >= 1"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be >= 0"),
+    ("train.micro_batch_size=3", "not divisible by train.micro_batch_size=3"),
+    ("train.dtype=fp8", "train.dtype must be one of"),
+    ("data.path=/nonexistent.jsonl", "data.path: file not found"),
+    ("model.preset=tiny", "set exactly one of model.path, model.preset, model.config"),
+    ("progress_bar=maybe", "progress_bar must be true or false"),
+    ("lisa=3", "lisa must be a mapping"),
+    ("novalue", "must look like dotted.key=value"),
+])
+def test_bad_values_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE), [override])
+    assert message in str(err.value)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1,"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_world_size_must_divide_the_global_batch(tmp_path):
+    c = load_config(write(tmp_path, BASE), ["train.global_batch_size=6", "train.micro_batch_size=2"])
+    check_world_size(c, 3)
+    with pytest.raises(ConfigError, match="world size 2"):
+        check_world_size(c, 2)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from lisa_dist.models import build_meta_model, find_parts
+from lisa_dist.models.parts import UnsupportedModelError
+
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+             num_key_value_heads=2, max_position_embeddings=32)
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True}),
+])
+def test_parts_of_llama_family(model_type, extra):
+    config = transformers.AutoConfig.for_model(model_type, **SMALL, **extra)
+    model = build_meta_model(config, torch.bfloat16, "sdpa")
+    parts = find_parts(model)
+    assert parts.num_layers == 3 and parts.layers[0] is model.model.layers[0]
+    assert parts.norm is model.model.norm and parts.head is model.lm_head
+    assert parts.tied_embeddings == bool(extra.get("tie_word_embeddings"))
+    assert all(p.dtype == torch.bfloat16 and p.is_meta for p in model.parameters())
+    assert all(not b.is_meta for b in model.buffers())
+
+
+def test_parts_of_gpt2_with_position_embeddings_and_tied_head():
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    model = build_meta_model(config, torch.float32, "eager")
+    parts = find_parts(model)
+    assert parts.num_layers == 2 and parts.norm is model.transformer.ln_f
+    assert parts.embeddings == [model.transformer.wte, model.transformer.wpe]
+    assert parts.tied_embeddings
+
+
+def test_model_without_a_decoder_stack_is_a_clear_error():
+    class NoStack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedModelError, match="cannot find the decoder stack of NoStack"):
+        find_parts(NoStack())
