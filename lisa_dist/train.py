@@ -142,7 +142,8 @@ class Trainer:
         return record
 
     def trainer_state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "sampler": self.sampler.state_dict() | {"step": step},
+        self.sampler.step = step
+        return {"step": step, "sampler": self.sampler.state_dict(),
                 "data": self.batches.state_dict(), "world_size": self.runtime.world_size,
                 "engine": self.engine.name, "config": self.config.to_dict(),
                 "optim_params": self.optimizer.names}

@@ -43,16 +43,17 @@ class ShardedOptimizer:
     def set_trainable(self, params: dict[str, nn.Parameter]) -> tuple[list[str], list[str]]:
         """Returns (entered, left) parameter names."""
         left = [name for name in self.slots if name not in params]
-        for name in left:
-            del self.slots[name]
         entered = [name for name in params if name not in self.slots]
-        for name in entered:
-            param = params[name]
-            shard = self.local_shard(param)
-            master = shard.detach().float().clone() if shard.dtype != torch.float32 else None
-            self.slots[name] = _Slot(param=param, shard=shard, master=master,
-                                     state=self.rule.init_state(master if master is not None else shard))
+        # Slots follow the model's parameter order, so reductions over them (the gradient norm) sum in
+        # the same order however the trainable set was reached: a resumed run matches bit for bit.
+        self.slots = {name: self.slots.get(name) or self._new_slot(param) for name, param in params.items()}
         return entered, left
+
+    def _new_slot(self, param: nn.Parameter) -> _Slot:
+        shard = self.local_shard(param)
+        master = shard.detach().float().clone() if shard.dtype != torch.float32 else None
+        return _Slot(param=param, shard=shard, master=master,
+                     state=self.rule.init_state(master if master is not None else shard))
 
     @property
     def names(self) -> list[str]:

@@ -1,0 +1,123 @@
+"""Whole CLI runs: torchrun with 2 ranks, outputs, export, resume, user errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
+from tests.helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+COMMON = [f"model.path={TINY_MODEL_DIR}", f"data.path={TINY_ALPACA}", "data.seq_len=48", "lisa.interval=2",
+          "train.global_batch_size=8", "train.micro_batch_size=2", "progress_bar=false"]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           "-m", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def lisa_dist(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lisa_dist", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_metrics_have_one_record_per_step_with_the_contract_fields(run):
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"step", "loss", "lr", "active_layers", "tokens_per_s", "peak_mem_gib", "optim_state_gib"} <= r.keys()
+        assert len(r["active_layers"]) == 2 and r["active_layers"] == sorted(r["active_layers"])
+        assert 0 < r["optim_state_gib"] < r["peak_mem_gib"]
+    assert records[0]["active_layers"] == records[1]["active_layers"]
+
+
+def test_step_checkpoints_are_complete_and_final_loads_in_transformers(run):
+    for step in (3, 6):
+        directory = run / "checkpoints" / f"step_{step}"
+        assert (directory / "COMPLETE").is_file() and (directory / "trainer_state.json").is_file()
+    model = transformers.AutoModelForCausalLM.from_pretrained(run / "final")
+    assert model.config.num_hidden_layers == 8
+    transformers.AutoTokenizer.from_pretrained(run / "final")
+
+
+def test_export_of_the_last_checkpoint_equals_final(run, tmp_path):
+    result = lisa_dist("export", str(run / "checkpoints" / "step_6"), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    final = load_file(run / "final" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    for name in final:
+        assert torch.equal(exported[name], final[name]), name
+
+
+def test_resume_continues_exactly(run, tmp_path):
+    out = tmp_path / "resumed"
+    first = torchrun(f"output_dir={out}", "max_steps=3", "save_every=3", "train.dtype=fp32")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32", "resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed, straight = metrics(out), metrics(run)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["active_layers"] for r in resumed] == [r["active_layers"] for r in straight]
+    # fp32 on CPU is deterministic: the resumed run is the uninterrupted one, bit for bit
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in straight]
+    final_a = load_file(out / "final" / "model.safetensors")
+    final_b = load_file(run / "final" / "model.safetensors")
+    for name in final_b:
+        assert torch.equal(final_a[name], final_b[name]), name
+
+
+def test_rerun_into_a_used_output_dir_is_refused(run):
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={run}")
+    assert result.returncode == 2
+    assert "already holds checkpoints" in result.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lisa.gamma=9", "lisa.gamma=9 exceeds the model's 8 decoder layers"),
+    ("data.seq_len=4096", "data.seq_len=4096 exceeds the model's 512 positions"),
+    ("train.global_batch_size=7", "not divisible"),
+    ("lisa.gama=2", "unknown config key lisa.gama"),
+])
+def test_user_errors_are_reported_before_training(tmp_path, override, message):
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path}", override)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_malformed_data_line_is_reported_with_file_and_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "a", oops}\n')
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'o'}",
+                       f"data.path={data}")
+    assert result.returncode == 2
+    assert f"{data}:2:" in result.stderr
+
+
+def test_single_process_run_without_a_launcher(tmp_path):
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path}", "max_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(metrics(tmp_path)) == 2
