@@ -48,6 +48,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], out_di
     torch.set_num_threads(1)
     result = fn(rank=rank, world_size=world_size, **kwargs)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        # Exiting with gloo's threads still running can abort the process ("terminate called ...").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> list[Any]:

@@ -28,7 +28,7 @@ class FSDP2Engine(Engine):
         model = build_meta_model(source.hf_config, dtype, c.model.attn_implementation)
         parts = find_parts(model)
         if c.model.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # Gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)

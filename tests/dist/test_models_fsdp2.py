@@ -1,0 +1,103 @@
+"""Model construction on FSDP2 with 2 gloo ranks: shard-wise loading, random init, architectures, checkpointing."""
+
+import pytest
+import torch
+import transformers
+
+from lisa_dist.assets import TINY_MODEL_DIR
+from lisa_dist.models.weights import SafetensorsReader
+from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
+
+SMALL = dict(vocab_size=512, num_hidden_layers=3, max_position_embeddings=64)
+ARCHITECTURES = {
+    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                    num_key_value_heads=2, **SMALL),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, **SMALL),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=3, n_head=4, n_positions=64, vocab_size=512),
+}
+
+
+def _reads_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    reads: list[tuple[str, int, int]] = []
+    original = SafetensorsReader.read_rows
+
+    def logged(self, name, start, end):
+        reads.append((name, start, end))
+        return original(self, name, start, end)
+
+    SafetensorsReader.read_rows = logged
+    trainer = start_trainer(tiny_config(output_dir))
+    return {"reads": reads, "shapes": {n: tuple(p.shape) for n, p in trainer.model.named_parameters()},
+            "weights": full_weights(trainer)}
+
+
+def test_each_rank_reads_only_its_rows_and_the_model_equals_the_checkpoint(tmp_path):
+    ranks = run_distributed(_reads_worker, 2, output_dir=str(tmp_path))
+    shapes = ranks[0]["shapes"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
+    for name, shape in shapes.items():
+        rows = [sorted((s, e) for n, s, e in r["reads"] if n == name) for r in ranks]
+        assert all(len(r) == 1 for r in rows), name
+        (a, b), (c, d) = rows[0][0], rows[1][0]
+        assert (a, b, d) == (0, c, shape[0]), f"{name}: rank 0 read {a}:{b}, rank 1 read {c}:{d}"
+        torch.testing.assert_close(ranks[0]["weights"][name], dict(reference.named_parameters())[name].detach())
+
+
+def _init_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, model={"path": None, "preset": "tiny"}))
+    return full_weights(trainer)
+
+
+def test_random_init_does_not_depend_on_the_world_size(tmp_path):
+    one = run_distributed(_init_worker, 1, output_dir=str(tmp_path))[0]
+    two = run_distributed(_init_worker, 2, output_dir=str(tmp_path))[0]
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+    assert one["model.layers.0.self_attn.q_proj.weight"].std() == pytest.approx(0.02, rel=0.1)
+    assert torch.equal(one["model.norm.weight"], torch.ones(64))
+
+
+def _architectures_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    for name, spec in ARCHITECTURES.items():
+        spec = dict(spec)
+        config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+        directory = f"{output_dir}/{name}"
+        if rank == 0:
+            config.save_pretrained(directory)
+        torch.distributed.barrier() if torch.distributed.is_initialized() else None
+        trainer = start_trainer(tiny_config(directory + "/run", model={"path": None, "config": directory},
+                                            lisa={"gamma": 1, "interval": 1}))
+        losses = [trainer.train_step(step)["loss"] for step in range(3)]
+        head = trainer.parts.head.weight
+        out[name] = {"losses": losses, "tied": trainer.parts.tied_embeddings,
+                     "tied_after": head is trainer.parts.embeddings[0].weight}
+        trainer.save_final()
+    return out
+
+
+def test_mistral_qwen2_and_gpt2_train_on_fsdp2_with_tied_embeddings_kept_tied(tmp_path):
+    ranks = run_distributed(_architectures_worker, 2, output_dir=str(tmp_path))
+    for name, obs in ranks[0].items():
+        assert all(torch.isfinite(torch.tensor(obs["losses"]))), name
+        assert obs["losses"][-1] < obs["losses"][0], name
+        assert obs["tied"] == (name in ("qwen2", "gpt2")) and obs["tied_after"] == obs["tied"], name
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "run" / "final")
+        if obs["tied"]:
+            assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def _checkpointing_worker(rank: int, world_size: int, output_dir: str, activation_checkpointing: bool) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, model={"activation_checkpointing": activation_checkpointing}))
+    losses = [trainer.train_step(step)["loss"] for step in range(4)]
+    return {"losses": losses, "weights": full_weights(trainer)}
+
+
+def test_activation_checkpointing_with_frozen_layers_matches_no_checkpointing(tmp_path):
+    plain = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path), activation_checkpointing=False)[0]
+    recomputed = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path), activation_checkpointing=True)[0]
+    assert plain["losses"] == pytest.approx(recomputed["losses"], rel=1e-6)
+    for name in plain["weights"]:
+        torch.testing.assert_close(plain["weights"][name], recomputed["weights"][name], rtol=1e-5, atol=1e-6)
