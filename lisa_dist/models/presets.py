@@ -15,6 +15,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
     },
+    "small": {
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 512, "intermediate_size": 1408,
+        "num_hidden_layers": 16, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    },
     "llama2-7b": {**_LLAMA2_COMMON, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "num_key_value_heads": 32},
     "llama2-13b": {**_LLAMA2_COMMON, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,

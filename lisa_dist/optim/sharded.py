@@ -44,14 +44,19 @@ class ShardedOptimizer:
         """Returns (entered, left) parameter names."""
         left = [name for name in self.slots if name not in params]
         entered = [name for name in params if name not in self.slots]
+        for name in left:  # free before allocating, so a switch never holds both sets at once
+            del self.slots[name]
+        kept = self.slots
         # Slots follow the model's parameter order, so reductions over them (the gradient norm) sum in
         # the same order however the trainable set was reached: a resumed run matches bit for bit.
-        self.slots = {name: self.slots.get(name) or self._new_slot(param) for name, param in params.items()}
+        self.slots = {}
+        for name, param in params.items():
+            self.slots[name] = kept.pop(name) if name in kept else self._new_slot(param)
         return entered, left
 
     def _new_slot(self, param: nn.Parameter) -> _Slot:
         shard = self.local_shard(param)
-        master = shard.detach().float().clone() if shard.dtype != torch.float32 else None
+        master = shard.detach().to(torch.float32, copy=True) if shard.dtype != torch.float32 else None
         return _Slot(param=param, shard=shard, master=master,
                      state=self.rule.init_state(master if master is not None else shard))
 
