@@ -121,3 +121,13 @@ def test_single_process_run_without_a_launcher(tmp_path):
     result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path}", "max_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(metrics(tmp_path)) == 2
+
+
+def test_chat_data_packed_trains_in_one_process(tmp_path):
+    from lisa_dist.assets import TINY_CHAT
+
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path}",
+                       f"data.path={TINY_CHAT}", "data.pack=true", "max_steps=4", "optim.lr=3e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["loss"] for r in metrics(tmp_path)]
+    assert len(losses) == 4 and losses[-1] < losses[0]

@@ -48,6 +48,7 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     obs["all_changed"] = [all(not torch.equal(a, b) for a, b in zip(s, e) if a.numel()) for s, e in zip(start, end)]
     obs["state_bytes_0"] = trainer.optimizer.state_bytes()
     obs["expected_bytes_0"] = _expected_state_bytes(trainer)
+    obs["param_dtypes"] = {trainer.engine.local_shard(p).dtype for p in trainer.model.parameters()}
     obs["master_dtypes"] = {s.master.dtype for s in trainer.optimizer.slots.values() if s.shard.numel()}
     obs["optim_names_0"] = trainer.optimizer.names
 
@@ -108,6 +109,7 @@ def test_no_gradient_reduce_scatter_for_frozen_layers(lisa_run):
 def test_optimizer_state_exists_only_for_active_shards(lisa_run):
     for obs in lisa_run:
         assert obs["state_bytes_0"] == obs["expected_bytes_0"] > 0
+        assert obs["param_dtypes"] == {torch.bfloat16}  # stored sharded in the training dtype
         assert obs["master_dtypes"] == {torch.float32}
         layers = {int(n.split(".")[2]) for n in obs["optim_names_0"] if n.startswith("model.layers.")}
         assert layers == set(obs["active_0"])
