@@ -67,20 +67,40 @@ class TrainConfig:
     """Sequences per optimizer step over all ranks; independent of the world size."""
     micro_batch_size: int = 1
     """Sequences per forward pass on one rank; the rest is gradient accumulation."""
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    """Storage and compute dtype of the parameters; bf16 keeps fp32 master copies of active shards."""
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    """Storage and compute dtype of the parameters; bf16/fp16 keep fp32 masters of active shards (adamw, sgd)."""
+    loss_scale: float = 65536.0
+    """fp16 only: initial dynamic loss scale."""
+    loss_scale_window: int = 1000
+    """fp16 only: consecutive finite steps before the loss scale doubles."""
+    min_loss_scale: float = 1.0
+    """fp16 only: the run stops with an error if overflows push the scale below this."""
 
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
-    """Update rule applied to the trainable shards."""
+    name: Literal["adamw", "sgd", "lomo", "adalomo"] = "adamw"
+    """`adamw`/`sgd` update after backward; `lomo`/`adalomo` update each shard inside backward (fused)."""
     lr: float = 1e-5
     """Peak learning rate."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) or L2 decay (SGD), applied to trainable parameters only."""
     max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
+    """Clip the global gradient norm to this value; 0 disables clipping. Fused optimizers use the norm of
+    the previous step (one-step lag) unless `fused_precheck` computes this step's norm first."""
+    clip_grad_value: float = 0.0
+    """Clamp every gradient element to [-v, v] before the update; 0 disables it."""
+    fused_precheck: bool | None = None
+    """lomo/adalomo: run a first backward that only checks gradients (non-finite values, exact global norm)
+    before the backward that applies updates. Doubles backward time; default on for fp16, off otherwise."""
+    stochastic_rounding: bool = False
+    """Round fp32 updates into bf16 parameters stochastically (lomo/adalomo write into bf16 directly)."""
+    adalomo_eps: list[float] = field(default_factory=lambda: [1e-30, 1e-3])
+    """AdaLomo (eps1 added to squared gradients, eps2 floor of the parameter RMS in the relative step)."""
+    adalomo_decay_rate: float = -0.8
+    """AdaLomo second-moment decay: beta2_t = 1 - t ** decay_rate."""
+    adalomo_clip_threshold: float = 1.0
+    """AdaLomo grouped update normalization: each parameter's update RMS is capped at this value."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW (beta1, beta2)."""
     eps: float = 1e-8
@@ -265,6 +285,22 @@ def validate(c: Config) -> None:
     _require(0 <= c.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {c.optim.momentum}")
     _require(c.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {c.optim.warmup_steps}")
     _require(0 <= c.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
+    _require(c.optim.clip_grad_value >= 0, f"optim.clip_grad_value must be >= 0 (0 disables it), got {c.optim.clip_grad_value}")
+    fused = c.optim.name in ("lomo", "adalomo")
+    _require(not (c.optim.name == "lomo" and c.optim.momentum),
+             f"optim.momentum={c.optim.momentum} with optim.name=lomo: LOMO keeps no optimizer state; use sgd for momentum")
+    _require(not c.optim.stochastic_rounding or c.train.dtype == "bf16",
+             f"optim.stochastic_rounding needs train.dtype=bf16, got {c.train.dtype}")
+    _require(not (fused and c.train.dtype == "fp16" and c.optim.fused_precheck is False),
+             "train.dtype=fp16 with a fused optimizer needs optim.fused_precheck: an overflow found after some "
+             "updates were applied could not be undone")
+    _require(fused or c.optim.fused_precheck is None, f"optim.fused_precheck applies to lomo and adalomo, not {c.optim.name}")
+    _require(len(c.optim.adalomo_eps) == 2 and all(e > 0 for e in c.optim.adalomo_eps),
+             f"optim.adalomo_eps must be two positive numbers, got {c.optim.adalomo_eps}")
+    _require(c.optim.adalomo_decay_rate < 0, f"optim.adalomo_decay_rate must be < 0, got {c.optim.adalomo_decay_rate}")
+    _require(c.optim.adalomo_clip_threshold > 0, f"optim.adalomo_clip_threshold must be > 0, got {c.optim.adalomo_clip_threshold}")
+    _require(c.train.loss_scale > 0 and c.train.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
+    _require(c.train.loss_scale_window >= 1, f"train.loss_scale_window must be >= 1, got {c.train.loss_scale_window}")
     _require(c.engine.timeout_s >= 1, f"engine.timeout_s must be >= 1, got {c.engine.timeout_s}")
 
 
@@ -273,3 +309,9 @@ def check_world_size(c: Config, world_size: int) -> None:
     _require(c.train.global_batch_size % per_step == 0,
              f"train.global_batch_size={c.train.global_batch_size} is not divisible by "
              f"train.micro_batch_size={c.train.micro_batch_size} x world size {world_size}")
+    accumulation = c.train.global_batch_size // per_step
+    _require(not (c.method == "full" and c.optim.name in ("lomo", "adalomo") and accumulation > 1),
+             f"method=full with optim.name={c.optim.name} applies each update during backward and keeps no "
+             f"gradients, but train.global_batch_size={c.train.global_batch_size} over micro-batches of "
+             f"{c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, which would "
+             f"keep every gradient; set train.micro_batch_size={c.train.global_batch_size // world_size} or use method=lisa")

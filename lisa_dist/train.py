@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 from lisa_dist import checkpoint as ckpt
@@ -21,7 +20,9 @@ from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import check_against_model, resolve_model_source
 from lisa_dist.models.build import ModelSource
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
+from lisa_dist.optim.fused import FusedUpdater
 from lisa_dist.sampler import LayerSampler
+from lisa_dist.steps import FusedStep, PostBackwardStep
 
 
 def prepare(config: Config, world_size: int) -> tuple[ModelSource, SequenceSet]:
@@ -60,12 +61,21 @@ class Trainer:
         self.model.train()
         self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
                                     config.lisa.layer_weights, config.method)
-        self.optimizer = ShardedOptimizer(make_rule(config.optim), self.engine.local_shard, self.engine.local_grad)
+        self.optimizer = ShardedOptimizer(make_rule(config.optim), self.engine)
+        self.stepper = self._make_stepper()
+        self.skipped_steps = 0
         self.batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size,
                                      runtime.rank, runtime.world_size, config.seed)
         self.active_layers: tuple[int, ...] | None = None
         self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
         self.skip_update = False
+
+    def _make_stepper(self) -> PostBackwardStep | FusedStep:
+        args = (self.config, self.runtime, self.engine, self.model, self.optimizer)
+        if not self.optimizer.rule.fused:
+            return PostBackwardStep(*args)
+        updater = FusedUpdater(self.optimizer, dict(self.model.named_parameters()), self.engine.register_grad_hook)
+        return FusedStep(*args, updater=updater)
 
     def set_active_layers(self, active: tuple[int, ...]) -> None:
         """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""
@@ -91,19 +101,6 @@ class Trainer:
         if active != self.active_layers:
             self.set_active_layers(active)
 
-    def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: float) -> float:
-        device = self.runtime.device
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        logits = self.model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device),
-                            use_cache=False).logits
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100, reduction="sum")
-        # Every rank's gradients are averaged by the reduce-scatter, so scale by world size to get the
-        # per-token mean over the whole global batch whatever the world size and micro-batch split.
-        self.engine.backward(loss_sum * (self.runtime.world_size / global_tokens))
-        return float(loss_sum.detach())
-
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         self._maybe_switch(step)
@@ -111,18 +108,18 @@ class Trainer:
         local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
-        loss_sum = sum(self._micro_step(b, max(global_targets, 1.0)) for b in micro_batches)
-        grad_norm = self.optimizer.grad_norm()
-        max_norm = self.config.optim.max_grad_norm
-        scale = min(1.0, max_norm / (grad_norm + 1e-6)) if max_norm > 0 else 1.0
         lr = lr_at(self.config.optim, step, self.config.max_steps)
-        self.optimizer.step(lr, grad_scale=scale)
-        self.optimizer.zero_grad(self.model)
-        (total_loss,) = all_reduce_sum([loss_sum], self.runtime.device)
+        outcome = self.stepper.run(step, micro_batches, max(global_targets, 1.0), lr)
+        self.skipped_steps += int(outcome.skipped)
+        (total_loss,) = all_reduce_sum([outcome.loss_sum], self.runtime.device)
         elapsed = time.perf_counter() - start
-        return {"step": step + 1, "loss": total_loss / max(global_targets, 1.0), "lr": lr,
-                "active_layers": sorted(self.active_layers), "grad_norm": grad_norm,
-                "tokens": int(global_tokens), "tokens_per_s": global_tokens / elapsed, "step_time_s": elapsed}
+        record = {"step": step + 1, "loss": total_loss / max(global_targets, 1.0), "lr": lr, "active_layers": sorted(self.active_layers),
+                  "grad_norm": outcome.grad_norm, "tokens": int(global_tokens), "tokens_per_s": global_tokens / elapsed,
+                  "step_time_s": elapsed, "skipped": outcome.skipped, "skipped_steps": self.skipped_steps,
+                  "nonfinite_grad_shards": outcome.nonfinite_shards, "backward_passes": outcome.backward_passes}
+        if self.config.train.dtype == "fp16":
+            record["loss_scale"] = self.stepper.scaler.scale
+        return record
 
     def _measured_step(self, step: int) -> dict[str, Any]:
         self.engine.reset_peak_memory()
@@ -146,7 +143,8 @@ class Trainer:
         return {"step": step, "sampler": self.sampler.state_dict(),
                 "data": self.batches.state_dict(), "world_size": self.runtime.world_size,
                 "engine": self.engine.name, "config": self.config.to_dict(),
-                "optim_params": self.optimizer.names}
+                "optim_params": self.optimizer.names, "loss_scaler": self.stepper.scaler.state_dict(),
+                "last_grad_norm": getattr(self.stepper, "last_grad_norm", None), "skipped_steps": self.skipped_steps}
 
     def save(self, step: int) -> Path:
         final = ckpt.step_dir(self.output_dir, step)
@@ -169,11 +167,15 @@ class Trainer:
             raise ckpt.CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
         self.engine.load(directory, self.optimizer.state_dict())
         self.optimizer.after_load()
+        self.stepper.scaler.load_state_dict(state["loss_scaler"])
+        if isinstance(self.stepper, FusedStep):
+            self.stepper.last_grad_norm = state["last_grad_norm"]
+        self.skipped_steps = int(state["skipped_steps"])
         return step
 
     def _export_config(self) -> transformers.PretrainedConfig:
         hf_config = self.source.hf_config.__class__.from_dict(self.source.hf_config.to_dict())
-        hf_config.dtype = {"bf16": "bfloat16", "fp32": "float32"}[self.config.train.dtype]
+        hf_config.dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[self.config.train.dtype]
         return hf_config
 
     def save_final(self) -> Path:

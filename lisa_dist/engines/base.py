@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
 from lisa_dist.models import ModelParts, ModelSource
+from lisa_dist.optim.shard import ShardInfo
 
 
 class Engine(ABC):
@@ -34,6 +37,14 @@ class Engine(ABC):
     @abstractmethod
     def local_grad(self, param: nn.Parameter) -> torch.Tensor | None:
         """This rank's slice of `param`'s reduced gradient, or None if it has none."""
+
+    @abstractmethod
+    def shard_info(self, param: nn.Parameter) -> ShardInfo:
+        """Where this rank's shard sits in `param`, and how to sum small tensors over its ranks."""
+
+    @abstractmethod
+    def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
+        """Call `hook(param)` as soon as this rank's reduced gradient shard of `param` is ready."""
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

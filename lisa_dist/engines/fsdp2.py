@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -12,11 +14,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.engines.base import Engine
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
 from lisa_dist.models.build import DTYPES
 from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
+from lisa_dist.optim.shard import ShardInfo, local_shard_info
 
 
 class FSDP2Engine(Engine):
@@ -42,6 +46,10 @@ class FSDP2Engine(Engine):
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
             self._materialize(model, source)
+        # FSDP2 fixes each unit's reduce dtype at lazy init from the parameters trainable at that moment;
+        # initialize with everything trainable, or layers that LISA activates later would reduce in bf16.
+        model.requires_grad_(True)
+        model._get_fsdp_state()._lazy_init()
         self.model, self.parts = model, parts
         return model, parts
 
@@ -76,6 +84,20 @@ class FSDP2Engine(Engine):
         if grad is None:
             return None
         return grad.to_local() if isinstance(grad, DTensor) else grad
+
+    def shard_info(self, param: nn.Parameter) -> ShardInfo:
+        if not isinstance(param, DTensor):
+            return local_shard_info(param)
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        row_numel = param.numel() // param.shape[0] if param.dim() else 1
+        group = param.device_mesh.get_group()
+        return ShardInfo(global_shape=tuple(param.shape), flat_start=(offset[0] if offset else 0) * row_numel,
+                         numel=self.local_shard(param).numel(), reduce_sum=lambda t: dist.all_reduce(t, group=group))
+
+    def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
+        # FSDP2 runs post-accumulate-grad hooks on the sharded parameter right after its reduce-scatter
+        # (autograd itself only ever sees the unsharded parameter).
+        return param.register_post_accumulate_grad_hook(hook)
 
     def _as_global(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
         if not isinstance(param, DTensor) or local.shape != self.local_shard(param).shape:

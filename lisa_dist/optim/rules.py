@@ -8,28 +8,36 @@ from typing import Protocol
 import torch
 
 from lisa_dist.config import OptimConfig
+from lisa_dist.optim.shard import ShardInfo, outer_slice, row_col_sums
 
 
 class UpdateRule(Protocol):
-    def init_state(self, master: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    fused: bool
+    """Applied inside backward as each gradient shard is ready (LOMO family) rather than after it."""
+
+    def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]: ...
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float) -> None: ...
+               step: int, lr: float, shard: ShardInfo) -> None:
+        """Update `master` (fp32, this rank's shard) in place. Rules that reduce across ranks must do so
+        on every rank, also for empty shards, in the same order."""
 
 
 class AdamW:
     """Decoupled weight decay Adam, the same arithmetic as `torch.optim.AdamW` (amsgrad off)."""
+
+    fused = False
 
     def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.weight_decay = weight_decay
 
-    def init_state(self, master: torch.Tensor) -> dict[str, torch.Tensor]:
+    def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]:
         return {"exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master)}
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float) -> None:
+               step: int, lr: float, shard: ShardInfo) -> None:
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if self.weight_decay:
             master.mul_(1 - lr * self.weight_decay)
@@ -41,17 +49,21 @@ class AdamW:
 
 
 class Sgd:
-    """SGD with optional momentum (no dampening) and L2 weight decay, as `torch.optim.SGD`."""
+    """SGD with optional momentum (no dampening) and L2 weight decay, as `torch.optim.SGD`.
 
-    def __init__(self, momentum: float, weight_decay: float) -> None:
+    Fused without momentum it is LOMO (arXiv 2306.09782): no state at all.
+    """
+
+    def __init__(self, momentum: float, weight_decay: float, fused: bool = False) -> None:
         self.momentum = momentum
         self.weight_decay = weight_decay
+        self.fused = fused
 
-    def init_state(self, master: torch.Tensor) -> dict[str, torch.Tensor]:
+    def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]:
         return {"momentum_buffer": torch.zeros_like(master)} if self.momentum else {}
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float) -> None:
+               step: int, lr: float, shard: ShardInfo) -> None:
         if self.weight_decay:
             grad = grad.add(master, alpha=self.weight_decay)
         if self.momentum:
@@ -64,9 +76,68 @@ class Sgd:
         master.add_(grad, alpha=-lr)
 
 
+class AdaLomo:
+    """AdaLomo (arXiv 2310.10195): factored second moment, grouped update normalization, relative step.
+
+    Per matrix: exponential averages of the row and column means of g^2 + eps1 (decay 1 - t^decay_rate),
+    update g / sqrt(v) with v the rank-1 estimate from them, its RMS capped at `clip_threshold`, then a
+    step of lr * max(eps2, RMS(parameter)). On a shard the row/column sums of this slice are reduced across
+    ranks (vectors of rows + cols floats), as are the two scalars RMS(update) and RMS(parameter).
+    """
+
+    fused = True
+
+    def __init__(self, eps: tuple[float, float], decay_rate: float, clip_threshold: float, weight_decay: float) -> None:
+        self.eps1, self.eps2 = eps
+        self.decay_rate = decay_rate
+        self.clip_threshold = clip_threshold
+        self.weight_decay = weight_decay
+
+    def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]:
+        if shard.matrix is None:
+            return {"exp_avg_sq": torch.zeros_like(master)}
+        rows, cols = shard.matrix
+        return {"exp_avg_sq_row": master.new_zeros(rows), "exp_avg_sq_col": master.new_zeros(cols)}
+
+    def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+               step: int, lr: float, shard: ShardInfo) -> None:
+        beta2t = 1.0 - step ** self.decay_rate
+        sq = grad.pow(2).add_(self.eps1)
+        param_sq = master.pow(2).sum().reshape(1)
+        if shard.matrix is None:
+            avg = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+            update = avg.rsqrt().mul_(grad)
+            totals = torch.cat([param_sq, update.pow(2).sum().reshape(1)])
+            shard.reduce_sum(totals)
+            param_sq, update_sq = totals[0], totals[1]
+        else:
+            rows, cols = shard.matrix
+            row_sums, col_sums = row_col_sums(sq.reshape(-1), shard.flat_start, rows, cols)
+            totals = torch.cat([row_sums / cols, col_sums / rows, param_sq])
+            shard.reduce_sum(totals)
+            row = state["exp_avg_sq_row"].mul_(beta2t).add_(totals[:rows], alpha=1.0 - beta2t)
+            col = state["exp_avg_sq_col"].mul_(beta2t).add_(totals[rows:rows + cols], alpha=1.0 - beta2t)
+            param_sq = totals[-1]
+            row_factor = (row / row.mean()).rsqrt_()
+            update = outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel).view_as(grad).mul_(grad)
+            update_sq = update.pow(2).sum().reshape(1)
+            shard.reduce_sum(update_sq)
+        numel = shard.global_numel
+        update.div_(((update_sq / numel).sqrt() / self.clip_threshold).clamp(min=1.0))
+        step_size = lr * (param_sq / numel).sqrt().clamp(min=self.eps2)
+        if self.weight_decay:
+            master.mul_(1.0 - step_size * self.weight_decay)
+        master.sub_(update.mul_(step_size))
+
+
 def make_rule(c: OptimConfig) -> UpdateRule:
     if c.name == "adamw":
         return AdamW((c.betas[0], c.betas[1]), c.eps, c.weight_decay)
     if c.name == "sgd":
         return Sgd(c.momentum, c.weight_decay)
-    raise ValueError(f"optim.name must be one of 'adamw', 'sgd', got {c.name!r}")
+    if c.name == "lomo":
+        return Sgd(0.0, c.weight_decay, fused=True)
+    if c.name == "adalomo":
+        return AdaLomo((c.adalomo_eps[0], c.adalomo_eps[1]), c.adalomo_decay_rate, c.adalomo_clip_threshold,
+                       c.weight_decay)
+    raise ValueError(f"optim.name must be one of 'adamw', 'sgd', 'lomo', 'adalomo', got {c.name!r}")

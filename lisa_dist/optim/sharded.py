@@ -1,20 +1,33 @@
 """Optimizer state and fp32 master copies for the trainable parameters' local shards only.
 
 State is keyed by parameter name. `set_trainable` frees the state of parameters that left the trainable
-set (LISA's switch), creates it for the ones that entered, and leaves the rest untouched.
+set (LISA's switch), creates it for the ones that entered, and leaves the rest untouched. The same slots
+serve updates after backward (`step`) and inside it (`lisa_dist.optim.fused`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule
+from lisa_dist.optim.shard import ShardInfo
+
+
+class ShardAccess(Protocol):
+    """What the optimizer needs from an engine (FSDP2, ZeRO-3): shards, their gradients, their layout."""
+
+    def local_shard(self, param: nn.Parameter) -> torch.Tensor: ...
+
+    def local_grad(self, param: nn.Parameter) -> torch.Tensor | None: ...
+
+    def shard_info(self, param: nn.Parameter) -> ShardInfo: ...
 
 
 @dataclass(slots=True)
@@ -22,22 +35,27 @@ class _Slot:
     param: nn.Parameter
     shard: torch.Tensor
     """The parameter's local shard in the training dtype (shares storage with the parameter)."""
+    info: ShardInfo
     master: torch.Tensor | None
-    """fp32 copy of `shard` when the training dtype is lower precision."""
+    """Persistent fp32 copy of `shard` (post-backward rules with a low-precision training dtype)."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
 
+@dataclass(slots=True)
+class UpdateOptions:
+    lr: float
+    grad_scale: float = 1.0
+    """Multiplies each gradient (1 / loss scale x norm-clipping factor)."""
+    clip_value: float = 0.0
+    generator: torch.Generator | None = None
+    """Set for stochastic rounding into bf16."""
+
+
 class ShardedOptimizer:
-    def __init__(
-        self,
-        rule: UpdateRule,
-        local_shard: Callable[[nn.Parameter], torch.Tensor],
-        local_grad: Callable[[nn.Parameter], torch.Tensor | None],
-    ) -> None:
+    def __init__(self, rule: UpdateRule, access: ShardAccess) -> None:
         self.rule = rule
-        self.local_shard = local_shard
-        self.local_grad = local_grad
+        self.access = access
         self.slots: dict[str, _Slot] = {}
 
     def set_trainable(self, params: dict[str, nn.Parameter]) -> tuple[list[str], list[str]]:
@@ -55,10 +73,12 @@ class ShardedOptimizer:
         return entered, left
 
     def _new_slot(self, param: nn.Parameter) -> _Slot:
-        shard = self.local_shard(param)
-        master = shard.detach().to(torch.float32, copy=True) if shard.dtype != torch.float32 else None
-        return _Slot(param=param, shard=shard, master=master,
-                     state=self.rule.init_state(master if master is not None else shard))
+        shard = self.access.local_shard(param)
+        info = self.access.shard_info(param)
+        keep_master = not self.rule.fused and shard.dtype != torch.float32
+        master = shard.detach().to(torch.float32, copy=True) if keep_master else None
+        state = self.rule.init_state(master if master is not None else shard.detach().float(), info)
+        return _Slot(param=param, shard=shard, info=info, master=master, state=state)
 
     @property
     def names(self) -> list[str]:
@@ -71,40 +91,57 @@ class ShardedOptimizer:
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
+    def grad_sq_sum(self) -> torch.Tensor:
+        """Sum of squared local gradient shards (fp32), before any scaling."""
+        sq = torch.zeros((), dtype=torch.float32)
+        for slot in self.slots.values():
+            grad = self.access.local_grad(slot.param)
+            if grad is not None and grad.numel():
+                sq = sq.to(grad.device) + grad.float().pow(2).sum()
+        return sq
+
     def grad_norm(self) -> float:
         """Global L2 norm of the trainable gradients: shard-local sums, one all-reduce."""
-        sq = torch.zeros((), dtype=torch.float32)
-        device = None
-        for slot in self.slots.values():
-            grad = self.local_grad(slot.param)
-            if grad is not None and grad.numel():
-                device = grad.device
-                sq = sq.to(device) + grad.float().pow(2).sum()
+        sq = self.grad_sq_sum()
         if dist.is_initialized():
-            device = device or _group_device()
-            sq = sq.to(device)
+            sq = sq.to(_group_device())
             dist.all_reduce(sq)
         return math.sqrt(float(sq))
 
     @torch.no_grad()
-    def step(self, lr: float, grad_scale: float = 1.0) -> int:
-        """Apply the rule to every trainable shard with a gradient; returns how many were updated."""
+    def apply(self, slot: _Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
+        """Update one shard from its gradient. With `guard`, a shard whose gradient is not finite keeps
+        its value (and the rule sees zeros), without a host sync. Returns 1 if the gradient was non-finite."""
+        grad32 = grad.float()
+        if options.grad_scale != 1.0:
+            grad32 = grad32 * options.grad_scale
+        finite = torch.isfinite(grad32).all() if guard else None
+        if guard:
+            grad32 = torch.where(finite, grad32, torch.zeros_like(grad32))
+        if options.clip_value:
+            grad32 = grad32.clamp_(-options.clip_value, options.clip_value)
+        slot.step += 1
+        target = slot.master if slot.master is not None else slot.shard.float()
+        before = target.clone() if guard else None
+        self.rule.update(target, grad32, slot.state, int(slot.step), options.lr, slot.info)
+        if guard:
+            target.copy_(torch.where(finite, target, before))
+        if target is not slot.shard:
+            if options.generator is not None and slot.shard.dtype == torch.bfloat16:
+                slot.shard.copy_(stochastic_round_bf16(target, options.generator))
+            else:
+                slot.shard.copy_(target)
+        return (~finite).to(torch.int64) if guard else torch.zeros((), dtype=torch.int64)
+
+    def step(self, options: UpdateOptions) -> int:
+        """Post-backward update of every trainable shard with a gradient; returns how many were updated."""
         updated = 0
         for slot in self.slots.values():
-            grad = self.local_grad(slot.param)
+            grad = self.access.local_grad(slot.param)
             if grad is None:
                 continue
             updated += 1
-            slot.step += 1
-            if grad.numel() == 0:
-                continue
-            grad32 = grad.float()
-            if grad_scale != 1.0:
-                grad32 = grad32 * grad_scale
-            target = slot.master if slot.master is not None else slot.shard
-            self.rule.update(target, grad32, slot.state, int(slot.step), lr)
-            if slot.master is not None:
-                slot.shard.copy_(slot.master)
+            self.apply(slot, grad, options)
         return updated
 
     def zero_grad(self, model: nn.Module) -> None:
@@ -124,12 +161,12 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def after_load(self) -> None:
-        """Masters were restored from the checkpoint; the bf16 shards are rounded copies of them."""
+        """Masters were restored from the checkpoint; the low-precision shards are rounded copies of them."""
         for slot in self.slots.values():
             if slot.master is not None:
                 slot.shard.copy_(slot.master)
 
 
 def _group_device() -> torch.device:
-    backend = dist.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
+    backend = str(dist.get_backend())
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")

@@ -32,7 +32,7 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     original = dist.reduce_scatter_single
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("input", args[1] if len(args) > 1 else None).numel())
+        calls.append(kwargs.get("input", args[1] if len(args) > 1 else None).dtype)
         return original(*args, **kwargs)
 
     dist.reduce_scatter_single = counting
@@ -41,7 +41,7 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
         calls.clear()
         trainer.train_step(step)
         obs["reduce_scatters"].append(len(calls))
-    dist.reduce_scatter_single = original
+    obs["reduce_dtypes"] = set(calls)
     end = _layer_shards(trainer)
     obs["active_0"] = trainer.active_layers
     obs["unchanged"] = [all(torch.equal(a, b) for a, b in zip(s, e)) for s, e in zip(start, end)]
@@ -75,6 +75,10 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     obs["always_on_kept"] = all(kept[n] is always_on[n] for n in always_on) and all(
         int(trainer.optimizer.slots[n].step) == always_steps[n] for n in always_on)
     obs["leaving_freed"] = all(r() is None for r in leaving_refs)
+    calls.clear()
+    trainer.train_step(INTERVAL)
+    obs["reduce_dtypes_after_switch"] = set(calls)
+    dist.reduce_scatter_single = original
     obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters()) for layer in trainer.parts.layers]
     return obs
 
@@ -104,6 +108,12 @@ def test_no_gradient_reduce_scatter_for_frozen_layers(lisa_run):
     micro_batches = 8 // (2 * 2)
     for obs in lisa_run:
         assert obs["reduce_scatters"] == [(GAMMA + 1) * micro_batches] * INTERVAL
+
+
+def test_gradients_reduce_in_fp32_before_and_after_a_switch(lisa_run):
+    for obs in lisa_run:
+        assert obs["reduce_dtypes"] == {torch.float32}
+        assert obs["reduce_dtypes_after_switch"] == {torch.float32}
 
 
 def test_optimizer_state_exists_only_for_active_shards(lisa_run):

@@ -4,14 +4,24 @@ from torch import nn
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
+from lisa_dist.optim.shard import local_shard_info
+from lisa_dist.optim.sharded import UpdateOptions
 
 
-def _plain(param):
-    return param.data
+class _Unsharded:
+    """Shard access for plain tensors in one process."""
+
+    def local_shard(self, param):
+        return param.data
+
+    def local_grad(self, param):
+        return param.grad
+
+    def shard_info(self, param):
+        return local_shard_info(param)
 
 
-def _grad(param):
-    return param.grad
+PLAIN = _Unsharded()
 
 
 @pytest.mark.parametrize("name, kwargs, reference", [
@@ -23,14 +33,14 @@ def test_rules_match_torch_optimizers(name, kwargs, reference):
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
     ref = [nn.Parameter(p.detach().clone()) for p in ours]
-    opt = ShardedOptimizer(make_rule(OptimConfig(name=name, lr=1e-2, **kwargs)), _plain, _grad)
+    opt = ShardedOptimizer(make_rule(OptimConfig(name=name, lr=1e-2, **kwargs)), PLAIN)
     opt.set_trainable({f"p{i}": p for i, p in enumerate(ours)})
     ref_opt = reference(ref)
     for _ in range(5):
         grads = [torch.randn(5, 3) for _ in ours]
         for p, q, g in zip(ours, ref, grads):
             p.grad, q.grad = g.clone(), g.clone()
-        opt.step(1e-2)
+        opt.step(UpdateOptions(lr=1e-2))
         ref_opt.step()
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.data, q.data, rtol=1e-6, atol=1e-7)
@@ -39,7 +49,7 @@ def test_rules_match_torch_optimizers(name, kwargs, reference):
 def test_bf16_parameters_get_fp32_masters_and_state_is_freed_when_a_parameter_leaves():
     a = nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
     b = nn.Parameter(torch.randn(8, 4, dtype=torch.bfloat16))
-    opt = ShardedOptimizer(make_rule(OptimConfig(name="adamw", lr=1e-3)), _plain, _grad)
+    opt = ShardedOptimizer(make_rule(OptimConfig(name="adamw", lr=1e-3)), PLAIN)
     opt.set_trainable({"a": a, "b": b})
     assert opt.slots["a"].master.dtype == torch.float32
     assert opt.state_bytes() == (16 + 32) * 4 * 3  # master, exp_avg, exp_avg_sq in fp32
@@ -50,11 +60,11 @@ def test_bf16_parameters_get_fp32_masters_and_state_is_freed_when_a_parameter_le
 
 def test_small_updates_accumulate_in_the_fp32_master():
     p = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    opt = ShardedOptimizer(make_rule(OptimConfig(name="sgd", lr=1.0)), _plain, _grad)
+    opt = ShardedOptimizer(make_rule(OptimConfig(name="sgd", lr=1.0)), PLAIN)
     opt.set_trainable({"p": p})
     for _ in range(100):
         p.grad = torch.full((4,), 1e-4, dtype=torch.bfloat16)
-        opt.step(1e-0)
+        opt.step(UpdateOptions(lr=1.0))
     # each step alone is below bf16 resolution at 1.0, but the master keeps the sum
     assert float(p.data[0]) == pytest.approx(0.99, abs=4e-3)
 

@@ -1,0 +1,145 @@
+"""One optimizer step: forward/backward over the micro-batches, then the update after backward
+(adamw, sgd) or inside it (lomo, adalomo), with clipping, loss scaling and non-finite handling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lisa_dist.config import Config
+from lisa_dist.distributed import Runtime, all_reduce_sum
+from lisa_dist.engines.base import Engine
+from lisa_dist.optim import ShardedOptimizer
+from lisa_dist.optim.fused import FusedUpdater
+from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
+from lisa_dist.optim.sharded import UpdateOptions
+
+
+@dataclass(slots=True)
+class StepOutcome:
+    loss_sum: float
+    """Sum of token losses on this rank (0 when a non-finite loss stopped the step)."""
+    grad_norm: float
+    """Global gradient norm before clipping, unscaled."""
+    skipped: bool
+    """No weight changed: a non-finite loss or gradient (or an fp16 overflow) was found first."""
+    nonfinite_shards: int = 0
+    """One-pass fused mode: gradient shards that were non-finite and therefore not applied."""
+    backward_passes: int = 1
+
+
+class StepRunner:
+    def __init__(self, config: Config, runtime: Runtime, engine: Engine, model: nn.Module,
+                 optimizer: ShardedOptimizer) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.engine = engine
+        self.model = model
+        self.optimizer = optimizer
+        t = config.train
+        self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window, t.min_loss_scale, t.dtype == "fp16")
+
+    def _options(self, step: int, lr: float, clip: float) -> UpdateOptions:
+        generator = None
+        if self.config.optim.stochastic_rounding:
+            generator = rounding_generator(self.config.seed, step, self.runtime.rank, self.runtime.device)
+        return UpdateOptions(lr=lr, grad_scale=clip / self.scaler.scale, clip_value=self.config.optim.clip_grad_value,
+                             generator=generator)
+
+    def _clip_factor(self, grad_norm: float | None) -> float:
+        max_norm = self.config.optim.max_grad_norm
+        if max_norm <= 0 or grad_norm is None or not math.isfinite(grad_norm):
+            return 1.0
+        return min(1.0, max_norm / (grad_norm + 1e-6))
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
+                         check_loss: bool, before_backward=None) -> tuple[float, bool]:
+        """Returns (local loss sum, whether every micro-batch's loss was finite on every rank)."""
+        device = self.runtime.device
+        scale = self.runtime.world_size / global_targets * self.scaler.scale
+        total = 0.0
+        for i, batch in enumerate(micro_batches):
+            labels = batch["labels"].to(device)
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+            loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100, reduction="sum")
+            value = float(loss_sum.detach())
+            if check_loss:
+                (bad,) = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)
+                if bad:
+                    return math.nan, False
+            if before_backward is not None:
+                before_backward(i == len(micro_batches) - 1)
+            # Reduce-scatter averages over ranks; scaling by world size gives the per-token mean over the
+            # whole global batch, whatever the world size and micro-batch split.
+            self.engine.backward(loss_sum * scale)
+            total += value
+        return total, True
+
+    def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
+        total_sq, total_bad = all_reduce_sum([float(sq), float(bad)], self.runtime.device)
+        return math.sqrt(total_sq) / self.scaler.scale, int(total_bad)
+
+
+class PostBackwardStep(StepRunner):
+    def run(self, step: int, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
+            lr: float) -> StepOutcome:
+        loss_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False)
+        grad_norm, _ = self._global(self.optimizer.grad_sq_sum())
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step(self._options(step, lr, self._clip_factor(grad_norm)))
+        self.optimizer.zero_grad(self.model)
+        self.scaler.update(overflow=skipped)
+        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=skipped)
+
+
+class FusedStep(StepRunner):
+    """lomo/adalomo. Without precheck: one backward; clipping by global norm uses the previous step's
+    norm; a non-finite loss skips the step before backward; a non-finite gradient shard is not applied.
+    With precheck: a first backward measures (non-finite check, exact norm) and discards every gradient;
+    only if all is finite does a second backward apply the updates, so a bad step changes no weight."""
+
+    def __init__(self, *args, updater: FusedUpdater, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.updater = updater
+        precheck = self.config.optim.fused_precheck
+        self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
+        self.last_grad_norm: float | None = None
+
+    def _set_final(self, final: bool) -> None:
+        self.updater.final_micro_batch = final
+
+    def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches, global_targets):
+        self.updater.begin_pass(mode, options, guard)
+        loss_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
+                                                 before_backward=self._set_final)
+        if not finite:
+            self.optimizer.zero_grad(self.model)
+            return loss_sum, False, math.nan, 0
+        sq, bad = self.updater.end_pass(self.model)
+        grad_norm, nonfinite = self._global(sq, bad)
+        return loss_sum, True, grad_norm, nonfinite
+
+    def run(self, step: int, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
+            lr: float) -> StepOutcome:
+        if self.precheck:
+            loss_sum, finite, grad_norm, nonfinite = self._pass("check", UpdateOptions(lr=lr), False,
+                                                                micro_batches, global_targets)
+            if not finite or nonfinite or not math.isfinite(grad_norm):
+                self.scaler.update(overflow=True)
+                return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=True, backward_passes=1)
+            options = self._options(step, lr, self._clip_factor(grad_norm))
+            self._pass("apply", options, False, micro_batches, global_targets)
+            self.scaler.update(overflow=False)
+            return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, backward_passes=2)
+        options = self._options(step, lr, self._clip_factor(self.last_grad_norm))
+        loss_sum, finite, grad_norm, nonfinite = self._pass("apply", options, True, micro_batches, global_targets)
+        if finite and math.isfinite(grad_norm):
+            self.last_grad_norm = grad_norm
+        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=not finite, nonfinite_shards=nonfinite)
