@@ -36,9 +36,8 @@ class FSDP2Engine(Engine):
         self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # Gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for layer in parts.layers:
-            fully_shard(layer, mesh=self.mesh, mp_policy=mp_policy,
-                        reshard_after_forward=c.engine.reshard_after_forward)
+        for unit in self._units(parts):
+            fully_shard(unit, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
         fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.to_empty(device=self.runtime.device)
@@ -52,6 +51,17 @@ class FSDP2Engine(Engine):
         model._get_fsdp_state()._lazy_init()
         self.model, self.parts = model, parts
         return model, parts
+
+    @staticmethod
+    def _units(parts: ModelParts) -> list[nn.Module | list[nn.Module]]:
+        """One FSDP unit per decoder layer, and (untied) the embeddings and [final norm, head] as their own
+        units: the head's gradients are then reduced and released as soon as backward leaves it, instead
+        of living through the whole backward in the root unit."""
+        units: list[nn.Module | list[nn.Module]] = list(parts.layers)
+        if not parts.tied_embeddings:
+            units.append(list(parts.embeddings))
+            units.append([m for m in (parts.norm, parts.head) if m is not None])
+        return units
 
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
         reader = None

@@ -1,0 +1,239 @@
+"""LOMO and AdaLomo on FSDP2 with 2 gloo ranks, against post-backward SGD and a reference AdaLomo."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from lisa_dist.assets import TINY_MODEL_DIR
+from lisa_dist.data import GlobalBatches, build_sequences, load_examples
+from lisa_dist.optim.fused import FusedPathError
+from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
+
+STEPS = 4
+FULL = dict(method="full", train={"micro_batch_size": 4})  # global 8 on 2 ranks: no accumulation
+
+
+def _run(config, steps=STEPS):
+    trainer = start_trainer(config)
+    records = [trainer.train_step(s) for s in range(steps)]
+    return trainer, records
+
+
+def _pairs_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    micro = 8 // world_size
+    for key, optim in {
+        "lomo": {"name": "lomo", "lr": 0.05, "max_grad_norm": 0.0, "weight_decay": 0.1},
+        "sgd": {"name": "sgd", "lr": 0.05, "max_grad_norm": 0.0, "weight_decay": 0.1},
+        "lomo_precheck_clip": {"name": "lomo", "lr": 0.05, "max_grad_norm": 0.5, "fused_precheck": True,
+                               "clip_grad_value": 0.01},
+        "sgd_clip": {"name": "sgd", "lr": 0.05, "max_grad_norm": 0.5, "clip_grad_value": 0.01},
+        "adalomo": {"name": "adalomo", "lr": 0.01, "max_grad_norm": 0.0, "weight_decay": 0.1},
+    }.items():
+        trainer, records = _run(tiny_config(output_dir, method="full", train={"micro_batch_size": micro},
+                                            optim=optim))
+        out[key] = {"weights": full_weights(trainer), "losses": [r["loss"] for r in records],
+                    "state_bytes": trainer.optimizer.state_bytes(), "grad_norms": [r["grad_norm"] for r in records]}
+        trainer.stepper.updater.remove() if hasattr(trainer.stepper, "updater") else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pairs"))
+    return {"two": run_distributed(_pairs_worker, 2, output_dir=out)[0],
+            "one": run_distributed(_pairs_worker, 1, output_dir=out)[0]}
+
+
+def _close(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_full_lomo_equals_full_sgd_without_momentum(pairs):
+    lomo, sgd = pairs["two"]["lomo"], pairs["two"]["sgd"]
+    assert lomo["losses"] == pytest.approx(sgd["losses"], rel=1e-6)
+    _close(lomo["weights"], sgd["weights"])
+
+
+def test_lomo_keeps_no_optimizer_state(pairs):
+    assert pairs["two"]["lomo"]["state_bytes"] == 0
+
+
+def test_precheck_norm_clip_and_value_clip_equal_post_backward_sgd(pairs):
+    lomo, sgd = pairs["two"]["lomo_precheck_clip"], pairs["two"]["sgd_clip"]
+    assert lomo["grad_norms"] == pytest.approx(sgd["grad_norms"], rel=1e-5)
+    assert max(sgd["grad_norms"]) > 0.5  # the norm clip was active
+    _close(lomo["weights"], sgd["weights"])
+
+
+def test_one_rank_equals_two_ranks(pairs):
+    for key in ("lomo", "adalomo"):
+        _close(pairs["one"][key]["weights"], pairs["two"][key]["weights"], rtol=1e-4, atol=1e-5)
+
+
+def reference_adalomo(config, steps: int) -> dict[str, torch.Tensor]:
+    """AdaLomo as published (arXiv 2310.10195, Algorithm 1), on full tensors in one process."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    sequences = build_sequences(load_examples(config.data.path, tokenizer), config.data.seq_len,
+                                tokenizer.pad_token_id, pack=False)
+    batches = GlobalBatches(sequences, 8, 8, 0, 1, config.seed)
+    eps1, eps2, lr, wd = 1e-30, 1e-3, config.optim.lr, config.optim.weight_decay
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for step in range(1, steps + 1):
+        (batch,) = batches.micro_batches(step - 1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()).backward()
+        beta2t = 1.0 - math.pow(step, -0.8)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                g = p.grad
+                sq = g * g + eps1
+                s = state.setdefault(name, {})
+                if p.dim() > 1:
+                    row = s.setdefault("row", torch.zeros(p.shape[0]))
+                    col = s.setdefault("col", torch.zeros(p.shape[1]))
+                    row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1 - beta2t)
+                    col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1 - beta2t)
+                    r_factor = (row / row.mean()).rsqrt().unsqueeze(-1)
+                    update = r_factor * col.rsqrt().unsqueeze(0) * g
+                else:
+                    v = s.setdefault("v", torch.zeros_like(p))
+                    v.mul_(beta2t).add_(sq, alpha=1 - beta2t)
+                    update = v.rsqrt() * g
+                rms = update.pow(2).mean().sqrt()
+                update = update / max(1.0, float(rms) / 1.0)
+                alpha = lr * max(eps2, float(p.pow(2).mean().sqrt()))
+                p.mul_(1 - alpha * wd)
+                p.add_(update, alpha=-alpha)
+                p.grad = None
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_adalomo_matches_the_published_update(pairs, tmp_path):
+    config = tiny_config(tmp_path, optim={"name": "adalomo", "lr": 0.01, "weight_decay": 0.1})
+    reference = reference_adalomo(config, STEPS)
+    _close(pairs["two"]["adalomo"]["weights"], reference, rtol=1e-4, atol=1e-5)
+
+
+def _guard_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    for key, optim in {"precheck": {"fused_precheck": True}, "one_pass": {}}.items():
+        config = tiny_config(output_dir, method="lisa", lisa={"gamma": 2, "interval": 10},
+                             train={"dtype": "bf16", "micro_batch_size": 2},
+                             optim={"name": "lomo", "lr": 0.05, "max_grad_norm": 1.0, **optim})
+        trainer = start_trainer(config)
+        trainer.train_step(0)
+        before = full_weights(trainer)
+        layer = trainer.parts.layers[max(trainer.active_layers)]
+
+        def poison(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden.register_hook(lambda g: g.index_fill(-1, torch.tensor([0]), float("inf")))
+
+        handle = layer.register_forward_hook(poison)
+        record = trainer.train_step(1)
+        handle.remove()
+        after = full_weights(trainer)
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        finite = all(torch.isfinite(w).all() for w in after.values())
+        healthy = trainer.train_step(2)
+        out[key] = {"record": record, "changed": changed, "finite": finite, "healthy": healthy}
+    return out
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    return run_distributed(_guard_worker, 2, output_dir=str(tmp_path_factory.mktemp("guard")))
+
+
+def test_planted_inf_gradient_with_precheck_leaves_every_weight_unchanged(guarded):
+    for rank in guarded:
+        obs = rank["precheck"]
+        assert obs["record"]["skipped"] and obs["record"]["skipped_steps"] == 1
+        assert obs["changed"] == []
+        assert not obs["healthy"]["skipped"] and obs["healthy"]["backward_passes"] == 2
+
+
+def test_planted_inf_gradient_in_one_pass_never_reaches_a_weight(guarded):
+    for rank in guarded:
+        obs = rank["one_pass"]
+        assert obs["finite"]
+        assert obs["record"]["nonfinite_grad_shards"] > 0
+        assert not any(n.startswith("model.embed_tokens") for n in obs["changed"])  # below the poison
+        assert not obs["healthy"]["skipped"]
+
+
+def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, **FULL, optim={"name": "lomo", "lr": 0.01}))
+    updater = trainer.stepper.updater
+    original = updater._on_grad
+    live = []
+
+    def measuring(name, param):
+        storages = {}
+        for p in trainer.model.parameters():
+            g = trainer.engine.local_grad(p)
+            if g is not None:
+                storages[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+        live.append(sum(storages.values()))
+        original(name, param)
+
+    for handle in updater.handles:
+        handle.remove()
+    updater.handles = [trainer.engine.register_grad_hook(p, lambda p, n=n: measuring(n, p))
+                       for n, p in trainer.model.named_parameters()]
+    trainer.train_step(0)
+    parts = trainer.parts
+    units = [list(layer.parameters()) for layer in parts.layers]
+    units.append([p for m in parts.embeddings for p in m.parameters()])
+    units.append([*parts.norm.parameters(), *parts.head.parameters()])
+    unit_bytes = [sum(trainer.engine.local_shard(p).numel() * 4 for p in unit) for unit in units]
+    bypassed = None
+    updater.remove()
+    try:
+        trainer.train_step(1)
+    except FusedPathError as e:
+        bypassed = str(e)
+    return {"live": live, "units": unit_bytes, "bypassed": bypassed}
+
+
+@pytest.fixture(scope="module")
+def memory(tmp_path_factory):
+    return run_distributed(_memory_worker, 2, output_dir=str(tmp_path_factory.mktemp("mem")))
+
+
+def test_live_gradients_never_exceed_one_fsdp_unit(memory):
+    for obs in memory:
+        largest = max(obs["units"])
+        assert max(obs["live"]) <= largest * 1.02  # FSDP2 pads each unit's flat buffer slightly
+        assert max(obs["live"]) < sum(obs["units"]) / 2
+
+
+def test_a_bypassed_fused_path_fails_loudly(memory):
+    for obs in memory:
+        assert obs["bypassed"] is not None and "did not run for" in obs["bypassed"]
+
+
+def _accumulation_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    for name in ("lomo", "sgd"):
+        config = tiny_config(output_dir, method="lisa", lisa={"gamma": 2, "interval": 2},
+                             train={"micro_batch_size": 1}, optim={"name": name, "lr": 0.05, "max_grad_norm": 0.0})
+        trainer, records = _run(config)
+        out[name] = {"weights": full_weights(trainer), "losses": [r["loss"] for r in records],
+                     "accumulation": trainer.batches.accumulation_steps}
+    return out
+
+
+def test_lisa_lomo_accumulates_active_gradients_and_equals_lisa_sgd(tmp_path):
+    ranks = run_distributed(_accumulation_worker, 2, output_dir=str(tmp_path))
+    lomo, sgd = ranks[0]["lomo"], ranks[0]["sgd"]
+    assert lomo["accumulation"] == 4
+    assert lomo["losses"] == pytest.approx(sgd["losses"], rel=1e-6)
+    _close(lomo["weights"], sgd["weights"])
