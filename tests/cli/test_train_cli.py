@@ -131,3 +131,17 @@ def test_chat_data_packed_trains_in_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["loss"] for r in metrics(tmp_path)]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_adalomo_resume_with_lagged_clipping_continues_exactly(tmp_path):
+    args = ["train.dtype=fp32", "optim.name=adalomo", "optim.lr=0.01", "optim.max_grad_norm=0.5", "method=lisa",
+            "train.micro_batch_size=1", "save_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out, steps, extra in ((straight, 6, []), (resumed, 3, []), (resumed, 6, ["resume=auto"])):
+        result = torchrun(f"output_dir={out}", f"max_steps={steps}", *args, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(straight), metrics(resumed)
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    final_a = load_file(straight / "final" / "model.safetensors")
+    final_b = load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)

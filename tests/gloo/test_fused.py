@@ -237,3 +237,62 @@ def test_lisa_lomo_accumulates_active_gradients_and_equals_lisa_sgd(tmp_path):
     assert lomo["accumulation"] == 4
     assert lomo["losses"] == pytest.approx(sgd["losses"], rel=1e-6)
     _close(lomo["weights"], sgd["weights"])
+
+
+PAIRS = [(method, optim) for method in ("full", "lisa") for optim in ("adamw", "sgd", "lomo", "adalomo")]
+LR = {"adamw": 3e-3, "sgd": 0.3, "lomo": 0.3, "adalomo": 0.05}
+
+
+def _every_pair_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    for method, optim in PAIRS:
+        config = tiny_config(output_dir, method=method, lisa={"gamma": 2, "interval": 3},
+                             train={"dtype": "bf16", "micro_batch_size": 4},
+                             optim={"name": optim, "lr": LR[optim], "max_grad_norm": 1.0})
+        trainer, records = _run(config, steps=12)
+        out[f"{method}+{optim}"] = [r["loss"] for r in records]
+        if hasattr(trainer.stepper, "updater"):
+            trainer.stepper.updater.remove()
+    return out
+
+
+def test_every_method_and_optimizer_pair_trains_with_the_loss_falling(tmp_path):
+    losses = run_distributed(_every_pair_worker, 2, output_dir=str(tmp_path))[0]
+    assert len(losses) == 8
+    for pair, curve in losses.items():
+        first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+        assert last < first - 0.1, f"{pair}: {curve}"
+
+
+def _fp16_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    for optim in ("adamw", "lomo"):
+        config = tiny_config(output_dir, method="full", train={"dtype": "fp16", "micro_batch_size": 4,
+                                                               "loss_scale": 2.0 ** 24, "loss_scale_window": 2},
+                             optim={"name": optim, "lr": 1e-3 if optim == "adamw" else 0.05})
+        trainer = start_trainer(config)
+        steps = []
+        for step in range(14):
+            before = full_weights(trainer)
+            record = trainer.train_step(step)
+            after = full_weights(trainer)
+            unchanged = all(torch.equal(before[n], after[n]) for n in before)
+            steps.append({"skipped": record["skipped"], "scale": record["loss_scale"], "unchanged": unchanged,
+                          "finite": all(torch.isfinite(w).all() for w in after.values())})
+        out[optim] = steps
+        if hasattr(trainer.stepper, "updater"):
+            trainer.stepper.updater.remove()
+    return out
+
+
+def test_fp16_overflow_skips_the_step_untouched_and_the_scale_recovers(tmp_path):
+    ranks = run_distributed(_fp16_worker, 2, output_dir=str(tmp_path))
+    for optim, steps in ranks[0].items():
+        skipped = [s for s in steps if s["skipped"]]
+        assert skipped and all(s["unchanged"] for s in skipped), optim
+        assert all(s["finite"] for s in steps), optim
+        trained = [s for s in steps if not s["skipped"]]
+        assert trained and not any(s["unchanged"] for s in trained), optim
+        scales = [s["scale"] for s in steps]
+        assert scales[0] == 2.0 ** 23  # halved by the first overflow
+        assert any(b == 2 * a for a, b in zip(scales, scales[1:])), f"{optim}: the scale never grew back {scales}"

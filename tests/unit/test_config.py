@@ -52,10 +52,16 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("progress_bar=maybe", "progress_bar must be true or false"),
     ("lisa=3", "lisa must be a mapping"),
     ("novalue", "must look like dotted.key=value"),
+    ("optim.name=lomo optim.momentum=0.9", "LOMO keeps no optimizer state"),
+    ("optim.stochastic_rounding=true train.dtype=fp32", "optim.stochastic_rounding needs train.dtype=bf16"),
+    ("optim.name=lomo train.dtype=fp16 optim.fused_precheck=false", "needs optim.fused_precheck"),
+    ("optim.fused_precheck=true", "optim.fused_precheck applies to lomo and adalomo"),
+    ("optim.clip_grad_value=-1", "optim.clip_grad_value must be >= 0"),
+    ("optim.adalomo_eps=[0.1]", "optim.adalomo_eps must be two positive numbers"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, BASE), [override])
+        load_config(write(tmp_path, BASE), override.split(" "))
     assert message in str(err.value)
 
 
@@ -66,6 +72,18 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         load_config(write(tmp_path, "a: [1,"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_full_lomo_rejects_gradient_accumulation_with_the_reason(tmp_path):
+    c = load_config(write(tmp_path, BASE), ["method=full", "optim.name=lomo", "train.global_batch_size=8",
+                                            "train.micro_batch_size=2"])
+    check_world_size(c, 4)  # 8 / (2 x 4): one micro-batch, nothing to accumulate
+    with pytest.raises(ConfigError, match="needs 2 accumulation steps, which would keep every gradient; "
+                                          "set train.micro_batch_size=4 or use method=lisa"):
+        check_world_size(c, 2)
+    lisa = load_config(write(tmp_path, BASE), ["method=lisa", "optim.name=lomo", "train.global_batch_size=8",
+                                               "train.micro_batch_size=2"])
+    check_world_size(lisa, 2)
 
 
 def test_world_size_must_divide_the_global_batch(tmp_path):
