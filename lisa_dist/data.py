@@ -67,7 +67,7 @@ def load_examples(path: str | Path, tokenizer: Tokenizer, fmt: str = "auto") -> 
     if fmt not in FORMATS:
         raise ValueError(f"data format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; responses must end with one")
+        raise DataError("the tokenizer has no eos token; responses must end with one")
     records = _read_records(Path(path))
     if fmt == "auto":
         fmt = _detect_format(path, *records[0])
@@ -329,5 +329,5 @@ def _validate_batch_sizes(num_sequences: int, global_batch_size: int, micro_batc
                          f"train.micro_batch_size ({micro_batch_size}) x world size ({world_size}) "
                          f"= {micro_batch_size * world_size}")
     if num_sequences < global_batch_size:
-        raise ValueError(f"the dataset has {num_sequences} sequences, fewer than one global batch "
+        raise DataError(f"the dataset has {num_sequences} sequences, fewer than one global batch "
                          f"(train.global_batch_size = {global_batch_size}); add data or lower it")

@@ -14,7 +14,7 @@ from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, all_reduce_sum
 from lisa_dist.engines.base import Engine
 from lisa_dist.optim import ShardedOptimizer
-from lisa_dist.optim.fused import FusedUpdater
+from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.sharded import UpdateOptions
 
@@ -34,7 +34,8 @@ class StepOutcome:
 
 class StepRunner:
     def __init__(self, config: Config, runtime: Runtime, engine: Engine, model: nn.Module,
-                 optimizer: ShardedOptimizer) -> None:
+                 optimizer: ShardedOptimizer, hooks: GradHooks) -> None:
+        self.hooks = hooks
         self.config = config
         self.runtime = runtime
         self.engine = engine
@@ -49,6 +50,9 @@ class StepRunner:
             generator = rounding_generator(self.config.seed, step, self.runtime.rank, self.runtime.device)
         return UpdateOptions(lr=lr, grad_scale=clip / self.scaler.scale, clip_value=self.config.optim.clip_grad_value,
                              generator=generator)
+
+    def _set_final(self, final: bool) -> None:
+        self.hooks.final_micro_batch = final
 
     def _clip_factor(self, grad_norm: float | None) -> float:
         max_norm = self.config.optim.max_grad_norm
@@ -89,7 +93,9 @@ class StepRunner:
 class PostBackwardStep(StepRunner):
     def run(self, step: int, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
             lr: float) -> StepOutcome:
-        loss_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False)
+        self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False)
+        loss_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False,
+                                            before_backward=self._set_final)
         grad_norm, _ = self._global(self.optimizer.grad_sq_sum())
         skipped = not math.isfinite(grad_norm)
         if not skipped:
@@ -105,24 +111,20 @@ class FusedStep(StepRunner):
     With precheck: a first backward measures (non-finite check, exact norm) and discards every gradient;
     only if all is finite does a second backward apply the updates, so a bad step changes no weight."""
 
-    def __init__(self, *args, updater: FusedUpdater, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.updater = updater
         precheck = self.config.optim.fused_precheck
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
         self.last_grad_norm: float | None = None
 
-    def _set_final(self, final: bool) -> None:
-        self.updater.final_micro_batch = final
-
     def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches, global_targets):
-        self.updater.begin_pass(mode, options, guard)
+        self.hooks.begin_pass(mode, options, guard)
         loss_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
                                                  before_backward=self._set_final)
         if not finite:
             self.optimizer.zero_grad(self.model)
             return loss_sum, False, math.nan, 0
-        sq, bad = self.updater.end_pass(self.model)
+        sq, bad = self.hooks.end_pass(self.model)
         grad_norm, nonfinite = self._global(sq, bad)
         return loss_sum, True, grad_norm, nonfinite
 

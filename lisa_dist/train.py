@@ -20,7 +20,7 @@ from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import check_against_model, resolve_model_source
 from lisa_dist.models.build import ModelSource
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
-from lisa_dist.optim.fused import FusedUpdater
+from lisa_dist.optim.fused import GradHooks
 from lisa_dist.sampler import LayerSampler
 from lisa_dist.steps import FusedStep, PostBackwardStep
 
@@ -71,11 +71,9 @@ class Trainer:
         self.skip_update = False
 
     def _make_stepper(self) -> PostBackwardStep | FusedStep:
-        args = (self.config, self.runtime, self.engine, self.model, self.optimizer)
-        if not self.optimizer.rule.fused:
-            return PostBackwardStep(*args)
-        updater = FusedUpdater(self.optimizer, dict(self.model.named_parameters()), self.engine.register_grad_hook)
-        return FusedStep(*args, updater=updater)
+        hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), self.engine.register_grad_hook)
+        args = (self.config, self.runtime, self.engine, self.model, self.optimizer, hooks)
+        return FusedStep(*args) if self.optimizer.rule.fused else PostBackwardStep(*args)
 
     def set_active_layers(self, active: tuple[int, ...]) -> None:
         """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""

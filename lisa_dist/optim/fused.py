@@ -1,4 +1,5 @@
-"""LOMO-style fused updates: each gradient shard is applied the moment it is ready, then freed.
+"""Work done the moment a gradient shard is ready: LOMO-style fused updates (applied, then freed), and
+fp32 accumulation of micro-batches for every optimizer.
 
 The engine calls the hook on a parameter once its gradient shard has been reduced (FSDP2: the
 post-accumulate-grad hooks it runs on sharded parameters after reduce-scatter). Only one FSDP unit's
@@ -33,14 +34,15 @@ def register_fused_hooks(named_params: dict[str, nn.Parameter], register: GradHo
     return handles
 
 
-class FusedUpdater:
-    """Drives one backward pass at a time in `check` mode (measure, discard) or `apply` mode (update)."""
+class GradHooks:
+    """Drives one backward pass at a time in `check` mode (measure, discard), `apply` mode (update), or
+    `accumulate` mode (post-backward optimizers: only sum micro-batches in fp32)."""
 
     def __init__(self, optimizer: ShardedOptimizer, named_params: dict[str, nn.Parameter],
                  register: GradHookRegistrar) -> None:
         self.optimizer = optimizer
         self.handles = register_fused_hooks(named_params, register, self._on_grad)
-        self.mode: Literal["check", "apply"] = "apply"
+        self.mode: Literal["check", "apply", "accumulate"] = "apply"
         self.options = UpdateOptions(lr=0.0)
         self.guard = True
         self.final_micro_batch = True
@@ -48,7 +50,7 @@ class FusedUpdater:
         self.sq_sum: torch.Tensor | None = None
         self.nonfinite: torch.Tensor | None = None
 
-    def begin_pass(self, mode: Literal["check", "apply"], options: UpdateOptions, guard: bool) -> None:
+    def begin_pass(self, mode: Literal["check", "apply", "accumulate"], options: UpdateOptions, guard: bool) -> None:
         self.mode, self.options, self.guard = mode, options, guard
         self.seen = set()
         self.sq_sum = None
@@ -60,20 +62,23 @@ class FusedUpdater:
 
     @torch.no_grad()
     def _on_grad(self, name: str, param: nn.Parameter) -> None:
-        if not self.final_micro_batch:
-            return  # LISA with accumulation: the engine keeps summing the active shards' gradients
         slot = self.optimizer.slots.get(name)
         if slot is None:
             return
-        grad = self.optimizer.access.local_grad(param)
+        if not self.final_micro_batch:
+            self.optimizer.stash_grad(name)  # LISA with accumulation: only active shards get here
+            return
+        if self.mode == "accumulate":
+            return  # the post-backward optimizer takes the last micro-batch's gradient from the engine
+        grad32 = self.optimizer.full_grad(slot)
         self.seen.add(name)
-        grad32 = grad.float()
         sq = grad32.pow(2).sum()
         if self.mode == "check":
             self._accumulate(sq, (~torch.isfinite(sq)).to(torch.int64))
         else:
-            self._accumulate(sq, self.optimizer.apply(slot, grad, self.options, guard=self.guard))
+            self._accumulate(sq, self.optimizer.apply(slot, grad32, self.options, guard=self.guard))
         param.grad = None  # the point of fusing: this gradient's memory is released right here
+        slot.grad_accum = None
 
     def end_pass(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Local (sum of squared gradients, count of non-finite shards); raises if a parameter was missed."""

@@ -40,6 +40,8 @@ class _Slot:
     """Persistent fp32 copy of `shard` (post-backward rules with a low-precision training dtype)."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    grad_accum: torch.Tensor | None = None
+    """fp32 sum of earlier micro-batches' gradient shards (low-precision training dtypes only)."""
 
 
 @dataclass(slots=True)
@@ -91,13 +93,35 @@ class ShardedOptimizer:
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
+    def stash_grad(self, name: str) -> None:
+        """Move a low-precision gradient shard into the slot's fp32 accumulator and free it.
+
+        The engine reduces each micro-batch's gradient in fp32 but hands it back in the parameter dtype;
+        summing micro-batches here keeps one rounding per micro-batch instead of compounding them."""
+        slot = self.slots[name]
+        grad = self.access.local_grad(slot.param)
+        if grad is None or grad.dtype == torch.float32:
+            return
+        if slot.grad_accum is None:
+            slot.grad_accum = grad.float()
+        else:
+            slot.grad_accum.add_(grad)
+        slot.param.grad = None
+
+    def full_grad(self, slot: _Slot) -> torch.Tensor | None:
+        """This step's fp32 gradient shard: the accumulator plus the last micro-batch's gradient."""
+        grad = self.access.local_grad(slot.param)
+        if slot.grad_accum is None:
+            return None if grad is None else grad.float()
+        return slot.grad_accum if grad is None else slot.grad_accum.add_(grad)
+
     def grad_sq_sum(self) -> torch.Tensor:
         """Sum of squared local gradient shards (fp32), before any scaling."""
         sq = torch.zeros((), dtype=torch.float32)
         for slot in self.slots.values():
-            grad = self.access.local_grad(slot.param)
+            grad = self.full_grad(slot)
             if grad is not None and grad.numel():
-                sq = sq.to(grad.device) + grad.float().pow(2).sum()
+                sq = sq.to(grad.device) + grad.pow(2).sum()
         return sq
 
     def grad_norm(self) -> float:
@@ -112,7 +136,7 @@ class ShardedOptimizer:
     def apply(self, slot: _Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
         """Update one shard from its gradient. With `guard`, a shard whose gradient is not finite keeps
         its value (and the rule sees zeros), without a host sync. Returns 1 if the gradient was non-finite."""
-        grad32 = grad.float()
+        grad32 = grad.float()  # no copy when already fp32 (accumulated)
         if options.grad_scale != 1.0:
             grad32 = grad32 * options.grad_scale
         finite = torch.isfinite(grad32).all() if guard else None
@@ -137,7 +161,7 @@ class ShardedOptimizer:
         """Post-backward update of every trainable shard with a gradient; returns how many were updated."""
         updated = 0
         for slot in self.slots.values():
-            grad = self.access.local_grad(slot.param)
+            grad = self.full_grad(slot)
             if grad is None:
                 continue
             updated += 1
@@ -147,6 +171,8 @@ class ShardedOptimizer:
     def zero_grad(self, model: nn.Module) -> None:
         for param in model.parameters():
             param.grad = None
+        for slot in self.slots.values():
+            slot.grad_accum = None
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Local tensors (shared with the live state, so loading into them restores it)."""

@@ -37,7 +37,7 @@ def _pairs_worker(rank: int, world_size: int, output_dir: str) -> dict:
                                             optim=optim))
         out[key] = {"weights": full_weights(trainer), "losses": [r["loss"] for r in records],
                     "state_bytes": trainer.optimizer.state_bytes(), "grad_norms": [r["grad_norm"] for r in records]}
-        trainer.stepper.updater.remove() if hasattr(trainer.stepper, "updater") else None
+        trainer.stepper.hooks.remove()
     return out
 
 
@@ -171,7 +171,7 @@ def test_planted_inf_gradient_in_one_pass_never_reaches_a_weight(guarded):
 
 def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
     trainer = start_trainer(tiny_config(output_dir, **FULL, optim={"name": "lomo", "lr": 0.01}))
-    updater = trainer.stepper.updater
+    updater = trainer.stepper.hooks
     original = updater._on_grad
     live = []
 
@@ -251,8 +251,7 @@ def _every_pair_worker(rank: int, world_size: int, output_dir: str) -> dict:
                              optim={"name": optim, "lr": LR[optim], "max_grad_norm": 1.0})
         trainer, records = _run(config, steps=12)
         out[f"{method}+{optim}"] = [r["loss"] for r in records]
-        if hasattr(trainer.stepper, "updater"):
-            trainer.stepper.updater.remove()
+        trainer.stepper.hooks.remove()
     return out
 
 
@@ -280,8 +279,7 @@ def _fp16_worker(rank: int, world_size: int, output_dir: str) -> dict:
             steps.append({"skipped": record["skipped"], "scale": record["loss_scale"], "unchanged": unchanged,
                           "finite": all(torch.isfinite(w).all() for w in after.values())})
         out[optim] = steps
-        if hasattr(trainer.stepper, "updater"):
-            trainer.stepper.updater.remove()
+        trainer.stepper.hooks.remove()
     return out
 
 

@@ -65,10 +65,8 @@ def _architectures_worker(rank: int, world_size: int, output_dir: str) -> dict:
         spec = dict(spec)
         config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
         directory = f"{output_dir}/{name}"
-        if rank == 0:
-            config.save_pretrained(directory)
-        torch.distributed.barrier() if torch.distributed.is_initialized() else None
-        trainer = start_trainer(tiny_config(directory + "/run", model={"path": None, "config": directory},
+        config.save_pretrained(f"{directory}/config_rank{rank}")  # no process group yet to order writes
+        trainer = start_trainer(tiny_config(directory + "/run", model={"path": None, "config": f"{directory}/config_rank{rank}"},
                                             lisa={"gamma": 1, "interval": 1}))
         losses = [trainer.train_step(step)["loss"] for step in range(3)]
         head = trainer.parts.head.weight

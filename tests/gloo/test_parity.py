@@ -100,3 +100,19 @@ def test_one_rank_equals_two_ranks(runs):
 def test_training_moves_the_weights(runs):
     moved = [n for n, w in runs["two_ranks"][0]["weights"].items() if not torch.equal(w, START[n])]
     assert "lm_head.weight" in moved and "model.embed_tokens.weight" in moved
+
+
+def _bf16_accumulation_worker(rank: int, world_size: int, output_dir: str, micro_batch_size: int) -> dict:
+    config = tiny_config(output_dir, method="full", train={"dtype": "bf16", "micro_batch_size": micro_batch_size},
+                         optim={"name": "adamw", "lr": 1e-3, "max_grad_norm": 0.0})
+    trainer = start_trainer(config)
+    record = trainer.train_step(0)
+    return {"grad_norm": record["grad_norm"], "accumulation": trainer.batches.accumulation_steps}
+
+
+def test_bf16_accumulated_micro_batches_give_the_whole_batch_gradient(tmp_path):
+    """Four micro-batches of one give the gradient of one micro-batch of four (bf16 rounding aside)."""
+    split = run_distributed(_bf16_accumulation_worker, 2, output_dir=str(tmp_path), micro_batch_size=1)[0]
+    whole = run_distributed(_bf16_accumulation_worker, 2, output_dir=str(tmp_path), micro_batch_size=4)[0]
+    assert (split["accumulation"], whole["accumulation"]) == (4, 1)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=2e-3)

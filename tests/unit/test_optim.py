@@ -78,3 +78,20 @@ def test_lr_schedules():
     linear = OptimConfig(lr=1.0, schedule="linear")
     assert lr_at(linear, 5, 10) == pytest.approx(0.5)
     assert lr_at(OptimConfig(lr=0.3), 7, 10) == pytest.approx(0.3)
+
+
+def test_low_precision_gradients_accumulate_in_fp32():
+    p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = ShardedOptimizer(make_rule(OptimConfig(name="sgd", lr=1.0)), PLAIN)
+    opt.set_trainable({"p": p})
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.stash_grad("p")
+    for _ in range(99):
+        p.grad = torch.full((4,), 1e-3, dtype=torch.bfloat16)
+        opt.stash_grad("p")
+        assert p.grad is None
+    p.grad = torch.full((4,), 1e-3, dtype=torch.bfloat16)
+    total = opt.full_grad(opt.slots["p"])
+    # in bf16, 1 + 1e-3 rounds back to 1 every time; the fp32 accumulator keeps all hundred
+    assert total.dtype == torch.float32
+    assert float(total[0]) == pytest.approx(1.0 + 100 * float(torch.tensor(1e-3, dtype=torch.bfloat16)), rel=1e-6)
