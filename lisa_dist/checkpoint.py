@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,29 @@ def begin_save(output_dir: Path, step: int, is_main: bool) -> Path:
     return tmp
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def finish_save(tmp: Path, final: Path, state: dict[str, Any], is_main: bool) -> None:
-    """Every rank has written its shards; rank 0 publishes the directory and marks it complete last."""
+    """Every rank has written its shards; rank 0 completes the directory, then one rename publishes it.
+
+    A crash before the rename leaves only `step_N.tmp`, which `latest_checkpoint` never picks; an older
+    `step_N` (a re-save after resume) is moved aside first and removed only after the new one is in place.
+    """
     dist.barrier()
     if is_main:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
+        _write_synced(tmp / COMPLETE_MARKER, "ok\n")
+        aside = final.with_name(final.name + ".old")
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(aside)
         tmp.rename(final)
-        (final / COMPLETE_MARKER).write_text("ok\n")
+        if aside.exists():
+            shutil.rmtree(aside)
     dist.barrier()
 
 
@@ -93,9 +108,12 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.P
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    aside = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        out_dir.rename(aside)
     tmp.rename(out_dir)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from lisa_dist.models.parts import UnsupportedModelError
     from lisa_dist.models.weights import WeightsError
 
+    from lisa_dist.distributed import RankDisagreementError
+    from lisa_dist.optim.precision import LossScaleError
+
     user_errors = (ConfigError, DataError, CheckpointError, UnsupportedModelError, WeightsError)
+    run_errors = (RankDisagreementError, LossScaleError)
     try:
         if args.command == "train":
             from lisa_dist.train import run_training
@@ -43,4 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"lisa-dist: error: {e}", file=sys.stderr)
         return 2
+    except run_errors as e:
+        print(f"lisa-dist: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -139,6 +139,8 @@ class Config:
     """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
     resume: str | None = None
     """`auto` continues from the newest complete checkpoint in output_dir; or a checkpoint directory."""
+    overwrite: bool = False
+    """Replace an earlier run's metrics, checkpoints and final model in output_dir (fresh runs only)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 when attached to a terminal."""
     lisa: LisaConfig = field(default_factory=LisaConfig)
@@ -262,7 +264,8 @@ def validate(c: Config) -> None:
     _require(c.lisa.interval >= 1, f"lisa.interval must be >= 1, got {c.lisa.interval}")
     if c.lisa.layer_weights is not None:
         weights = c.lisa.layer_weights
-        _require(all(w >= 0 for w in weights), f"lisa.layer_weights must be >= 0, got {weights}")
+        _require(all(w >= 0 and w != float("inf") for w in weights),
+                 f"lisa.layer_weights must be finite and >= 0, got {weights}")
         _require(sum(w > 0 for w in weights) >= c.lisa.gamma,
                  f"lisa.layer_weights has {sum(w > 0 for w in weights)} positive weights, fewer than lisa.gamma={c.lisa.gamma}")
     sources = [k for k in ("path", "preset", "config") if getattr(c.model, k)]

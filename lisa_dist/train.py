@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,10 @@ from lisa_dist.distributed import Runtime, all_reduce_max, all_reduce_sum, init_
 from lisa_dist.engines.base import create_engine, trainable_named_parameters
 from lisa_dist.env import read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
-from lisa_dist.models.build import check_against_model, resolve_model_source
-from lisa_dist.models.build import ModelSource
+from lisa_dist.models.build import ModelSource, check_against_model, resolve_model_source
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
 from lisa_dist.optim.fused import GradHooks
+from lisa_dist.rundir import MetricsWriter, check_output_dir, check_resume_compatible, clear_previous_run
 from lisa_dist.sampler import LayerSampler
 from lisa_dist.steps import FusedStep, PostBackwardStep
 
@@ -37,17 +37,9 @@ def prepare(config: Config, world_size: int) -> tuple[ModelSource, SequenceSet]:
     examples = load_examples(config.data.path, tokenizer, config.data.format)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = build_sequences(examples, config.data.seq_len, pad_id, config.data.pack)
-    _check_output_dir(config)
+    GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size, 0, world_size, config.seed)
+    check_output_dir(config)
     return source, sequences
-
-
-def _check_output_dir(config: Config) -> None:
-    out = Path(config.output_dir)
-    if config.resume is None and ckpt.latest_checkpoint(out) is not None:
-        raise ConfigError(f"output_dir {out} already holds checkpoints of a run; "
-                          "pass resume=auto to continue it or choose another output_dir")
-    if config.resume not in (None, "auto") and not ckpt.is_complete(Path(config.resume)):
-        raise ConfigError(f"resume={config.resume}: not a complete checkpoint directory")
 
 
 class Trainer:
@@ -155,11 +147,15 @@ class Trainer:
 
     def resume_from(self, directory: Path) -> int:
         state = ckpt.read_state(directory)
+        check_resume_compatible(state["config"], self.config)
         if state["engine"] != self.engine.name:
             raise ckpt.CheckpointError(f"{directory} was written by engine {state['engine']}, this run uses {self.engine.name}")
         step = int(state["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.batches.load_state_dict(state["data"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+            self.batches.load_state_dict(state["data"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{directory}: {e}") from None
         self.set_active_layers(self.sampler.active_layers(step))
         if sorted(self.optimizer.names) != sorted(state["optim_params"]):
             raise ckpt.CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
@@ -192,12 +188,13 @@ class Trainer:
             if directory is not None:
                 start_step = self.resume_from(directory)
         progress = self._progress(start_step)
-        metrics = self.output_dir / "metrics.jsonl"
+        metrics = MetricsWriter(self.output_dir)
+        if self.runtime.is_main:
+            metrics.keep_until(start_step)
         for step in range(start_step, self.config.max_steps):
             record = self._measured_step(step)
             if self.runtime.is_main:
-                with metrics.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                metrics.write(record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"][:8])
                     progress.update(1)
@@ -223,9 +220,11 @@ def run_training(config: Config) -> Path:
     try:
         verify_same_across_ranks("the run configuration", config.to_dict())
         if runtime.is_main:
-            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            if config.resume is None:
-                (Path(config.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
+            clear_previous_run(config)
+            print(f"lisa-dist: {len(sequences)} training sequences of {config.data.seq_len} tokens"
+                  f"{f' ({sequences.num_dropped} dropped: no response token left)' if sequences.num_dropped else ''}",
+                  file=sys.stderr)
+        torch.distributed.barrier()
         trainer = Trainer(config, runtime, source, sequences)
         trainer.fit()
         return Path(config.output_dir)

@@ -75,6 +75,9 @@ class FSDP2Engine(Engine):
             rows = shape[0] if shape else 1
             if reader is not None:
                 stored = reader.shape(name)
+                if not reader.dtype(name).is_floating_point:
+                    raise WeightsError(f"{source.weights_dir}: {name} is stored as {reader.dtype(name)}, not a "
+                                       "floating-point type (quantized checkpoints are not supported)")
                 if stored != list(param.shape):
                     raise WeightsError(f"{source.weights_dir}: {name} has shape {stored}, the config expects {list(param.shape)}")
                 if local.numel():

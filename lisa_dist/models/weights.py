@@ -49,6 +49,13 @@ class SafetensorsReader:
         key = self._key(name)
         return list(self._handle(self.files[key]).get_slice(key).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        key = self._key(name)
+        stored = self._handle(self.files[key]).get_slice(key).get_dtype()
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                  "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+        return dtypes.get(stored, torch.uint8)
+
     def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of dim 0 (the whole tensor for scalars)."""
         key = self._key(name)

@@ -16,7 +16,9 @@ from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# A constant schedule lets resume tests stop a run early by a smaller max_steps (cosine depends on it).
 COMMON = [f"model.path={TINY_MODEL_DIR}", f"data.path={TINY_ALPACA}", "data.seq_len=48", "lisa.interval=2",
+          "optim.schedule=constant", "optim.warmup_steps=0",
           "train.global_batch_size=8", "train.micro_batch_size=2", "progress_bar=false"]
 
 
@@ -90,9 +92,9 @@ def test_resume_continues_exactly(run, tmp_path):
 
 
 def test_rerun_into_a_used_output_dir_is_refused(run):
-    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={run}")
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={run}", "overwrite=false")
     assert result.returncode == 2
-    assert "already holds checkpoints" in result.stderr
+    assert "already holds a run; pass resume=auto to continue it, overwrite=true to replace it" in result.stderr
 
 
 @pytest.mark.parametrize("override, message", [
@@ -145,3 +147,39 @@ def test_adalomo_resume_with_lagged_clipping_continues_exactly(tmp_path):
     final_a = load_file(straight / "final" / "model.safetensors")
     final_b = load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda d: (d / "file").write_text("x") and f"output_dir={d / 'file'}", "exists and is not a directory"),
+    (lambda d: "output_dir=/proc/lisa_dist_cannot_write", "is not writable"),
+    (lambda d: "train.global_batch_size=4096", "fewer than one global batch"),
+    (lambda d: "lisa.layer_weights=[1,1,1,1,1,1,1,.inf]", "lisa.layer_weights must be finite"),
+])
+def test_more_bad_inputs_are_clear_errors(tmp_path, make_bad, message):
+    override = make_bad(tmp_path)
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'o'}",
+                       "overwrite=false", override, "train.micro_batch_size=1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_with_a_changed_config_is_refused(run):
+    result = torchrun(f"output_dir={run}", "max_steps=6", "save_every=3", "train.dtype=fp32", "resume=auto",
+                      "optim.lr=0.5")
+    assert result.returncode != 0
+    assert "different configuration (optim.lr: 0.003 -> 0.5)" in result.stderr
+
+
+def test_quantized_weights_are_refused(tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(TINY_MODEL_DIR, model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({k: v.to(torch.int8) for k, v in weights.items()}, model_dir / "model.safetensors")
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'o'}",
+                       f"model.path={model_dir}", "max_steps=1")
+    assert result.returncode == 2
+    assert "is stored as torch.int8, not a floating-point type" in result.stderr
