@@ -255,56 +255,72 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _at_least(key: str, value: float, low: float, note: str = "") -> None:
+    _require(value >= low, f"{key} must be >= {low}{note}, got {value}")
+
+
 def validate(c: Config) -> None:
     """Checks that need no model or process group; model-dependent ones live in `models`."""
-    _require(c.max_steps >= 1, f"max_steps must be >= 1, got {c.max_steps}")
-    _require(c.save_every >= 0, f"save_every must be >= 0 (0 = final model only), got {c.save_every}")
+    _at_least("max_steps", c.max_steps, 1)
+    _at_least("save_every", c.save_every, 0, " (0 = final model only)")
     _require(bool(c.output_dir), "output_dir must not be empty")
-    _require(c.lisa.gamma >= 1, f"lisa.gamma must be >= 1, got {c.lisa.gamma}")
-    _require(c.lisa.interval >= 1, f"lisa.interval must be >= 1, got {c.lisa.interval}")
-    if c.lisa.layer_weights is not None:
-        weights = c.lisa.layer_weights
-        _require(all(w >= 0 and w != float("inf") for w in weights),
-                 f"lisa.layer_weights must be finite and >= 0, got {weights}")
-        _require(sum(w > 0 for w in weights) >= c.lisa.gamma,
-                 f"lisa.layer_weights has {sum(w > 0 for w in weights)} positive weights, fewer than lisa.gamma={c.lisa.gamma}")
-    sources = [k for k in ("path", "preset", "config") if getattr(c.model, k)]
-    _require(len(sources) == 1,
-             f"set exactly one of model.path, model.preset, model.config; got {', '.join('model.' + s for s in sources) or 'none'}")
+    _at_least("engine.timeout_s", c.engine.timeout_s, 1)
+    _validate_lisa(c.lisa)
+    sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
+    _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "
+                                f"got {', '.join(sources) or 'none'}")
     _require(bool(c.data.path), "data.path must name a JSONL file")
     _require(Path(c.data.path).is_file(), f"data.path: file not found: {c.data.path}")
-    _require(c.data.seq_len >= 2, f"data.seq_len must be >= 2, got {c.data.seq_len}")
-    _require(c.train.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {c.train.global_batch_size}")
-    _require(c.train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {c.train.micro_batch_size}")
-    _require(c.train.global_batch_size % c.train.micro_batch_size == 0,
-             f"train.global_batch_size={c.train.global_batch_size} is not divisible by "
-             f"train.micro_batch_size={c.train.micro_batch_size}")
-    _require(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
-    _require(c.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {c.optim.weight_decay}")
-    _require(c.optim.max_grad_norm >= 0, f"optim.max_grad_norm must be >= 0 (0 disables clipping), got {c.optim.max_grad_norm}")
-    _require(len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
-             f"optim.betas must be two numbers in [0, 1), got {c.optim.betas}")
-    _require(c.optim.eps > 0, f"optim.eps must be > 0, got {c.optim.eps}")
-    _require(0 <= c.optim.momentum < 1, f"optim.momentum must be in [0, 1), got {c.optim.momentum}")
-    _require(c.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {c.optim.warmup_steps}")
-    _require(0 <= c.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
-    _require(c.optim.clip_grad_value >= 0, f"optim.clip_grad_value must be >= 0 (0 disables it), got {c.optim.clip_grad_value}")
-    fused = c.optim.name in ("lomo", "adalomo")
-    _require(not (c.optim.name == "lomo" and c.optim.momentum),
-             f"optim.momentum={c.optim.momentum} with optim.name=lomo: LOMO keeps no optimizer state; use sgd for momentum")
-    _require(not c.optim.stochastic_rounding or c.train.dtype == "bf16",
-             f"optim.stochastic_rounding needs train.dtype=bf16, got {c.train.dtype}")
-    _require(not (fused and c.train.dtype == "fp16" and c.optim.fused_precheck is False),
+    _at_least("data.seq_len", c.data.seq_len, 2)
+    _validate_train(c.train)
+    _validate_optim(c.optim, c.train)
+
+
+def _validate_lisa(lisa: LisaConfig) -> None:
+    _at_least("lisa.gamma", lisa.gamma, 1)
+    _at_least("lisa.interval", lisa.interval, 1)
+    weights = lisa.layer_weights
+    if weights is not None:
+        _require(all(0 <= w < float("inf") for w in weights), f"lisa.layer_weights must be finite and >= 0, got {weights}")
+        positive = sum(w > 0 for w in weights)
+        _require(positive >= lisa.gamma,
+                 f"lisa.layer_weights has {positive} positive weights, fewer than lisa.gamma={lisa.gamma}")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _at_least("train.global_batch_size", t.global_batch_size, 1)
+    _at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={t.micro_batch_size}")
+    _require(t.loss_scale > 0 and t.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
+    _at_least("train.loss_scale_window", t.loss_scale_window, 1)
+
+
+def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _at_least("optim.max_grad_norm", o.max_grad_norm, 0, " (0 disables clipping)")
+    _at_least("optim.clip_grad_value", o.clip_grad_value, 0, " (0 disables it)")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    fused = o.name in ("lomo", "adalomo")
+    _require(not (o.name == "lomo" and o.momentum), f"optim.momentum={o.momentum} with optim.name=lomo: "
+                                                    "LOMO keeps no optimizer state; use sgd for momentum")
+    _require(not o.stochastic_rounding or t.dtype == "bf16",
+             f"optim.stochastic_rounding needs train.dtype=bf16, got {t.dtype}")
+    _require(not (fused and t.dtype == "fp16" and o.fused_precheck is False),
              "train.dtype=fp16 with a fused optimizer needs optim.fused_precheck: an overflow found after some "
              "updates were applied could not be undone")
-    _require(fused or c.optim.fused_precheck is None, f"optim.fused_precheck applies to lomo and adalomo, not {c.optim.name}")
-    _require(len(c.optim.adalomo_eps) == 2 and all(e > 0 for e in c.optim.adalomo_eps),
-             f"optim.adalomo_eps must be two positive numbers, got {c.optim.adalomo_eps}")
-    _require(c.optim.adalomo_decay_rate < 0, f"optim.adalomo_decay_rate must be < 0, got {c.optim.adalomo_decay_rate}")
-    _require(c.optim.adalomo_clip_threshold > 0, f"optim.adalomo_clip_threshold must be > 0, got {c.optim.adalomo_clip_threshold}")
-    _require(c.train.loss_scale > 0 and c.train.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
-    _require(c.train.loss_scale_window >= 1, f"train.loss_scale_window must be >= 1, got {c.train.loss_scale_window}")
-    _require(c.engine.timeout_s >= 1, f"engine.timeout_s must be >= 1, got {c.engine.timeout_s}")
+    _require(fused or o.fused_precheck is None, f"optim.fused_precheck applies to lomo and adalomo, not {o.name}")
+    _require(len(o.adalomo_eps) == 2 and all(e > 0 for e in o.adalomo_eps),
+             f"optim.adalomo_eps must be two positive numbers, got {o.adalomo_eps}")
+    _require(o.adalomo_decay_rate < 0, f"optim.adalomo_decay_rate must be < 0, got {o.adalomo_decay_rate}")
+    _require(o.adalomo_clip_threshold > 0, f"optim.adalomo_clip_threshold must be > 0, got {o.adalomo_clip_threshold}")
 
 
 def check_world_size(c: Config, world_size: int) -> None:
@@ -316,5 +332,6 @@ def check_world_size(c: Config, world_size: int) -> None:
     _require(not (c.method == "full" and c.optim.name in ("lomo", "adalomo") and accumulation > 1),
              f"method=full with optim.name={c.optim.name} applies each update during backward and keeps no "
              f"gradients, but train.global_batch_size={c.train.global_batch_size} over micro-batches of "
-             f"{c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, which would "
-             f"keep every gradient; set train.micro_batch_size={c.train.global_batch_size // world_size} or use method=lisa")
+             f"{c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, "
+             f"which would keep every gradient; set train.micro_batch_size="
+             f"{c.train.global_batch_size // world_size} or use method=lisa")

@@ -28,14 +28,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--skip", type=int, default=1, help="leading steps left out of the medians")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args()
     rows = {str(r): summarize(r, args.skip) for r in args.runs}
+    if args.json:
+        print(json.dumps(rows))
+        return
     keys = list(next(iter(rows.values())))
     print("| run | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[k]:.6g}" for k in keys) + " |")
-    print(json.dumps(rows))
 
 
 if __name__ == "__main__":

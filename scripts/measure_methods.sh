@@ -19,4 +19,4 @@ for pair in "full adamw 3e-3" "lisa adamw 3e-3" "full lomo 0.3" "full adalomo 0.
     "${data[@]}" output_dir=$dir >/dev/null 2>&1
   runs+=("$dir")
 done
-.venv/bin/python -m lisa_dist.summary --skip 1 "${runs[@]}" | head -$((${#runs[@]} + 2))
+.venv/bin/python -m lisa_dist.summary --skip 1 "${runs[@]}"
