@@ -14,7 +14,7 @@ for pair in "full adamw 3e-3" "lisa adamw 3e-3" "full lomo 0.3" "full adalomo 0.
   set -- $pair
   dir=$out/$1_$2
   rm -rf "$dir"
-  OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 -m lisa_dist train configs/tiny.yaml "${model_args[@]}" \
+  OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 --master_port $((20000 + RANDOM % 20000)) -m lisa_dist train configs/tiny.yaml "${model_args[@]}" \
     method=$1 optim.name=$2 optim.lr=$3 lisa.interval=5 max_steps=$steps save_every=0 progress_bar=false \
     "${data[@]}" output_dir=$dir >/dev/null 2>&1
   runs+=("$dir")
