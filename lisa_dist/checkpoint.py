@@ -77,13 +77,18 @@ def finish_save(tmp: Path, final: Path, state: dict[str, Any], is_main: bool) ->
     if is_main:
         _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
         _write_synced(tmp / COMPLETE_MARKER, "ok\n")
-        aside = final.with_name(final.name + ".old")
-        if final.exists():
-            final.rename(aside)
-        tmp.rename(final)
-        if aside.exists():
-            shutil.rmtree(aside)
+        publish(tmp, final)
     dist.barrier()
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Replace `final` by the finished `tmp` with one rename; an older `final` is removed only afterwards."""
+    aside = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(aside)
+    tmp.rename(final)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def read_state(directory: Path) -> dict[str, Any]:
@@ -108,12 +113,7 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.P
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-    aside = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        out_dir.rename(aside)
-    tmp.rename(out_dir)
-    if aside.exists():
-        shutil.rmtree(aside)
+    publish(tmp, out_dir)
 
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
