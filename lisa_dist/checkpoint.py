@@ -128,6 +128,13 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(hf_config)
-    template = {"model": {k: torch.empty(v.shape, dtype=dtype) for k, v in skeleton.state_dict().items()}}
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    # ZeRO-3 checkpoints hold each parameter flattened (DeepSpeed partitions are slices of the flat tensor).
+    flat = read_state(checkpoint_dir)["engine"] == "zero3"
+    names = dict(skeleton.named_parameters()) if flat else shapes
+    template = {"model": {k: torch.empty((shapes[k].numel(),) if flat else shapes[k], dtype=dtype) for k in names}}
     dcp.load(template, checkpoint_id=str(checkpoint_dir), no_dist=True)
-    save_hf_model(template["model"], hf_config, meta, out_dir)
+    state = {k: v.reshape(shapes[k]) for k, v in template["model"].items()}
+    if flat and getattr(hf_config, "tie_word_embeddings", False):
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    save_hf_model(state, hf_config, meta, out_dir)

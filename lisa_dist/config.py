@@ -117,8 +117,10 @@ class OptimConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EngineConfig:
-    name: Literal["fsdp2"] = "fsdp2"
-    """Sharding engine."""
+    name: Literal["fsdp2", "zero3"] = "fsdp2"
+    """Sharding engine: PyTorch FSDP2 (`fully_shard`) or DeepSpeed ZeRO-3 partitioning."""
+    deepspeed_config: str | None = None
+    """zero3: a DeepSpeed JSON file as users write it; lisa_dist fills in batch sizes and precision."""
     reshard_after_forward: bool = True
     """Free each layer's gathered parameters after forward (ZeRO-3 style) rather than keep them."""
     timeout_s: int = 600

@@ -14,7 +14,7 @@ from lisa_dist import checkpoint as ckpt
 from lisa_dist.config import Config, ConfigError, check_world_size
 from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
 from lisa_dist.distributed import Runtime, all_reduce_max, all_reduce_sum, init_distributed, shutdown, verify_same_across_ranks
-from lisa_dist.engines.base import create_engine, trainable_named_parameters
+from lisa_dist.engines.base import create_engine, engine_class, trainable_named_parameters
 from lisa_dist.env import read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import ModelSource, check_against_model, resolve_model_source
@@ -28,6 +28,7 @@ from lisa_dist.steps import FusedStep, PostBackwardStep
 def prepare(config: Config, world_size: int) -> tuple[ModelSource, SequenceSet]:
     """Everything that can fail on user input, done before a process group exists."""
     check_world_size(config, world_size)
+    engine_class(config.engine.name).check_config(config, world_size)
     source = resolve_model_source(config)
     check_against_model(config, source.hf_config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
@@ -117,7 +118,7 @@ class Trainer:
             record = self.train_step(step)
             peak = self.engine.peak_memory_bytes() or 0
         else:
-            self.tracker.track(p for p in self.model.parameters())
+            self.tracker.track(self.engine.resident_tensors())
             self.tracker.track(t for s in self.optimizer.state_dict().values() for t in s.values())
             self.tracker.reset_peak()
             with self.tracker:

@@ -46,6 +46,18 @@ class Engine(ABC):
     def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
         """Call `hook(param)` as soon as this rank's reduced gradient shard of `param` is ready."""
 
+    def release_grad(self, param: nn.Parameter) -> None:
+        """Drop this rank's gradient of `param` (after its update, or when a step is skipped)."""
+        param.grad = None
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Long-lived tensors this rank holds for the model (for CPU storage accounting)."""
+        return list(self.model.parameters())
+
+    @classmethod
+    def check_config(cls, config: Config, world_size: int) -> None:
+        """Engine-specific configuration checks, run before any process group exists."""
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -72,11 +84,21 @@ class Engine(ABC):
         return None
 
 
-def create_engine(config: Config, runtime: Runtime) -> Engine:
-    from lisa_dist.engines.fsdp2 import FSDP2Engine
+def engine_class(name: str) -> type[Engine]:
+    """Imported on demand: a FSDP2 run never imports DeepSpeed."""
+    if name == "fsdp2":
+        from lisa_dist.engines.fsdp2 import FSDP2Engine
 
-    engines: dict[str, type[Engine]] = {"fsdp2": FSDP2Engine}
-    return engines[config.engine.name](config, runtime)
+        return FSDP2Engine
+    if name == "zero3":
+        from lisa_dist.engines.zero3 import Zero3Engine
+
+        return Zero3Engine
+    raise ValueError(f"engine.name must be one of 'fsdp2', 'zero3', got {name!r}")
+
+
+def create_engine(config: Config, runtime: Runtime) -> Engine:
+    return engine_class(config.engine.name)(config, runtime)
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, Any]:

@@ -51,7 +51,8 @@ def _find_decoder_stack(model: nn.Module) -> nn.ModuleList:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             kinds = {type(m) for m in module}
-            if len(kinds) == 1 and any(p.numel() for p in module.parameters()):
+            # ZeRO-3 partitioned parameters hold no data outside forward; ds_numel is their real size.
+            if len(kinds) == 1 and any(getattr(p, "ds_numel", p.numel()) for p in module.parameters()):
                 candidates.append((name, module))
     if expected is not None:
         candidates = [(n, m) for n, m in candidates if len(m) == expected]

@@ -77,7 +77,7 @@ class GradHooks:
             self._accumulate(sq, (~torch.isfinite(sq)).to(torch.int64))
         else:
             self._accumulate(sq, self.optimizer.apply(slot, grad32, self.options, guard=self.guard))
-        param.grad = None  # the point of fusing: this gradient's memory is released right here
+        self.optimizer.access.release_grad(param)  # the point of fusing: the memory goes right here
         slot.grad_accum = None
 
     def end_pass(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ class GradHooks:
                 f"the fused {self.mode} pass did not run for {len(missing)} trainable parameters "
                 f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): their gradients never reached the "
                 "engine's post-reduce hooks, so they were neither applied nor freed")
-        leftover = [n for n, p in model.named_parameters() if p.grad is not None]
+        leftover = [n for n, p in model.named_parameters() if self.optimizer.access.local_grad(p) is not None]
         if leftover:
             raise FusedPathError(f"gradients left after a fused pass: {', '.join(leftover[:4])}")
         zero = torch.zeros(())

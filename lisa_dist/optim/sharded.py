@@ -29,6 +29,8 @@ class ShardAccess(Protocol):
 
     def shard_info(self, param: nn.Parameter) -> ShardInfo: ...
 
+    def release_grad(self, param: nn.Parameter) -> None: ...
+
 
 @dataclass(slots=True)
 class _Slot:
@@ -106,7 +108,7 @@ class ShardedOptimizer:
             slot.grad_accum = grad.float()
         else:
             slot.grad_accum.add_(grad)
-        slot.param.grad = None
+        self.access.release_grad(slot.param)
 
     def full_grad(self, slot: _Slot) -> torch.Tensor | None:
         """This step's fp32 gradient shard: the accumulator plus the last micro-batch's gradient."""
@@ -170,7 +172,7 @@ class ShardedOptimizer:
 
     def zero_grad(self, model: nn.Module) -> None:
         for param in model.parameters():
-            param.grad = None
+            self.access.release_grad(param)
         for slot in self.slots.values():
             slot.grad_accum = None
 

@@ -1,0 +1,196 @@
+"""DeepSpeed ZeRO-3 partitioning with lisa_dist owning gradients and the optimizer.
+
+DeepSpeed partitions every parameter into flat per-rank slices (`param.ds_tensor`) and gathers and
+releases them around each module's forward and backward (its stage-3 parameter coordinator, driven by
+`DeepSpeedZeRoOffload` without `deepspeed.initialize`). No DeepSpeed optimizer exists: its trainable set
+would be fixed at initialize (DeepSpeed issue 5639). Instead a post-accumulate-grad hook on each
+parameter reduce-scatters the full gradient into this rank's partition in fp32 and frees it, then calls
+the hooks lisa_dist registered (fused updates, accumulation), exactly like FSDP2's post-reduce hooks.
+Frozen parameters compute no gradient, so their hooks never fire and nothing is communicated for them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+import transformers
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+from torch import nn
+from transformers.initialization import no_init_weights
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils.hooks import RemovableHandle
+
+from lisa_dist.config import Config
+from lisa_dist.engines.base import Engine
+from lisa_dist.engines.deepspeed_config import load_deepspeed_config
+from lisa_dist.models import ModelParts, ModelSource, find_parts
+from lisa_dist.models.build import DTYPES
+from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
+from lisa_dist.optim.shard import ShardInfo
+
+
+class Zero3Engine(Engine):
+    name = "zero3"
+
+    @classmethod
+    def check_config(cls, config: Config, world_size: int) -> None:
+        load_deepspeed_config(config, world_size)
+
+    def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
+        c = self.config
+        self.ds_config = load_deepspeed_config(c, self.runtime.world_size)
+        # DeepSpeed adopts the process group lisa_dist started (its own world size must be right before
+        # it validates the batch sizes in the config).
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        hf_config = source.hf_config.__class__.from_dict(source.hf_config.to_dict())
+        hf_config._attn_implementation = c.model.attn_implementation
+        # Partitioned as each module is built, so no rank ever holds the whole model; the weights are
+        # written into the partitions afterwards, so transformers' own initialization is skipped.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=DTYPES[c.train.dtype]), no_init_weights():
+            model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        parts = find_parts(model)
+        if c.model.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        with torch.no_grad():
+            self._materialize(model, source)
+        zero = DeepSpeedConfig(self.ds_config).zero_config
+        self.coordinator = DeepSpeedZeRoOffload(
+            module=model, timers=None, ds_config=self.ds_config, overlap_comm=zero.overlap_comm,
+            prefetch_bucket_size=zero.prefetch_bucket_size, max_reuse_distance=zero.max_reuse_distance,
+            max_live_parameters=zero.max_live_parameters, param_persistence_threshold=zero.param_persistence_threshold,
+            model_persistence_threshold=zero.model_persistence_threshold, dp_process_group=None,
+            offload_param_config=zero.offload_param, mpu=None)
+        self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
+        self._grads: dict[nn.Parameter, torch.Tensor] = {}
+        self._user_hooks: dict[nn.Parameter, dict[int, Callable[[nn.Parameter], None]]] = defaultdict(OrderedDict)
+        self._handles = [p.register_post_accumulate_grad_hook(self._reduce_scatter) for p in model.parameters()]
+        self.model, self.parts = model, parts
+        return model, parts
+
+    def _range(self, param: nn.Parameter) -> tuple[int, int]:
+        """(flat start, valid elements) of this rank's partition; the tail of the last one is padding."""
+        rank = dist.get_rank(group=param.ds_process_group)
+        size = param.ds_tensor.ds_numel
+        start = rank * size
+        return start, max(0, min(size, param.ds_numel - start))
+
+    def _materialize(self, model: nn.Module, source: ModelSource) -> None:
+        reader = None
+        if source.weights_dir is not None:
+            reader = SafetensorsReader(source.weights_dir, getattr(model, "base_model_prefix", ""))
+        std = float(getattr(source.hf_config, "initializer_range", 0.02))
+        for name, param in model.named_parameters():
+            shape = tuple(param.ds_shape)
+            start, count = self._range(param)
+            param.ds_tensor.zero_()  # DeepSpeed leaves the padding uninitialized
+            if count == 0:
+                continue
+            cols = max(1, param.ds_numel // shape[0]) if shape else 1
+            first, last = start // cols, -(-(start + count) // cols)
+            if reader is not None:
+                if list(shape) != reader.shape(name):
+                    raise WeightsError(f"{source.weights_dir}: {name} has shape {reader.shape(name)}, "
+                                       f"the config expects {list(shape)}")
+                if not reader.dtype(name).is_floating_point:
+                    raise WeightsError(f"{source.weights_dir}: {name} is stored as {reader.dtype(name)}, not a "
+                                       "floating-point type (quantized checkpoints are not supported)")
+                rows = reader.read_rows(name, first, last).reshape(-1)
+            else:
+                rows = random_init(name, torch.Size(shape), std, self.config.seed).reshape(-1)[first * cols:last * cols]
+            offset = start - first * cols
+            param.ds_tensor[:count].copy_(rows[offset:offset + count])
+        if reader is not None:
+            reader.close()
+
+    @torch.no_grad()
+    def _reduce_scatter(self, param: nn.Parameter) -> None:
+        group = param.ds_process_group
+        world = dist.get_world_size(group=group)
+        size = param.ds_tensor.ds_numel
+        flat = param.grad.reshape(-1).to(torch.float32)
+        flat = F.pad(flat, (0, size * world - flat.numel()))
+        part = flat.new_empty(size)
+        dist.reduce_scatter_tensor(part, flat, group=group)
+        part.div_(world)
+        param.grad = None
+        _, count = self._range(param)
+        part = part[:count]
+        previous = self._grads.get(param)
+        self._grads[param] = part if previous is None else previous.add_(part)
+        for hook in list(self._user_hooks[param].values()):
+            hook(param)
+
+    def local_shard(self, param: nn.Parameter) -> torch.Tensor:
+        return param.ds_tensor[: self._range(param)[1]]
+
+    def local_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        return self._grads.get(param)
+
+    def release_grad(self, param: nn.Parameter) -> None:
+        self._grads.pop(param, None)
+        param.grad = None
+
+    def shard_info(self, param: nn.Parameter) -> ShardInfo:
+        start, count = self._range(param)
+        group = param.ds_process_group
+        return ShardInfo(global_shape=tuple(param.ds_shape), flat_start=start, numel=count,
+                         reduce_sum=lambda t: dist.all_reduce(t, group=group))
+
+    def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
+        handle = RemovableHandle(self._user_hooks[param])
+        self._user_hooks[param][handle.id] = hook
+        return handle
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        # Parameters below DeepSpeed's persistence threshold stay gathered; release every gathered copy so
+        # the next forward gathers the partitions lisa_dist updated.
+        self.coordinator.release_backward_leftovers()
+        self.coordinator.partition_all_parameters()
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        return [p.ds_tensor for p in self.model.parameters()] + list(self._grads.values())
+
+    def _flat_global(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        """A partition as a DTensor shard of the flattened parameter: DeepSpeed's partitions are
+        torch.chunk pieces of it, so DCP can reshard them to another world size."""
+        if local.dim() != 1 or local.numel() != self._range(param)[1]:
+            return local
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=(param.ds_numel,),
+                                  stride=(1,))
+
+    def _checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
+        params = dict(self.model.named_parameters())
+        model = {name: self._flat_global(p, self.local_shard(p)) for name, p in params.items()}
+        optim = {name: {key: self._flat_global(params[name], t) for key, t in state.items()}
+                 for name, state in optim_state.items()}
+        return {"model": model, "optim": optim}
+
+    def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        dcp.save(self._checkpoint_state(optim_state), checkpoint_id=str(directory))
+
+    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        state = self._checkpoint_state(optim_state)
+        dcp.load(state, checkpoint_id=str(directory))
+        for name, entries in state["optim"].items():
+            for key, value in entries.items():
+                if not isinstance(value, DTensor):
+                    optim_state[name][key].copy_(value)
+        self.coordinator.partition_all_parameters()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        out = {}
+        for name, param in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.runtime.is_main:
+                    out[name] = param.detach().to("cpu", copy=True)
+        return out if self.runtime.is_main else None
