@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
-from lisa_dist.models import ModelParts, ModelSource, find_parts
+from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
 from lisa_dist.models.build import DTYPES
 from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
 from lisa_dist.optim.shard import ShardInfo
@@ -55,8 +55,11 @@ class Zero3Engine(Engine):
         hf_config._attn_implementation = c.model.attn_implementation
         # Partitioned as each module is built, so no rank ever holds the whole model; the weights are
         # written into the partitions afterwards, so transformers' own initialization is skipped.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=DTYPES[c.train.dtype]), no_init_weights():
+        # The dtype comes from the config's bf16/fp16 blocks (filled from train.dtype): Init's own `dtype`
+        # argument is ignored on accelerators without fp16 support (it falls back to bf16).
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
+        self._restore_buffers(model, source)
         parts = find_parts(model)
         if c.model.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -75,6 +78,14 @@ class Zero3Engine(Engine):
         self._handles = [p.register_post_accumulate_grad_hook(self._reduce_scatter) for p in model.parameters()]
         self.model, self.parts = model, parts
         return model, parts
+
+    def _restore_buffers(self, model: nn.Module, source: ModelSource) -> None:
+        """zero.Init casts buffers to the training dtype; rotary tables must stay as the model builds them."""
+        reference = build_meta_model(source.hf_config, DTYPES[self.config.train.dtype], self.config.model.attn_implementation)
+        for name, buffer in reference.named_buffers():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._buffers[attr] = buffer.to(self.runtime.device)
 
     def _range(self, param: nn.Parameter) -> tuple[int, int]:
         """(flat start, valid elements) of this rank's partition; the tail of the last one is padding."""
@@ -119,7 +130,7 @@ class Zero3Engine(Engine):
         flat = param.grad.reshape(-1).to(torch.float32)
         flat = F.pad(flat, (0, size * world - flat.numel()))
         part = flat.new_empty(size)
-        dist.reduce_scatter_tensor(part, flat, group=group)
+        dist.reduce_scatter_single(part, flat, group=group)
         part.div_(world)
         param.grad = None
         _, count = self._range(param)

@@ -8,7 +8,8 @@ import transformers
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
 from lisa_dist.sampler import sample_active_layers
-from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
+from tests.helpers import (assert_weights_close, full_weights, run_distributed, start_trainer, tiny_config,
+                           tiny_start_weights)
 
 STEPS, GAMMA, INTERVAL = 7, 2, 3
 OVERRIDES = dict(max_steps=STEPS, lisa={"gamma": GAMMA, "interval": INTERVAL},
@@ -68,18 +69,11 @@ def runs(tmp_path_factory):
     }
 
 
-START = {n: p.detach().clone() for n, p in
-         transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32).named_parameters()}
+START = tiny_start_weights()
 
 
 def _assert_weights_close(a: dict, b: dict) -> None:
-    """Element-wise within a fraction of one Adam step, and the runs' updates agree to 0.1%."""
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
-        update = (b[name] - START[name]).norm()
-        if update > 0:
-            assert (a[name] - b[name]).norm() / update < 1e-3, name
+    assert_weights_close(a, b, START)
 
 
 def test_two_ranks_match_the_single_process_reference_lisa(runs):

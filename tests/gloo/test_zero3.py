@@ -1,0 +1,119 @@
+"""DeepSpeed ZeRO-3 engine with 2 gloo ranks, against the FSDP2 engine and its own invariants."""
+
+import os
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lisa_dist.memory import StorageTracker
+from tests.helpers import assert_weights_close, full_weights, run_distributed, start_trainer, tiny_config, tiny_start_weights
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+STEPS = 5
+PAIRS = {
+    "lisa+adamw": dict(method="lisa", optim={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "max_grad_norm": 1.0}),
+    "full+lomo": dict(method="full", optim={"name": "lomo", "lr": 0.05, "max_grad_norm": 0.0},
+                      train={"micro_batch_size": 4}),
+    "lisa+adalomo": dict(method="lisa", optim={"name": "adalomo", "lr": 0.01, "max_grad_norm": 0.0}),
+}
+
+
+def _weights(trainer) -> dict[str, torch.Tensor] | None:
+    if trainer.engine.name == "fsdp2":
+        return full_weights(trainer)
+    state = trainer.engine.full_state_dict()
+    return None if state is None else {k: v.float() for k, v in state.items()}
+
+
+def _pairs_worker(rank: int, world_size: int, output_dir: str, engine: str) -> dict:
+    out = {}
+    for key, sections in PAIRS.items():
+        config = tiny_config(output_dir, lisa={"gamma": 2, "interval": 2}, engine={"name": engine}, **sections)
+        trainer = start_trainer(config)
+        records = [trainer.train_step(s) for s in range(STEPS)]
+        out[key] = {"weights": _weights(trainer), "losses": [r["loss"] for r in records],
+                    "active": [r["active_layers"] for r in records]}
+        trainer.stepper.hooks.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("engines"))
+    return {e: run_distributed(_pairs_worker, 2, output_dir=out, engine=e)[0] for e in ("zero3", "fsdp2")}
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_zero3_matches_fsdp2(engines, pair):
+    zero3, fsdp2 = engines["zero3"][pair], engines["fsdp2"][pair]
+    assert zero3["active"] == fsdp2["active"]
+    assert zero3["losses"] == pytest.approx(fsdp2["losses"], rel=1e-5)
+    assert_weights_close(zero3["weights"], fsdp2["weights"], tiny_start_weights())
+
+
+def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, engine={"name": "zero3"}, train={"dtype": "bf16"},
+                                        lisa={"gamma": 2, "interval": 3}))
+    engine, layers = trainer.engine, trainer.parts.layers
+    calls = []
+    original = dist.reduce_scatter_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counting
+    start = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
+    counts = []
+    for step in range(3):
+        calls.clear()
+        trainer.train_step(step)
+        counts.append(len(calls))
+    dist.reduce_scatter_single = original
+    end = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
+    active = trainer.active_layers
+    obs = {"active": active, "counts": counts, "trainable": len(trainer.optimizer.names),
+           "micro_batches": trainer.batches.accumulation_steps,
+           "unchanged": [all(torch.equal(a, b) for a, b in zip(s, e)) for s, e in zip(start, end)],
+           "state_bytes": trainer.optimizer.state_bytes(),
+           "expected_bytes": sum(engine.local_shard(p).numel() * 12 for p in trainer.model.parameters()
+                                 if p.requires_grad)}
+    next_active = trainer.sampler.active_layers(3)
+    leaving = [i for i in active if i not in next_active]
+    refs = [weakref.ref(t) for n, s in trainer.optimizer.slots.items()
+            if any(n.startswith(f"model.layers.{i}.") for i in leaving) for t in [*s.state.values(), s.master]]
+    tracker = StorageTracker()
+    tracker.track(engine.resident_tensors())
+    tracker.track(t for s in trainer.optimizer.state_dict().values() for t in s.values())
+    before, state_before = tracker.live, trainer.optimizer.state_bytes()
+    with tracker:
+        trainer.set_active_layers(next_active)
+    obs["delta"] = tracker.live - before
+    obs["state_delta"] = trainer.optimizer.state_bytes() - state_before
+    obs["leaving_freed"] = bool(refs) and all(r() is None for r in refs)
+    return obs
+
+
+@pytest.fixture(scope="module")
+def invariants(tmp_path_factory):
+    return run_distributed(_invariants_worker, 2, output_dir=str(tmp_path_factory.mktemp("z3inv")))
+
+
+def test_zero3_frozen_layers_bit_identical_and_active_layers_change(invariants):
+    for obs in invariants:
+        for i, unchanged in enumerate(obs["unchanged"]):
+            assert unchanged == (i not in obs["active"]), f"layer {i}"
+
+
+def test_zero3_reduces_only_trainable_gradients(invariants):
+    for obs in invariants:
+        assert obs["counts"] == [obs["trainable"] * obs["micro_batches"]] * 3
+
+
+def test_zero3_optimizer_state_only_for_active_partitions_and_freed_at_a_switch(invariants):
+    for obs in invariants:
+        assert obs["state_bytes"] == obs["expected_bytes"] > 0
+        assert obs["delta"] == obs["state_delta"]
+        assert obs["leaving_freed"]
