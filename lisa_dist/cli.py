@@ -9,10 +9,13 @@ from pathlib import Path
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lisa-dist", description=__doc__)
+    # The deepspeed launcher puts --local_rank=N before the subcommand; the rank comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune a model (under torchrun, or as one process)")
     train.add_argument("config", help="YAML run configuration")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lisa.gamma=4")
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")

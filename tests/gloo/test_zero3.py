@@ -117,3 +117,38 @@ def test_zero3_optimizer_state_only_for_active_partitions_and_freed_at_a_switch(
         assert obs["state_bytes"] == obs["expected_bytes"] > 0
         assert obs["delta"] == obs["state_delta"]
         assert obs["leaving_freed"]
+
+
+def _checkpointing_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    out = {}
+    for ac in (False, True):
+        config = tiny_config(output_dir, engine={"name": "zero3"}, lisa={"gamma": 2, "interval": 2},
+                             model={"activation_checkpointing": ac})
+        trainer = start_trainer(config)
+        out[ac] = [trainer.train_step(s)["loss"] for s in range(4)]
+        trainer.stepper.hooks.remove()
+    config = tiny_config(output_dir, engine={"name": "zero3"}, method="full", train={"micro_batch_size": 4},
+                         optim={"name": "lomo", "lr": 0.05})
+    trainer = start_trainer(config)
+    live = []
+    original = trainer.stepper.hooks._on_grad
+
+    def measuring(name, param):
+        live.append(len(trainer.engine._grads))
+        original(name, param)
+
+    for handle in trainer.stepper.hooks.handles:
+        handle.remove()
+    for name, param in trainer.model.named_parameters():
+        trainer.engine.register_grad_hook(param, lambda p, n=name: measuring(n, p))
+    trainer.train_step(0)
+    out["live"] = live
+    out["left"] = len(trainer.engine._grads)
+    return out
+
+
+def test_zero3_activation_checkpointing_with_frozen_layers_and_lomo_gradient_lifetime(tmp_path):
+    obs = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path))[0]
+    assert obs[True] == pytest.approx(obs[False], rel=1e-6)
+    # fused LOMO on ZeRO-3: one parameter's gradient partition alive at a time, none after backward
+    assert max(obs["live"]) == 1 and obs["left"] == 0

@@ -1,0 +1,68 @@
+"""Whole ZeRO-3 runs: the deepspeed launcher, torchrun, checkpoints, resume and export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.cli.test_train_cli import COMMON, ENV, REPO, lisa_dist, metrics, torchrun
+from tests.helpers import free_port
+
+ZERO3 = ["engine.name=zero3", f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}",
+         "train.dtype=fp32", "save_every=3"]
+DS_ENV = {**ENV, "DS_ACCELERATOR": "cpu"}
+
+
+def deepspeed_launcher(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
+    return subprocess.run(cmd, cwd=REPO, env=DS_ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    out = tmp_path_factory.mktemp("z3") / "straight"
+    result = deepspeed_launcher(f"output_dir={out}", "max_steps=6", *ZERO3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_deepspeed_launcher_runs_zero3_end_to_end(straight):
+    records = metrics(straight)
+    assert [r["step"] for r in records] == list(range(1, 7)) and records[-1]["loss"] < records[0]["loss"]
+    state = json.loads((straight / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["engine"] == "zero3" and state["world_size"] == 2
+
+
+def test_zero3_resume_under_torchrun_continues_exactly(straight, tmp_path):
+    out = tmp_path / "resumed"
+    for steps, extra in ((3, []), (6, ["resume=auto"])):
+        result = torchrun(f"output_dir={out}", f"max_steps={steps}", *ZERO3, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(straight), metrics(out)
+    assert [(r["loss"], r["active_layers"]) for r in a] == [(r["loss"], r["active_layers"]) for r in b]
+    final_a = load_file(straight / "final" / "model.safetensors")
+    final_b = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_zero3_export_equals_final(straight, tmp_path):
+    result = lisa_dist("export", str(straight / "checkpoints" / "step_6"), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    final = load_file(straight / "final" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def test_contradicting_deepspeed_config_is_refused_before_start(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={tmp_path / 'o'}",
+                       "engine.name=zero3", f"engine.deepspeed_config={bad}")
+    assert result.returncode == 2
+    assert "remove the 'optimizer' block: lisa_dist owns the optimizer" in result.stderr
