@@ -69,6 +69,8 @@ class TrainConfig:
     """Sequences per forward pass on one rank; the rest is gradient accumulation."""
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
     """Storage and compute dtype of the parameters; bf16/fp16 keep fp32 masters of active shards (adamw, sgd)."""
+    reduce_dtype: Literal["fp32", "param"] = "fp32"
+    """Gradient reduce-scatter precision: fp32, or the parameter dtype (half the bytes for bf16)."""
     loss_scale: float = 65536.0
     """fp16 only: initial dynamic loss scale."""
     loss_scale_window: int = 1000

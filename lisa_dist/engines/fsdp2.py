@@ -34,8 +34,9 @@ class FSDP2Engine(Engine):
         if c.model.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
-        # Gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
-        mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
+        reduce_dtype = torch.float32 if c.train.reduce_dtype == "fp32" else dtype
+        mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
         for unit in self._units(parts):
             fully_shard(unit, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
         fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)

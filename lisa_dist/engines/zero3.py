@@ -127,14 +127,14 @@ class Zero3Engine(Engine):
         group = param.ds_process_group
         world = dist.get_world_size(group=group)
         size = param.ds_tensor.ds_numel
-        flat = param.grad.reshape(-1).to(torch.float32)
-        flat = F.pad(flat, (0, size * world - flat.numel()))
+        reduce_dtype = torch.float32 if self.config.train.reduce_dtype == "fp32" else param.grad.dtype
+        flat = F.pad(param.grad.reshape(-1).to(reduce_dtype), (0, size * world - param.ds_numel))
+        param.grad = None
         part = flat.new_empty(size)
         dist.reduce_scatter_single(part, flat, group=group)
-        part.div_(world)
-        param.grad = None
+        del flat
         _, count = self._range(param)
-        part = part[:count]
+        part = part[:count].float().div_(world)
         previous = self._grads.get(param)
         self._grads[param] = part if previous is None else previous.add_(part)
         for hook in list(self._user_hooks[param].values()):
