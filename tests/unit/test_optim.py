@@ -20,6 +20,9 @@ class _Unsharded:
     def shard_info(self, param):
         return local_shard_info(param)
 
+    def release_grad(self, param):
+        param.grad = None
+
 
 PLAIN = _Unsharded()
 
