@@ -16,6 +16,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run configuration")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lisa.gamma=4")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    estimate = commands.add_parser("estimate", help="run the real FSDP2 step on fake tensors at full scale: "
+                                   "peak memory per rank, and whether it fits")
+    estimate.add_argument("config")
+    estimate.add_argument("overrides", nargs="*")
+    estimate.add_argument("--world-size", type=int, required=True, help="number of ranks to simulate")
+    estimate.add_argument("--gpu-mem-gib", type=float, default=22.35, help="card memory (24 GB = 22.35 GiB)")
+    estimate.add_argument("--reserve-gib", type=float, default=0.85,
+                          help="left for the CUDA context and fragmentation")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
     export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")
@@ -42,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             out = run_training(config)
             print(f"lisa-dist: training done; outputs in {out}", file=sys.stderr)
+        elif args.command == "estimate":
+            from lisa_dist.estimate import print_estimate, run_estimate
+
+            if args.world_size < 1:
+                raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+            config = load_config(args.config, args.overrides)
+            result = run_estimate(config, args.world_size, args.gpu_mem_gib, args.reserve_gib)
+            print_estimate(result, as_json=args.json)
         elif args.command == "export":
             from lisa_dist.checkpoint import export_checkpoint
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lisa_dist.env import LaunchEnv
+from lisa_dist.scalars import items
 
 
 class RankDisagreementError(RuntimeError):
@@ -63,7 +64,7 @@ def shutdown() -> None:
 def verify_same_across_ranks(what: str, value: Any) -> None:
     """Raise on every rank, naming the ranks, if `value` differs from rank 0's."""
     world_size = dist.get_world_size()
-    if world_size == 1:
+    if world_size == 1 or dist.get_backend() == "fake":
         return
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, value)
@@ -79,10 +80,10 @@ def verify_same_across_ranks(what: str, value: Any) -> None:
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return items(t)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return items(t)

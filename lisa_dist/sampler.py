@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lisa_dist.scalars import real_tensors
+
 
 def _interval_seed(seed: int, interval_index: int) -> int:
     digest = hashlib.sha256(f"lisa_dist/sampler/{seed}/{interval_index}".encode()).digest()
@@ -27,6 +29,11 @@ def sample_active_layers(
     """Choose `gamma` of `num_layers` layers without replacement, proportionally to `weights`."""
     if not 1 <= gamma <= num_layers:
         raise ValueError(f"lisa.gamma must be between 1 and the number of decoder layers ({num_layers}), got {gamma}")
+    with real_tensors():
+        return _sample(seed, interval_index, num_layers, gamma, weights)
+
+
+def _sample(seed: int, interval_index: int, num_layers: int, gamma: int, weights: list[float] | None) -> tuple[int, ...]:
     if weights is None:
         probs = torch.ones(num_layers, dtype=torch.float64)
     else:

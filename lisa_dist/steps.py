@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, all_reduce_sum
@@ -17,6 +18,7 @@ from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.sharded import UpdateOptions
+from lisa_dist.scalars import item
 
 
 @dataclass(slots=True)
@@ -72,8 +74,10 @@ class StepRunner:
                                 attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
             loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=-100, reduction="sum")
-            value = float(loss_sum.detach())
-            if check_loss:
+            value = item(loss_sum.detach())
+            # A fake loss (`lisa-dist estimate`) has no value to check; the collective would also keep
+            # the step's activations referenced under the fake process group.
+            if check_loss and not is_fake(loss_sum):
                 (bad,) = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)
                 if bad:
                     return math.nan, False
@@ -86,7 +90,7 @@ class StepRunner:
         return total, True
 
     def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
-        total_sq, total_bad = all_reduce_sum([float(sq), float(bad)], self.runtime.device)
+        total_sq, total_bad = all_reduce_sum([item(sq), item(bad, 0.0)], self.runtime.device)
         return math.sqrt(total_sq) / self.scaler.scale, int(total_bad)
 
 

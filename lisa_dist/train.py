@@ -14,7 +14,7 @@ from lisa_dist import checkpoint as ckpt
 from lisa_dist.config import Config, ConfigError, check_world_size
 from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
 from lisa_dist.distributed import Runtime, all_reduce_max, all_reduce_sum, init_distributed, shutdown, verify_same_across_ranks
-from lisa_dist.engines.base import create_engine, engine_class, trainable_named_parameters
+from lisa_dist.engines.base import Engine, create_engine, engine_class, trainable_named_parameters
 from lisa_dist.env import read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import ModelSource, check_against_model, resolve_model_source
@@ -22,10 +22,11 @@ from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.rundir import MetricsWriter, check_output_dir, check_resume_compatible, clear_previous_run
 from lisa_dist.sampler import LayerSampler
+from lisa_dist.scalars import item, real_tensors
 from lisa_dist.steps import FusedStep, PostBackwardStep
 
 
-def prepare(config: Config, world_size: int) -> tuple[ModelSource, SequenceSet]:
+def prepare(config: Config, world_size: int, check_output: bool = True) -> tuple[ModelSource, SequenceSet]:
     """Everything that can fail on user input, done before a process group exists."""
     check_world_size(config, world_size)
     engine_class(config.engine.name).check_config(config, world_size)
@@ -39,17 +40,19 @@ def prepare(config: Config, world_size: int) -> tuple[ModelSource, SequenceSet]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = build_sequences(examples, config.data.seq_len, pad_id, config.data.pack)
     GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size, 0, world_size, config.seed)
-    check_output_dir(config)
+    if check_output:
+        check_output_dir(config)
     return source, sequences
 
 
 class Trainer:
-    def __init__(self, config: Config, runtime: Runtime, source: ModelSource, sequences: SequenceSet) -> None:
+    def __init__(self, config: Config, runtime: Runtime, source: ModelSource, sequences: SequenceSet,
+                 engine: Engine | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.source = source
         self.output_dir = Path(config.output_dir)
-        self.engine = create_engine(config, runtime)
+        self.engine = engine or create_engine(config, runtime)
         self.model, self.parts = self.engine.build(source)
         self.model.train()
         self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
@@ -95,9 +98,10 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         self._maybe_switch(step)
-        micro_batches = self.batches.micro_batches(step)
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        with real_tensors():
+            micro_batches = self.batches.micro_batches(step)
+        local_targets = sum(item((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(item(b["attention_mask"].sum()) for b in micro_batches)
         global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
         lr = lr_at(self.config.optim, step, self.config.max_steps)
         outcome = self.stepper.run(step, micro_batches, max(global_targets, 1.0), lr)

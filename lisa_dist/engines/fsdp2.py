@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.engines.base import Engine
@@ -21,6 +22,7 @@ from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_par
 from lisa_dist.models.build import DTYPES
 from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
 from lisa_dist.optim.shard import ShardInfo, local_shard_info
+from lisa_dist.scalars import real_tensors
 
 
 class FSDP2Engine(Engine):
@@ -33,7 +35,8 @@ class FSDP2Engine(Engine):
         parts = find_parts(model)
         if c.model.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
+        if getattr(self, "mesh", None) is None:  # `estimate` builds it before entering FakeTensorMode
+            self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         reduce_dtype = torch.float32 if c.train.reduce_dtype == "fp32" else dtype
         mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
@@ -65,6 +68,8 @@ class FSDP2Engine(Engine):
         return units
 
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
+        if any(is_fake(p) for p in model.parameters()):
+            return  # `lisa-dist estimate`: shapes only, no weights
         reader = None
         if source.weights_dir is not None:
             reader = SafetensorsReader(source.weights_dir, getattr(model, "base_model_prefix", ""))
@@ -102,7 +107,8 @@ class FSDP2Engine(Engine):
     def shard_info(self, param: nn.Parameter) -> ShardInfo:
         if not isinstance(param, DTensor):
             return local_shard_info(param)
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        with real_tensors():  # offsets are plain integers, also under `estimate`'s FakeTensorMode
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         row_numel = param.numel() // param.shape[0] if param.dim() else 1
         group = param.device_mesh.get_group()
         return ShardInfo(global_shape=tuple(param.shape), flat_start=(offset[0] if offset else 0) * row_numel,

@@ -18,6 +18,7 @@ from torch import nn
 from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule
 from lisa_dist.optim.shard import ShardInfo
+from lisa_dist.scalars import item
 
 
 class ShardAccess(Protocol):
@@ -132,7 +133,7 @@ class ShardedOptimizer:
         if dist.is_initialized():
             sq = sq.to(_group_device())
             dist.all_reduce(sq)
-        return math.sqrt(float(sq))
+        return math.sqrt(item(sq))
 
     @torch.no_grad()
     def apply(self, slot: _Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
@@ -149,7 +150,7 @@ class ShardedOptimizer:
         slot.step += 1
         target = slot.master if slot.master is not None else slot.shard.float()
         before = target.clone() if guard else None
-        self.rule.update(target, grad32, slot.state, int(slot.step), options.lr, slot.info)
+        self.rule.update(target, grad32, slot.state, int(item(slot.step)), options.lr, slot.info)
         if guard:
             target.copy_(torch.where(finite, target, before))
         if target is not slot.shard:

@@ -1,0 +1,95 @@
+"""`lisa-dist estimate`: the real FSDP2 training step at full scale on fake tensors and a fake process group.
+
+No weights are read and no memory is allocated: FakeTensorMode carries shapes and dtypes through the
+project's own model wrapping, sampler, optimizer or LOMO hooks, activation checkpointing and loss, and
+torch's FSDP2 memory tracker attributes rank 0's live storages to categories at the peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from lisa_dist.config import Config, ConfigError
+from lisa_dist.distributed import Runtime
+from lisa_dist.engines.base import create_engine
+from lisa_dist.env import LaunchEnv
+from lisa_dist.memory import GIB
+from lisa_dist.train import Trainer, prepare
+
+RESERVE_GIB = 0.85
+"""CUDA context and allocator fragmentation: a 24 GB card (22.35 GiB) leaves 21.5 GiB for tensors."""
+
+CATEGORIES = {
+    _FSDPRefType.SHARDED_PARAM: "sharded_params", _FSDPRefType.UNSHARDED_PARAM: "unsharded_params",
+    _FSDPRefType.SHARDED_GRAD: "sharded_grads", _FSDPRefType.UNSHARDED_GRAD: "unsharded_grads",
+    _FSDPRefType.ACT: "activations", _FSDPRefType.TEMP: "temporaries", _FSDPRefType.ALL_GATHER: "all_gather_buffers",
+    _FSDPRefType.REDUCE_SCATTER: "reduce_scatter_buffers", _FSDPRefType.OPT: "optimizer_state",
+    _FSDPRefType.BUFFER: "buffers", _FSDPRefType.INP: "inputs",
+}
+
+
+def _schedule(config: Config) -> list[int]:
+    """Two steps of one interval and the first step of the next, so a LISA switch is included."""
+    return [0, 1] if config.method == "full" else [0, 1, config.lisa.interval]
+
+
+def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
+    if config.engine.name != "fsdp2":
+        raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
+    config = dataclasses.replace(config, progress_bar=False)
+    source, sequences = prepare(config, world_size, check_output=False)
+    source = dataclasses.replace(source, weights_dir=None)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        env = LaunchEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=min(8, world_size),
+                        launcher="estimate")
+        runtime = Runtime(env=env, device=torch.device("cpu"))
+        engine = create_engine(config, runtime)
+        engine.mesh = init_device_mesh("cpu", (world_size,))  # a DeviceMesh cannot be built on fake tensors
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            trainer = Trainer(config, runtime, source, sequences, engine=engine)
+            peak = _tracked_peak(trainer, _schedule(config))
+    finally:
+        dist.destroy_process_group()
+    categories = {CATEGORIES.get(k, str(k)): v / GIB for k, v in peak.items() if k != "Total"}
+    total = peak["Total"] / GIB
+    return {"peak_gib": total, "fits": total <= gpu_mem_gib - reserve_gib, "world_size": world_size,
+            "gpu_mem_gib": gpu_mem_gib, "reserve_gib": reserve_gib, "budget_gib": gpu_mem_gib - reserve_gib,
+            "categories": categories, "method": config.method, "optim": config.optim.name,
+            "steps": _schedule(config)}
+
+
+def _tracked_peak(trainer: Trainer, steps: list[int]) -> dict[Any, int]:
+    tracker = FSDPMemTracker(trainer.model)
+    with tracker:
+        for step in steps:
+            trainer._maybe_switch(step)  # before the step: new optimizer state is then filed as such
+            for state in trainer.optimizer.state_dict().values():
+                for tensor in state.values():
+                    tracker._update_and_maybe_create_winfos(tensor, _FSDPRefType.OPT)
+            trainer.train_step(step)
+    snapshot = tracker.get_tracker_snapshot("peak")
+    (device_peak,) = [v for k, v in snapshot.items() if v.get("Total", 0)] or [{"Total": 0}]
+    return device_peak
+
+
+def print_estimate(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{result['method']} + {result['optim']} on {result['world_size']} ranks: rank 0 peaks at "
+          f"{result['peak_gib']:.2f} GiB; budget {result['budget_gib']:.2f} GiB "
+          f"({result['gpu_mem_gib']} GiB card - {result['reserve_gib']} GiB reserve): "
+          f"{'fits' if result['fits'] else 'does NOT fit'}")
+    for name, gib in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
+        if gib > 0:
+            print(f"  {name:24s} {gib:9.4f} GiB")
