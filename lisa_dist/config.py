@@ -125,6 +125,9 @@ class EngineConfig:
     """zero3: a DeepSpeed JSON file as users write it; lisa_dist fills in batch sizes and precision."""
     reshard_after_forward: bool = True
     """Free each layer's gathered parameters after forward (ZeRO-3 style) rather than keep them."""
+    backward_prefetch: bool = True
+    """fsdp2: gather the next decoder layer while the current one runs backward (faster; one more
+    layer of gathered parameters alive at the peak)."""
     timeout_s: int = 600
     """Collective timeout; a dead peer ends the job after this many seconds."""
 

@@ -43,6 +43,11 @@ class FSDP2Engine(Engine):
         for unit in self._units(parts):
             fully_shard(unit, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
         fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
+        if not c.engine.backward_prefetch:
+            for layer in parts.layers:
+                # A non-empty explicit list replaces FSDP2's default of prefetching the next layer; the
+                # layer itself is already gathered when its backward starts, so this prefetches nothing.
+                layer.set_modules_to_backward_prefetch([layer])
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.to_empty(device=self.runtime.device)
         with torch.no_grad():
