@@ -99,3 +99,16 @@ def test_activation_checkpointing_with_frozen_layers_matches_no_checkpointing(tm
     assert plain["losses"] == pytest.approx(recomputed["losses"], rel=1e-6)
     for name in plain["weights"]:
         torch.testing.assert_close(plain["weights"][name], recomputed["weights"][name], rtol=1e-5, atol=1e-6)
+
+
+def _prefetch_worker(rank: int, world_size: int, output_dir: str, backward_prefetch: bool) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, engine={"backward_prefetch": backward_prefetch}))
+    losses = [trainer.train_step(step)["loss"] for step in range(3)]
+    return {"losses": losses, "weights": full_weights(trainer)}
+
+
+def test_turning_backward_prefetch_off_changes_no_number(tmp_path):
+    default = run_distributed(_prefetch_worker, 2, output_dir=str(tmp_path), backward_prefetch=True)[0]
+    off = run_distributed(_prefetch_worker, 2, output_dir=str(tmp_path), backward_prefetch=False)[0]
+    assert off["losses"] == default["losses"]
+    assert all(torch.equal(off["weights"][n], default["weights"][n]) for n in default["weights"])
