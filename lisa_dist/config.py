@@ -69,6 +69,9 @@ class TrainConfig:
     """Sequences per forward pass on one rank; the rest is gradient accumulation."""
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
     """Storage and compute dtype of the parameters; bf16/fp16 keep fp32 masters of active shards (adamw, sgd)."""
+    loss_chunk_tokens: int = 0
+    """Compute the LM head and loss over chunks of this many tokens, recomputing each chunk's logits in
+    backward (saves the full-vocabulary logits; costs one more head matmul). 0 = in one piece."""
     reduce_dtype: Literal["fp32", "param"] = "fp32"
     """Gradient reduce-scatter precision: fp32, or the parameter dtype (half the bytes for bf16)."""
     loss_scale: float = 65536.0
@@ -302,6 +305,7 @@ def _validate_train(t: TrainConfig) -> None:
              f"train.micro_batch_size={t.micro_batch_size}")
     _require(t.loss_scale > 0 and t.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
     _at_least("train.loss_scale_window", t.loss_scale_window, 1)
+    _at_least("train.loss_chunk_tokens", t.loss_chunk_tokens, 0, " (0 = no chunking)")
 
 
 def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:

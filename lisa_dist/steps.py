@@ -7,13 +7,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, all_reduce_sum
 from lisa_dist.engines.base import Engine
+from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
@@ -69,11 +69,8 @@ class StepRunner:
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         total = 0.0
         for i, batch in enumerate(micro_batches):
-            labels = batch["labels"].to(device)
-            logits = self.model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-            loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=-100, reduction="sum")
+            loss_sum = token_loss_sum(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
+                                      device)
             value = item(loss_sum.detach())
             # A fake loss (`lisa-dist estimate`) has no value to check; the collective would also keep
             # the step's activations referenced under the fake process group.

@@ -112,3 +112,20 @@ def test_turning_backward_prefetch_off_changes_no_number(tmp_path):
     off = run_distributed(_prefetch_worker, 2, output_dir=str(tmp_path), backward_prefetch=False)[0]
     assert off["losses"] == default["losses"]
     assert all(torch.equal(off["weights"][n], default["weights"][n]) for n in default["weights"])
+
+
+def _chunked_loss_worker(rank: int, world_size: int, output_dir: str, chunk: int, optim: str) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, method="full", train={"loss_chunk_tokens": chunk, "micro_batch_size": 4},
+                                        optim={"name": optim, "lr": 1e-2, "max_grad_norm": 0.0}))
+    losses = [trainer.train_step(step)["loss"] for step in range(3)]
+    trainer.stepper.hooks.remove()
+    return {"losses": losses, "weights": full_weights(trainer)}
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adalomo"])
+def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, optim):
+    whole = run_distributed(_chunked_loss_worker, 2, output_dir=str(tmp_path), chunk=0, optim=optim)[0]
+    chunked = run_distributed(_chunked_loss_worker, 2, output_dir=str(tmp_path), chunk=16, optim=optim)[0]
+    assert chunked["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+    for name in whole["weights"]:
+        torch.testing.assert_close(chunked["weights"][name], whole["weights"][name], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,33 @@
+"""Response-token cross-entropy, optionally over chunks of the sequence so the full-vocabulary logits of
+the whole sequence never exist at once (32000 x seq_len x 4 bytes in fp32)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int,
+             device: torch.device) -> torch.Tensor:
+    """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one)."""
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)[:, 1:]
+    if chunk_tokens <= 0:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               reduction="sum")
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, :-1]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[1], chunk_tokens):
+        end = start + chunk_tokens
+        # Each chunk's logits are recomputed in backward, so only one chunk's logits are alive at a time.
+        total = total + checkpoint(_chunk_loss, head, hidden[:, start:end], labels[:, start:end], use_reentrant=False)
+    return total
