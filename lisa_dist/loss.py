@@ -25,9 +25,23 @@ def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], 
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                reduction="sum")
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, :-1]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[1], chunk_tokens):
-        end = start + chunk_tokens
-        # Each chunk's logits are recomputed in backward, so only one chunk's logits are alive at a time.
-        total = total + checkpoint(_chunk_loss, head, hidden[:, start:end], labels[:, start:end], use_reentrant=False)
-    return total
+    return _ChunkedHeadLoss(head, chunk_tokens)(hidden, labels)
+
+
+class _ChunkedHeadLoss(nn.Module):
+    """A module around the chunk loop, so module-level tools (FSDP2's memory tracker) see the repeated
+    head calls nested in one forward rather than as separate iterations."""
+
+    def __init__(self, head: nn.Module, chunk_tokens: int) -> None:
+        super().__init__()
+        self.head = [head]  # a list: not registered as a submodule, the model owns it
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[1], self.chunk_tokens):
+            end = start + self.chunk_tokens
+            # Each chunk's logits are recomputed in backward, so only one chunk's logits live at a time.
+            total = total + checkpoint(_chunk_loss, self.head[0], hidden[:, start:end], labels[:, start:end],
+                                       use_reentrant=False)
+        return total
