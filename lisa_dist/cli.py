@@ -1,8 +1,10 @@
-"""`lisa-dist train CONFIG.yaml [dotted.key=value ...]` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
+"""`lisa-dist train CONFIG.yaml [key=value ...]`, `lisa-dist estimate CONFIG.yaml [key=value ...] --world-size N`
+and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_now(code: int) -> None:
+    """Leave without running static destructors: every file is closed and the process group destroyed,
+    but C++ threads of the communication libraries sometimes abort the interpreter's teardown
+    ("terminate called without an active exception"), which would turn a finished run into a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from lisa_dist.checkpoint import CheckpointError
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             out = run_training(config)
             print(f"lisa-dist: training done; outputs in {out}", file=sys.stderr)
+            _exit_now(0)
         elif args.command == "estimate":
             from lisa_dist.estimate import print_estimate, run_estimate
 
@@ -64,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
             export_checkpoint(Path(args.checkpoint_dir), Path(args.out_dir))
             print(f"lisa-dist: exported {args.checkpoint_dir} to {args.out_dir}", file=sys.stderr)
-    except user_errors as e:
+    except (*user_errors, *run_errors) as e:
         print(f"lisa-dist: error: {e}", file=sys.stderr)
-        return 2
-    except run_errors as e:
-        print(f"lisa-dist: error: {e}", file=sys.stderr)
-        return 1
+        code = 2 if isinstance(e, user_errors) else 1
+        if args.command == "train":
+            _exit_now(code)
+        return code
     return 0
