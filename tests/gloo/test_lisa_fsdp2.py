@@ -25,8 +25,9 @@ def _expected_state_bytes(trainer) -> int:
 
 
 def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
-    trainer = start_trainer(tiny_config(output_dir, train={"dtype": "bf16"},
-                                        lisa={"gamma": GAMMA, "interval": INTERVAL}))
+    # weight decay and momentum-carrying AdamW: frozen layers must still not drift
+    trainer = start_trainer(tiny_config(output_dir, train={"dtype": "bf16"}, lisa={"gamma": GAMMA, "interval": INTERVAL},
+                                        optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}))
     obs: dict = {"reduce_scatters": []}
     calls = []
     original = dist.reduce_scatter_single
@@ -75,9 +76,15 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     obs["always_on_kept"] = all(kept[n] is always_on[n] for n in always_on) and all(
         int(trainer.optimizer.slots[n].step) == always_steps[n] for n in always_on)
     obs["leaving_freed"] = all(r() is None for r in leaving_refs)
+    left_layers = [i for i in obs["active_0"] if i not in next_active]
+    before_step = {i: [trainer.engine.local_shard(p).clone() for p in trainer.parts.layers[i].parameters()]
+                   for i in left_layers}
     calls.clear()
     trainer.train_step(INTERVAL)
     obs["reduce_dtypes_after_switch"] = set(calls)
+    obs["left_layers_unchanged"] = all(
+        torch.equal(a, trainer.engine.local_shard(p)) for i in left_layers
+        for a, p in zip(before_step[i], trainer.parts.layers[i].parameters()))
     dist.reduce_scatter_single = original
     obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters()) for layer in trainer.parts.layers]
     return obs
@@ -109,6 +116,12 @@ def test_no_gradient_reduce_scatter_for_frozen_layers(lisa_run):
     micro_batches = 8 // (2 * 2)
     for obs in lisa_run:
         assert obs["reduce_scatters"] == [(GAMMA + 2) * micro_batches] * INTERVAL
+
+
+def test_layers_that_left_the_active_set_do_not_drift(lisa_run):
+    # they had AdamW momentum and weight decay in the previous interval; none of it may reach them now
+    for obs in lisa_run:
+        assert obs["left_layers_unchanged"]
 
 
 def test_gradients_reduce_in_fp32_before_and_after_a_switch(lisa_run):
