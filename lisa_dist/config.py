@@ -128,6 +128,9 @@ class EngineConfig:
     """zero3: a DeepSpeed JSON file as users write it; lisa_dist fills in batch sizes and precision."""
     reshard_after_forward: bool = True
     """Free each layer's gathered parameters after forward (ZeRO-3 style) rather than keep them."""
+    split_layers: bool = False
+    """fsdp2: shard each decoder layer's attention and MLP blocks as separate units (smaller peak buffers,
+    more collectives)."""
     backward_prefetch: bool = True
     """fsdp2: gather the next decoder layer while the current one runs backward (faster; one more
     layer of gathered parameters alive at the peak)."""

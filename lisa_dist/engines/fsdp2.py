@@ -40,7 +40,7 @@ class FSDP2Engine(Engine):
         # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         reduce_dtype = torch.float32 if c.train.reduce_dtype == "fp32" else dtype
         mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
-        for unit in self._units(parts):
+        for unit in self._units(parts, c.engine.split_layers):
             fully_shard(unit, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
         fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
         if not c.engine.backward_prefetch:
@@ -62,11 +62,18 @@ class FSDP2Engine(Engine):
         return model, parts
 
     @staticmethod
-    def _units(parts: ModelParts) -> list[nn.Module | list[nn.Module]]:
+    def _units(parts: ModelParts, split_layers: bool) -> list[nn.Module | list[nn.Module]]:
         """One FSDP unit per decoder layer, and (untied) the embeddings and [final norm, head] as their own
         units: the head's gradients are then reduced and released as soon as backward leaves it, instead
-        of living through the whole backward in the root unit."""
-        units: list[nn.Module | list[nn.Module]] = list(parts.layers)
+        of living through the whole backward in the root unit. With `split_layers` the attention and MLP
+        blocks of each layer are units of their own (smaller gathered and reduced buffers)."""
+        units: list[nn.Module | list[nn.Module]] = []
+        for layer in parts.layers:
+            if split_layers:
+                total = sum(p.numel() for p in layer.parameters())
+                units += [child for child in layer.children()
+                          if sum(p.numel() for p in child.parameters()) >= total // 10]
+            units.append(layer)
         if not parts.tied_embeddings:
             units.append(list(parts.embeddings))
             units.append([m for m in (parts.norm, parts.head) if m is not None])

@@ -129,3 +129,19 @@ def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, optim):
     assert chunked["losses"] == pytest.approx(whole["losses"], rel=1e-5)
     for name in whole["weights"]:
         torch.testing.assert_close(chunked["weights"][name], whole["weights"][name], rtol=1e-4, atol=1e-5)
+
+
+def _split_worker(rank: int, world_size: int, output_dir: str, split: bool) -> dict:
+    trainer = start_trainer(tiny_config(output_dir, engine={"split_layers": split}))
+    losses = [trainer.train_step(step)["loss"] for step in range(4)]
+    units = sum(1 for m in trainer.model.modules() if type(m).__name__.startswith("FSDP"))
+    return {"losses": losses, "weights": full_weights(trainer), "units": units}
+
+
+def test_split_layers_shards_attention_and_mlp_separately_with_the_same_numbers(tmp_path):
+    whole = run_distributed(_split_worker, 2, output_dir=str(tmp_path), split=False)[0]
+    split = run_distributed(_split_worker, 2, output_dir=str(tmp_path), split=True)[0]
+    assert split["units"] == whole["units"] + 2 * 8  # attention and MLP of each of the 8 layers
+    assert split["losses"] == pytest.approx(whole["losses"], rel=1e-6)
+    for name in whole["weights"]:
+        torch.testing.assert_close(split["weights"][name], whole["weights"][name], rtol=1e-5, atol=1e-6)
