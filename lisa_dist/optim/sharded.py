@@ -7,12 +7,10 @@ serve updates after backward (`step`) and inside it (`lisa_dist.optim.fused`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lisa_dist.optim.precision import stochastic_round_bf16
@@ -127,14 +125,6 @@ class ShardedOptimizer:
                 sq = sq.to(grad.device) + grad.pow(2).sum()
         return sq
 
-    def grad_norm(self) -> float:
-        """Global L2 norm of the trainable gradients: shard-local sums, one all-reduce."""
-        sq = self.grad_sq_sum()
-        if dist.is_initialized():
-            sq = sq.to(_group_device())
-            dist.all_reduce(sq)
-        return math.sqrt(item(sq))
-
     @torch.no_grad()
     def apply(self, slot: _Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
         """Update one shard from its gradient. With `guard`, a shard whose gradient is not finite keeps
@@ -195,7 +185,3 @@ class ShardedOptimizer:
             if slot.master is not None:
                 slot.shard.copy_(slot.master)
 
-
-def _group_device() -> torch.device:
-    backend = str(dist.get_backend())
-    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
