@@ -120,7 +120,9 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     """Turn a sharded step checkpoint into an HF model directory, in one process, without a process group."""
     import torch.distributed.checkpoint as dcp
 
-    read_state(checkpoint_dir)
+    from lisa_dist.engines.base import engine_class
+
+    engine = engine_class(read_state(checkpoint_dir)["engine"])
     meta = checkpoint_dir / HF_CONFIG_DIR
     hf_config = transformers.AutoConfig.from_pretrained(meta)
     dtype = getattr(hf_config, "dtype", None) or torch.float32
@@ -129,12 +131,8 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(hf_config)
     shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
-    # ZeRO-3 checkpoints hold each parameter flattened (DeepSpeed partitions are slices of the flat tensor).
-    flat = read_state(checkpoint_dir)["engine"] == "zero3"
-    names = dict(skeleton.named_parameters()) if flat else shapes
-    template = {"model": {k: torch.empty((shapes[k].numel(),) if flat else shapes[k], dtype=dtype) for k in names}}
+    stored = engine.checkpoint_shapes(skeleton)
+    template = {"model": {k: torch.empty(shape, dtype=dtype) for k, shape in stored.items()}}
     dcp.load(template, checkpoint_id=str(checkpoint_dir), no_dist=True)
     state = {k: v.reshape(shapes[k]) for k, v in template["model"].items()}
-    if flat and getattr(hf_config, "tie_word_embeddings", False):
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     save_hf_model(state, hf_config, meta, out_dir)

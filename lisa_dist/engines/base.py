@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
@@ -62,12 +64,28 @@ class Engine(ABC):
         loss.backward()
 
     @abstractmethod
+    def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """{"model": ..., "optim": ...} of DTensors sharing storage with this rank's shards, so that
+        torch.distributed.checkpoint saves them and loads into them in place (and reshards)."""
+
+    @classmethod
+    def checkpoint_shapes(cls, skeleton: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Shape of each model tensor as `checkpoint_state` stores it, for a single-process export."""
+        return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+
     def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Write model shards and the optimizer's local state as a resharding-capable checkpoint."""
+        dcp.save(self.checkpoint_state(optim_state), checkpoint_id=str(directory))
 
-    @abstractmethod
     def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Fill the model shards and `optim_state` (local tensors allocated by the caller) in place."""
+        state = self.checkpoint_state(optim_state)
+        dcp.load(state, checkpoint_id=str(directory))
+        # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
+        for name, entries in state["optim"].items():
+            for key, value in entries.items():
+                if not isinstance(value, DTensor):
+                    optim_state[name][key].copy_(value)
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -20,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from lisa_dist.engines.base import Engine
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
 from lisa_dist.models.build import DTYPES
-from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
+from lisa_dist.models.weights import SafetensorsReader, random_init
 from lisa_dist.optim.shard import ShardInfo, local_shard_info
 from lisa_dist.scalars import real_tensors
 
@@ -92,12 +91,7 @@ class FSDP2Engine(Engine):
             start = offset[0] if offset else 0
             rows = shape[0] if shape else 1
             if reader is not None:
-                stored = reader.shape(name)
-                if not reader.dtype(name).is_floating_point:
-                    raise WeightsError(f"{source.weights_dir}: {name} is stored as {reader.dtype(name)}, not a "
-                                       "floating-point type (quantized checkpoints are not supported)")
-                if stored != list(param.shape):
-                    raise WeightsError(f"{source.weights_dir}: {name} has shape {stored}, the config expects {list(param.shape)}")
+                reader.check(name, list(param.shape))
                 if local.numel():
                     local.copy_(reader.read_rows(name, start, start + rows))
             else:
@@ -137,23 +131,11 @@ class FSDP2Engine(Engine):
         return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 
-    def _checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
+    def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
         params = dict(self.model.named_parameters())
         optim = {name: {key: self._as_global(params[name], t) for key, t in state.items()}
                  for name, state in optim_state.items()}
         return {"model": self.model.state_dict(), "optim": optim}
-
-    def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        dcp.save(self._checkpoint_state(optim_state), checkpoint_id=str(directory))
-
-    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        state = self._checkpoint_state(optim_state)
-        dcp.load(state, checkpoint_id=str(directory))
-        # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
-        for name, entries in state["optim"].items():
-            for key, value in entries.items():
-                if not isinstance(value, DTensor):
-                    optim_state[name][key].copy_(value)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -18,7 +18,6 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import transformers
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -34,7 +33,7 @@ from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
 from lisa_dist.models.build import DTYPES
-from lisa_dist.models.weights import SafetensorsReader, WeightsError, random_init
+from lisa_dist.models.weights import SafetensorsReader, random_init
 from lisa_dist.optim.shard import ShardInfo
 
 
@@ -103,17 +102,13 @@ class Zero3Engine(Engine):
             shape = tuple(param.ds_shape)
             start, count = self._range(param)
             param.ds_tensor.zero_()  # DeepSpeed leaves the padding uninitialized
+            if reader is not None:
+                reader.check(name, list(shape))
             if count == 0:
                 continue
             cols = max(1, param.ds_numel // shape[0]) if shape else 1
             first, last = start // cols, -(-(start + count) // cols)
             if reader is not None:
-                if list(shape) != reader.shape(name):
-                    raise WeightsError(f"{source.weights_dir}: {name} has shape {reader.shape(name)}, "
-                                       f"the config expects {list(shape)}")
-                if not reader.dtype(name).is_floating_point:
-                    raise WeightsError(f"{source.weights_dir}: {name} is stored as {reader.dtype(name)}, not a "
-                                       "floating-point type (quantized checkpoints are not supported)")
                 rows = reader.read_rows(name, first, last).reshape(-1)
             else:
                 rows = random_init(name, torch.Size(shape), std, self.config.seed).reshape(-1)[first * cols:last * cols]
@@ -179,24 +174,20 @@ class Zero3Engine(Engine):
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=(param.ds_numel,),
                                   stride=(1,))
 
-    def _checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
+    def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
         params = dict(self.model.named_parameters())
         model = {name: self._flat_global(p, self.local_shard(p)) for name, p in params.items()}
         optim = {name: {key: self._flat_global(params[name], t) for key, t in state.items()}
                  for name, state in optim_state.items()}
         return {"model": model, "optim": optim}
 
-    def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        dcp.save(self._checkpoint_state(optim_state), checkpoint_id=str(directory))
+    @classmethod
+    def checkpoint_shapes(cls, skeleton: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {name: (p.numel(),) for name, p in skeleton.named_parameters()}
 
     def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        state = self._checkpoint_state(optim_state)
-        dcp.load(state, checkpoint_id=str(directory))
-        for name, entries in state["optim"].items():
-            for key, value in entries.items():
-                if not isinstance(value, DTensor):
-                    optim_state[name][key].copy_(value)
-        self.coordinator.partition_all_parameters()
+        super().load(directory, optim_state)
+        self.coordinator.partition_all_parameters()  # no gathered copy may predate the loaded partitions
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         out = {}

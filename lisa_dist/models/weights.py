@@ -56,6 +56,15 @@ class SafetensorsReader:
                   "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
         return dtypes.get(stored, torch.uint8)
 
+    def check(self, name: str, expected_shape: list[int]) -> None:
+        """Raise WeightsError unless `name` is stored as floating point with `expected_shape`."""
+        if not self.dtype(name).is_floating_point:
+            raise WeightsError(f"{self.directory}: {name} is stored as {self.dtype(name)}, not a "
+                               "floating-point type (quantized checkpoints are not supported)")
+        if self.shape(name) != list(expected_shape):
+            raise WeightsError(f"{self.directory}: {name} has shape {self.shape(name)}, "
+                               f"the config expects {list(expected_shape)}")
+
     def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of dim 0 (the whole tensor for scalars)."""
         key = self._key(name)
