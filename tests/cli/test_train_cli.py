@@ -33,6 +33,15 @@ def lisa_dist(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def assert_same_final(a: Path, b: Path) -> None:
+    """The two runs' final models are equal bit for bit."""
+    final_a = load_file(a / "final" / "model.safetensors")
+    final_b = load_file(b / "final" / "model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), name
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -85,10 +94,7 @@ def test_resume_continues_exactly(run, tmp_path):
     assert [r["active_layers"] for r in resumed] == [r["active_layers"] for r in straight]
     # fp32 on CPU is deterministic: the resumed run is the uninterrupted one, bit for bit
     assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in straight]
-    final_a = load_file(out / "final" / "model.safetensors")
-    final_b = load_file(run / "final" / "model.safetensors")
-    for name in final_b:
-        assert torch.equal(final_a[name], final_b[name]), name
+    assert_same_final(out, run)
 
 
 def test_rerun_into_a_used_output_dir_is_refused(run):
@@ -144,9 +150,7 @@ def test_adalomo_resume_with_lagged_clipping_continues_exactly(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     a, b = metrics(straight), metrics(resumed)
     assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
-    final_a = load_file(straight / "final" / "model.safetensors")
-    final_b = load_file(resumed / "final" / "model.safetensors")
-    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert_same_final(straight, resumed)
 
 
 @pytest.mark.parametrize("make_bad, message", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli.test_train_cli import COMMON, ENV, REPO, lisa_dist, metrics, torchrun
+from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun
 from tests.helpers import free_port
 
 ZERO3 = ["engine.name=zero3", f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}",
@@ -46,9 +46,7 @@ def test_zero3_resume_under_torchrun_continues_exactly(straight, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     a, b = metrics(straight), metrics(out)
     assert [(r["loss"], r["active_layers"]) for r in a] == [(r["loss"], r["active_layers"]) for r in b]
-    final_a = load_file(straight / "final" / "model.safetensors")
-    final_b = load_file(out / "final" / "model.safetensors")
-    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    assert_same_final(straight, out)
 
 
 def test_zero3_export_equals_final(straight, tmp_path):

@@ -87,60 +87,46 @@ def test_mistral_qwen2_and_gpt2_train_on_fsdp2_with_tied_embeddings_kept_tied(tm
             assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def _checkpointing_worker(rank: int, world_size: int, output_dir: str, activation_checkpointing: bool) -> dict:
-    trainer = start_trainer(tiny_config(output_dir, model={"activation_checkpointing": activation_checkpointing}))
-    losses = [trainer.train_step(step)["loss"] for step in range(4)]
-    return {"losses": losses, "weights": full_weights(trainer)}
+def _run_worker(rank: int, world_size: int, output_dir: str, steps: int, **sections) -> dict:
+    """Train the tiny model with `sections` overriding the test config; losses, weights and FSDP units."""
+    trainer = start_trainer(tiny_config(output_dir, **sections))
+    losses = [trainer.train_step(step)["loss"] for step in range(steps)]
+    units = sum(1 for m in trainer.model.modules() if type(m).__name__.startswith("FSDP"))
+    return {"losses": losses, "weights": full_weights(trainer), "units": units}
+
+
+def _run(tmp_path, steps: int, **sections) -> dict:
+    return run_distributed(_run_worker, 2, output_dir=str(tmp_path), steps=steps, **sections)[0]
 
 
 def test_activation_checkpointing_with_frozen_layers_matches_no_checkpointing(tmp_path):
-    plain = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path), activation_checkpointing=False)[0]
-    recomputed = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path), activation_checkpointing=True)[0]
+    plain = _run(tmp_path, 4, model={"activation_checkpointing": False})
+    recomputed = _run(tmp_path, 4, model={"activation_checkpointing": True})
     assert plain["losses"] == pytest.approx(recomputed["losses"], rel=1e-6)
     for name in plain["weights"]:
         torch.testing.assert_close(plain["weights"][name], recomputed["weights"][name], rtol=1e-5, atol=1e-6)
 
 
-def _prefetch_worker(rank: int, world_size: int, output_dir: str, backward_prefetch: bool) -> dict:
-    trainer = start_trainer(tiny_config(output_dir, engine={"backward_prefetch": backward_prefetch}))
-    losses = [trainer.train_step(step)["loss"] for step in range(3)]
-    return {"losses": losses, "weights": full_weights(trainer)}
-
-
 def test_turning_backward_prefetch_off_changes_no_number(tmp_path):
-    default = run_distributed(_prefetch_worker, 2, output_dir=str(tmp_path), backward_prefetch=True)[0]
-    off = run_distributed(_prefetch_worker, 2, output_dir=str(tmp_path), backward_prefetch=False)[0]
+    default = _run(tmp_path, 3, engine={"backward_prefetch": True})
+    off = _run(tmp_path, 3, engine={"backward_prefetch": False})
     assert off["losses"] == default["losses"]
     assert all(torch.equal(off["weights"][n], default["weights"][n]) for n in default["weights"])
 
 
-def _chunked_loss_worker(rank: int, world_size: int, output_dir: str, chunk: int, optim: str) -> dict:
-    trainer = start_trainer(tiny_config(output_dir, method="full", train={"loss_chunk_tokens": chunk, "micro_batch_size": 4},
-                                        optim={"name": optim, "lr": 1e-2, "max_grad_norm": 0.0}))
-    losses = [trainer.train_step(step)["loss"] for step in range(3)]
-    trainer.stepper.hooks.remove()
-    return {"losses": losses, "weights": full_weights(trainer)}
-
-
 @pytest.mark.parametrize("optim", ["adamw", "adalomo"])
 def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, optim):
-    whole = run_distributed(_chunked_loss_worker, 2, output_dir=str(tmp_path), chunk=0, optim=optim)[0]
-    chunked = run_distributed(_chunked_loss_worker, 2, output_dir=str(tmp_path), chunk=16, optim=optim)[0]
+    sections = dict(method="full", optim={"name": optim, "lr": 1e-2, "max_grad_norm": 0.0})
+    whole = _run(tmp_path, 3, train={"loss_chunk_tokens": 0, "micro_batch_size": 4}, **sections)
+    chunked = _run(tmp_path, 3, train={"loss_chunk_tokens": 16, "micro_batch_size": 4}, **sections)
     assert chunked["losses"] == pytest.approx(whole["losses"], rel=1e-5)
     for name in whole["weights"]:
         torch.testing.assert_close(chunked["weights"][name], whole["weights"][name], rtol=1e-4, atol=1e-5)
 
 
-def _split_worker(rank: int, world_size: int, output_dir: str, split: bool) -> dict:
-    trainer = start_trainer(tiny_config(output_dir, engine={"split_layers": split}))
-    losses = [trainer.train_step(step)["loss"] for step in range(4)]
-    units = sum(1 for m in trainer.model.modules() if type(m).__name__.startswith("FSDP"))
-    return {"losses": losses, "weights": full_weights(trainer), "units": units}
-
-
 def test_split_layers_shards_attention_and_mlp_separately_with_the_same_numbers(tmp_path):
-    whole = run_distributed(_split_worker, 2, output_dir=str(tmp_path), split=False)[0]
-    split = run_distributed(_split_worker, 2, output_dir=str(tmp_path), split=True)[0]
+    whole = _run(tmp_path, 4, engine={"split_layers": False})
+    split = _run(tmp_path, 4, engine={"split_layers": True})
     assert split["units"] == whole["units"] + 2 * 8  # attention and MLP of each of the 8 layers
     assert split["losses"] == pytest.approx(whole["losses"], rel=1e-6)
     for name in whole["weights"]:
