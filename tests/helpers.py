@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,9 +50,13 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], out_di
     result = fn(rank=rank, world_size=world_size, **kwargs)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     if torch.distributed.is_initialized():
-        # Exiting with gloo's threads still running can abort the process ("terminate called ...").
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # Like `lisa-dist train`: the interpreter's teardown sometimes aborts on gloo/DeepSpeed threads
+    # ("terminate called without an active exception") after all work is done and saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, **kwargs: Any) -> list[Any]:
