@@ -1,5 +1,5 @@
-"""`lisa-dist train CONFIG.yaml [key=value ...]`, `lisa-dist estimate CONFIG.yaml [key=value ...] --world-size N`
-and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
+"""`lisa-dist train CONFIG.yaml [key=value ...]`, `lisa-dist estimate|plan CONFIG.yaml [key=value ...]
+--world-size N` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--reserve-gib", type=float, default=0.85,
                           help="left for the CUDA context and fragmentation")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
+    plan = commands.add_parser("plan", help="analytic per-rank memory and traffic for fsdp2 or zero3, and the "
+                               "cheapest settings that fit")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    plan.add_argument("--gpu-mem-gib", type=float, default=22.35, help="card memory (24 GB = 22.35 GiB)")
+    plan.add_argument("--reserve-gib", type=float, default=0.85, help="left for the CUDA context and fragmentation")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
     export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")
@@ -43,7 +51,13 @@ def _exit_now(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`plan CONFIG --world-size 8 engine.split_layers=true`).
+    if extra and (not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     from lisa_dist.checkpoint import CheckpointError
     from lisa_dist.config import ConfigError, load_config
     from lisa_dist.data import DataError
@@ -71,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             result = run_estimate(config, args.world_size, args.gpu_mem_gib, args.reserve_gib)
             print_estimate(result, as_json=args.json)
+        elif args.command == "plan":
+            from lisa_dist.plan import print_plan, run_plan
+
+            config = load_config(args.config, args.overrides)
+            print_plan(run_plan(config, args.world_size, args.gpu_mem_gib, args.reserve_gib), as_json=args.json)
         elif args.command == "export":
             from lisa_dist.checkpoint import export_checkpoint
 

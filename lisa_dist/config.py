@@ -41,10 +41,16 @@ class ModelConfig:
     """A named architecture built with random weights (see `lisa_dist.models.presets`)."""
     config: str | None = None
     """A config.json (or a directory holding one) built with random weights."""
+    num_layers: int | None = None
+    """Keep only the first N decoder layers of a preset or config: a shallow model of the same shape, for
+    tests and memory planning. Not with model.path (the checkpoint holds all layers)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to `path`, else the bundled tiny tokenizer."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of keeping them."""
+    activation_offload: bool = False
+    """Move tensors saved for backward (with checkpointing: each layer's input) to pinned host memory in
+    forward and back in backward. Costs two host-device copies of each per step."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel passed to transformers."""
 
@@ -98,6 +104,9 @@ class OptimConfig:
     fused_precheck: bool | None = None
     """lomo/adalomo: run a first backward that only checks gradients (non-finite values, exact global norm)
     before the backward that applies updates. Doubles backward time; default on for fp16, off otherwise."""
+    offload_state: bool = False
+    """Keep optimizer state and fp32 masters in pinned host memory; each shard's state visits the device
+    only for its own update (one shard's state on the card at a time, two copies of it per step)."""
     stochastic_rounding: bool = False
     """Round fp32 updates into bf16 parameters stochastically (lomo/adalomo write into bf16 directly)."""
     adalomo_eps: list[float] = field(default_factory=lambda: [1e-30, 1e-3])
@@ -282,6 +291,10 @@ def validate(c: Config) -> None:
     sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
     _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "
                                 f"got {', '.join(sources) or 'none'}")
+    if c.model.num_layers is not None:
+        _at_least("model.num_layers", c.model.num_layers, 1)
+        _require(not c.model.path, "model.num_layers shortens a preset or config; a model.path checkpoint "
+                                   "holds all its layers (unset one of them)")
     _require(bool(c.data.path), "data.path must name a JSONL file")
     _require(Path(c.data.path).is_file(), f"data.path: file not found: {c.data.path}")
     _at_least("data.seq_len", c.data.seq_len, 2)

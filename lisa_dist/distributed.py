@@ -21,6 +21,8 @@ class RankDisagreementError(RuntimeError):
 class Runtime:
     env: LaunchEnv
     device: torch.device
+    host_device: torch.device = torch.device("cpu")
+    """Where offloaded activations and optimizer state live (`estimate` uses meta to count them apart)."""
 
     @property
     def rank(self) -> int:

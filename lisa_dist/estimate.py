@@ -52,23 +52,26 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
     try:
         env = LaunchEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=min(8, world_size),
                         launcher="estimate")
-        runtime = Runtime(env=env, device=torch.device("cpu"))
+        # The fake CPU device stands for the GPU; host memory (offloaded state and activations) is the meta
+        # device, so the tracker counts it apart.
+        runtime = Runtime(env=env, device=torch.device("cpu"), host_device=torch.device("meta"))
         engine = create_engine(config, runtime)
         engine.mesh = init_device_mesh("cpu", (world_size,))  # a DeviceMesh cannot be built on fake tensors
         with FakeTensorMode(allow_non_fake_inputs=True):
             trainer = Trainer(config, runtime, source, sequences, engine=engine)
-            peak = _tracked_peak(trainer, _schedule(config))
+            peak, host_peak = _tracked_peak(trainer, _schedule(config))
     finally:
         dist.destroy_process_group()
     categories = {CATEGORIES.get(k, str(k)): v / GIB for k, v in peak.items() if k != "Total"}
     total = peak["Total"] / GIB
     return {"peak_gib": total, "fits": total <= gpu_mem_gib - reserve_gib, "world_size": world_size,
             "gpu_mem_gib": gpu_mem_gib, "reserve_gib": reserve_gib, "budget_gib": gpu_mem_gib - reserve_gib,
-            "categories": categories, "method": config.method, "optim": config.optim.name,
+            "host_offload_gib": host_peak / GIB, "categories": categories, "method": config.method, "optim": config.optim.name,
             "steps": _schedule(config)}
 
 
-def _tracked_peak(trainer: Trainer, steps: list[int]) -> dict[Any, int]:
+def _tracked_peak(trainer: Trainer, steps: list[int]) -> tuple[dict[Any, int], int]:
+    """Rank 0's device peak by category, and the peak bytes it keeps in host memory."""
     tracker = FSDPMemTracker(trainer.model)
     with tracker:
         for step in steps:
@@ -78,8 +81,8 @@ def _tracked_peak(trainer: Trainer, steps: list[int]) -> dict[Any, int]:
                     tracker._update_and_maybe_create_winfos(tensor, _FSDPRefType.OPT)
             trainer.train_step(step)
     snapshot = tracker.get_tracker_snapshot("peak")
-    (device_peak,) = [v for k, v in snapshot.items() if v.get("Total", 0)] or [{"Total": 0}]
-    return device_peak
+    device_peak = snapshot.get(torch.device("cpu"), {"Total": 0})
+    return device_peak, snapshot.get(torch.device("meta"), {}).get("Total", 0)
 
 
 def print_estimate(result: dict[str, Any], as_json: bool) -> None:
@@ -90,6 +93,8 @@ def print_estimate(result: dict[str, Any], as_json: bool) -> None:
           f"{result['peak_gib']:.2f} GiB; budget {result['budget_gib']:.2f} GiB "
           f"({result['gpu_mem_gib']} GiB card - {result['reserve_gib']} GiB reserve): "
           f"{'fits' if result['fits'] else 'does NOT fit'}")
+    if result["host_offload_gib"]:
+        print(f"  offloaded to host memory: {result['host_offload_gib']:.2f} GiB at its peak")
     for name, gib in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
         if gib > 0:
             print(f"  {name:24s} {gib:9.4f} GiB")

@@ -16,15 +16,18 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
 
 def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int,
              device: torch.device) -> torch.Tensor:
-    """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one)."""
+    """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one).
+
+    No attention mask is passed: sequences are right-padded and attention is causal, so no real token ever
+    attends to padding, and padded positions carry no label. Without a mask, SDPA runs its causal
+    flash/memory-efficient kernels instead of materializing seq_len x seq_len scores per head."""
     input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)[:, 1:]
     if chunk_tokens <= 0:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                reduction="sum")
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, :-1]
+    hidden = model.base_model(input_ids=input_ids, use_cache=False)[0][:, :-1]
     return _ChunkedHeadLoss(head, chunk_tokens)(hidden, labels)
 
 

@@ -14,6 +14,7 @@ from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, all_reduce_sum
 from lisa_dist.engines.base import Engine
 from lisa_dist.loss import loss_sum as token_loss_sum
+from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
@@ -69,8 +70,9 @@ class StepRunner:
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         total = 0.0
         for i, batch in enumerate(micro_batches):
-            loss_sum = token_loss_sum(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
-                                      device)
+            with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload):
+                loss_sum = token_loss_sum(self.model, self.engine.parts.head, batch,
+                                          self.config.train.loss_chunk_tokens, device)
             value = item(loss_sum.detach())
             # A fake loss (`lisa-dist estimate`) has no value to check; the collective would also keep
             # the step's activations referenced under the fake process group.

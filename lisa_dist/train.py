@@ -57,7 +57,8 @@ class Trainer:
         self.model.train()
         self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
                                     config.lisa.layer_weights, config.method)
-        self.optimizer = ShardedOptimizer(make_rule(config.optim), self.engine)
+        self.optimizer = ShardedOptimizer(make_rule(config.optim), self.engine,
+                                          host=runtime.host_device if config.optim.offload_state else None)
         self.stepper = self._make_stepper()
         self.skipped_steps = 0
         self.batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size,

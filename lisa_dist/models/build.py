@@ -31,6 +31,16 @@ def _bundled_tokenizer() -> Path:
 
 
 def load_hf_config(c: Config) -> tuple[transformers.PretrainedConfig, Path | None]:
+    hf_config, weights_dir = _load_hf_config(c)
+    if c.model.num_layers is not None:
+        total = num_decoder_layers(hf_config)
+        if c.model.num_layers > total:
+            raise ConfigError(f"model.num_layers={c.model.num_layers} exceeds the model's {total} decoder layers")
+        hf_config.num_hidden_layers = c.model.num_layers
+    return hf_config, weights_dir
+
+
+def _load_hf_config(c: Config) -> tuple[transformers.PretrainedConfig, Path | None]:
     if c.model.path:
         root = Path(c.model.path)
         if not (root / "config.json").is_file():

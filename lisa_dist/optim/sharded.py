@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lisa_dist.offload import to_host
 from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule
 from lisa_dist.optim.shard import ShardInfo
@@ -56,9 +57,11 @@ class UpdateOptions:
 
 
 class ShardedOptimizer:
-    def __init__(self, rule: UpdateRule, access: ShardAccess) -> None:
+    def __init__(self, rule: UpdateRule, access: ShardAccess, host: torch.device | None = None) -> None:
         self.rule = rule
         self.access = access
+        self.host = host
+        """Set: state and masters live on this device and visit the shard's device only for an update."""
         self.slots: dict[str, _Slot] = {}
 
     def set_trainable(self, params: dict[str, nn.Parameter]) -> tuple[list[str], list[str]]:
@@ -81,6 +84,9 @@ class ShardedOptimizer:
         keep_master = not self.rule.fused and shard.dtype != torch.float32
         master = shard.detach().to(torch.float32, copy=True) if keep_master else None
         state = self.rule.init_state(master if master is not None else shard.detach().float(), info)
+        if self.host is not None:
+            master = None if master is None else to_host(master, self.host)
+            state = {key: to_host(t, self.host) for key, t in state.items()}
         return _Slot(param=param, shard=shard, info=info, master=master, state=state)
 
     @property
@@ -138,11 +144,21 @@ class ShardedOptimizer:
         if options.clip_value:
             grad32 = grad32.clamp_(-options.clip_value, options.clip_value)
         slot.step += 1
-        target = slot.master if slot.master is not None else slot.shard.float()
+        master, state = slot.master, slot.state
+        if self.host is not None:  # offloaded: this shard's state comes to the device for its update only
+            device = slot.shard.device
+            master = None if master is None else master.to(device, non_blocking=True)
+            state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
+        target = master if master is not None else slot.shard.float()
         before = target.clone() if guard else None
-        self.rule.update(target, grad32, slot.state, int(item(slot.step)), options.lr, slot.info)
+        self.rule.update(target, grad32, state, int(item(slot.step)), options.lr, slot.info)
         if guard:
             target.copy_(torch.where(finite, target, before))
+        if self.host is not None:
+            for key, t in state.items():
+                slot.state[key].copy_(t)
+            if master is not None:
+                slot.master.copy_(master)
         if target is not slot.shard:
             if options.generator is not None and slot.shard.dtype == torch.bfloat16:
                 slot.shard.copy_(stochastic_round_bf16(target, options.generator))

@@ -21,11 +21,18 @@ def estimate(*args: str, world_size: int = 2, gpu: float = 22.35) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _measured_worker(rank: int, world_size: int, output_dir: str, method: str, optim: str) -> float:
-    config = tiny_config(output_dir, method=method, lisa={"gamma": 2, "interval": 5},
-                         data={"seq_len": 64}, train={"dtype": "bf16", "global_batch_size": 16,
-                                                      "micro_batch_size": 4 if method == "lisa" else 8},
-                         optim={"name": optim, "lr": 1e-3})
+SHALLOW_7B = ["model.path=null", "model.preset=llama2-7b", "model.num_layers=2", "lisa.gamma=1",
+              "train.global_batch_size=2", "train.micro_batch_size=1"]
+"""LLaMA-2-7B's shapes (4096 hidden, 32000 words) with two decoder layers: real runs fit in CPU memory."""
+
+
+def _measured_worker(rank: int, world_size: int, output_dir: str, method: str, optim: str, shallow_7b: bool) -> float:
+    model = {"path": None, "preset": "llama2-7b", "num_layers": 2} if shallow_7b else {}
+    batch = {"global_batch_size": 2, "micro_batch_size": 1} if shallow_7b else {
+        "global_batch_size": 16, "micro_batch_size": 4 if method == "lisa" else 8}
+    config = tiny_config(output_dir, method=method, lisa={"gamma": 1 if shallow_7b else 2, "interval": 5},
+                         data={"seq_len": 64}, train={"dtype": "bf16", **batch},
+                         optim={"name": optim, "lr": 1e-3}, **({"model": model} if shallow_7b else {}))
     trainer = start_trainer(config)
     return max(trainer._measured_step(step)["peak_mem_gib"] for step in ([0, 1, 5] if method == "lisa" else [0, 1]))
 
@@ -35,11 +42,35 @@ def test_estimate_matches_the_measured_peak_of_the_same_run(tmp_path, method, op
     micro = "4" if method == "lisa" else "8"
     result = estimate(*TINY, f"method={method}", f"optim.name={optim}", "optim.lr=1e-3", "train.dtype=bf16",
                       f"train.micro_batch_size={micro}")
-    measured = run_distributed(_measured_worker, 2, output_dir=str(tmp_path), method=method, optim=optim)[0]
+    measured = run_distributed(_measured_worker, 2, output_dir=str(tmp_path), method=method, optim=optim,
+                               shallow_7b=False)[0]
     assert {"peak_gib", "fits", "world_size", "categories"} <= result.keys() and result["world_size"] == 2
     assert result["peak_gib"] == pytest.approx(measured, rel=0.10)
 
 
-def test_estimate_says_when_it_does_not_fit():
-    result = estimate(*TINY, gpu=0.855)  # 0.005 GiB left after the 0.85 GiB reserve
-    assert result["fits"] is False and result["budget_gib"] == pytest.approx(0.005)
+@pytest.mark.slow
+@pytest.mark.parametrize("method, optim", [("lisa", "adamw"), ("full", "lomo")])
+def test_estimate_matches_the_measured_peak_of_a_shallow_7b(tmp_path, method, optim):
+    result = estimate(*TINY, *SHALLOW_7B, f"method={method}", f"optim.name={optim}", "optim.lr=1e-3",
+                      "train.dtype=bf16")
+    measured = run_distributed(_measured_worker, 2, output_dir=str(tmp_path), method=method, optim=optim,
+                               shallow_7b=True)[0]
+    # Measured 2026-11-22: the estimate is 10-12 % below the storage-accounted peak here (docs/estimate.md)
+    assert result["peak_gib"] == pytest.approx(measured, rel=0.15)
+
+
+def test_offload_moves_optimizer_state_and_checkpointed_activations_to_host_memory():
+    # 256 tokens x 4096 x bf16 = 2 MiB per layer input: above the offload threshold
+    common = [*TINY, *SHALLOW_7B, "data.seq_len=256", "model.activation_checkpointing=true", "train.dtype=bf16"]
+    resident = estimate(*common)
+    offloaded = estimate(*common, "optim.offload_state=true")
+    state = resident["categories"]["optimizer_state"]
+    assert state > 0 and resident["host_offload_gib"] == 0
+    assert offloaded["categories"]["optimizer_state"] < 1e-6 * state  # only the step counters stay
+    assert offloaded["host_offload_gib"] == pytest.approx(state, rel=1e-6)
+    assert offloaded["peak_gib"] < resident["peak_gib"]
+    # LOMO peaks in backward, where the checkpointed layer inputs are
+    resident = estimate(*common, "method=full", "optim.name=lomo")
+    offloaded = estimate(*common, "method=full", "optim.name=lomo", "model.activation_offload=true")
+    assert offloaded["categories"]["activations"] < resident["categories"]["activations"]
+    assert offloaded["host_offload_gib"] > 0 and offloaded["peak_gib"] < resident["peak_gib"]

@@ -110,3 +110,29 @@ def test_bf16_accumulated_micro_batches_give_the_whole_batch_gradient(tmp_path):
     whole = run_distributed(_bf16_accumulation_worker, 2, output_dir=str(tmp_path), micro_batch_size=4)[0]
     assert (split["accumulation"], whole["accumulation"]) == (4, 1)
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=2e-3)
+
+
+def _offload_worker(rank: int, world_size: int, output_dir: str, use_offload: bool) -> dict:
+    import lisa_dist.offload as offload
+
+    offload.MIN_OFFLOAD_BYTES = 0  # the tiny model's activations are far below the 1 MiB threshold
+    copies = []
+    original = offload.to_host
+    offload.to_host = lambda t, host, non_blocking=False: copies.append(t.shape) or original(t, host, non_blocking)
+    config = tiny_config(output_dir, max_steps=STEPS, lisa=OVERRIDES["lisa"], train={"dtype": "bf16"},
+                         model={"path": str(TINY_MODEL_DIR), "activation_checkpointing": True,
+                                "activation_offload": use_offload},
+                         optim={**OVERRIDES["optim"], "offload_state": use_offload})
+    trainer = start_trainer(config)
+    records = [trainer.train_step(step) for step in range(STEPS)]
+    return {"weights": full_weights(trainer), "losses": [r["loss"] for r in records], "copies": len(copies)}
+
+
+def test_offloaded_activations_and_optimizer_state_train_bit_for_bit_like_resident_ones(tmp_path):
+    """Offload on a CPU run copies host to host; what it must not change is any number."""
+    plain = run_distributed(_offload_worker, 2, output_dir=str(tmp_path), use_offload=False)[0]
+    offloaded = run_distributed(_offload_worker, 2, output_dir=str(tmp_path), use_offload=True)[0]
+    assert plain["copies"] == 0 and offloaded["copies"] > STEPS * 8  # at least each layer input, each step
+    assert plain["losses"] == offloaded["losses"]
+    for name, weight in plain["weights"].items():
+        assert torch.equal(weight, offloaded["weights"][name]), name

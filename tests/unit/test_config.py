@@ -58,6 +58,8 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("optim.fused_precheck=true", "optim.fused_precheck applies to lomo and adalomo"),
     ("optim.clip_grad_value=-1", "optim.clip_grad_value must be >= 0"),
     ("optim.adalomo_eps=[0.1]", "optim.adalomo_eps must be two positive numbers"),
+    ("model.num_layers=0", "model.num_layers must be >= 1"),
+    ("model.num_layers=2", "model.num_layers shortens a preset or config"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
@@ -91,3 +93,13 @@ def test_world_size_must_divide_the_global_batch(tmp_path):
     check_world_size(c, 3)
     with pytest.raises(ConfigError, match="world size 2"):
         check_world_size(c, 2)
+
+
+def test_num_layers_shortens_a_preset_and_refuses_more_than_it_has(tmp_path):
+    from lisa_dist.models.build import load_hf_config, num_decoder_layers
+
+    base = BASE.replace(f"model: {{path: {TINY_MODEL_DIR}}}", "model: {preset: llama2-7b}")
+    shallow, _ = load_hf_config(load_config(write(tmp_path, base), ["model.num_layers=2"]))
+    assert num_decoder_layers(shallow) == 2 and shallow.hidden_size == 4096
+    with pytest.raises(ConfigError, match="model.num_layers=33 exceeds the model's 32 decoder layers"):
+        load_hf_config(load_config(write(tmp_path, base), ["model.num_layers=33"]))

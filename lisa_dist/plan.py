@@ -1,0 +1,270 @@
+"""`lisa-dist plan`: an analytic per-rank memory and communication model for FSDP2 and ZeRO-3.
+
+Parameter counts come from the real model built on the meta device (any architecture `find_parts`
+supports); activation sizes from its config. The peak is the largest of three moments of a step:
+
+- a decoder layer's backward (the usual peak): resident state, the checkpointed layer inputs, the
+  layer gathered with the next one prefetched, the previous unit's reduce-scatter still in flight, and
+  the layer's weight and activation gradients;
+- the head and loss: the gathered head and the full-vocabulary logits of one chunk;
+- the post-backward update (adamw, sgd): every trainable gradient shard plus one shard's temporaries.
+
+Checked against `lisa-dist estimate` and against measured runs (tests/unit/test_plan.py, docs/plan.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lisa_dist.config import Config, ConfigError
+from lisa_dist.memory import GIB
+
+RESERVE_GIB = 0.85
+
+# Levers in the order `plan` tries them: cheapest in speed first (docs/estimate.md states each cost).
+LEVERS: list[tuple[str, Any, str]] = [
+    ("train.reduce_dtype", "param", "bf16 reduce-scatter: half the gradient traffic, bf16 summation"),
+    ("train.loss_chunk_tokens", 1024, "one more head matmul per chunk in backward"),
+    ("model.activation_checkpointing", True, "about one more forward per step"),
+    ("engine.split_layers", True, "two more all-gathers and reduce-scatters per layer, each smaller"),
+    ("model.activation_offload", True, "two host-device copies of each layer input per step"),
+    ("optim.offload_state", True, "two host-device copies of the active optimizer state per step"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    total: int
+    """All parameters."""
+    layers: list[int]
+    """Parameters of each decoder layer."""
+    largest_block: int
+    """Parameters of the largest child block of a layer (the MLP for LLaMA)."""
+    largest_param: int
+    embeddings: int
+    head: int
+    """0 when tied to the embeddings."""
+    norm: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: Config) -> ModelShape:
+        from lisa_dist.models import build_meta_model, find_parts
+        from lisa_dist.models.build import DTYPES, load_hf_config
+
+        hf_config, _ = load_hf_config(config)
+        model = build_meta_model(hf_config, DTYPES[config.train.dtype], config.model.attn_implementation)
+        parts = find_parts(model)
+
+        def count(modules: list[Any]) -> int:
+            return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+        layers = [count([layer]) for layer in parts.layers]
+        blocks = [count([child]) for layer in parts.layers[:1] for child in layer.children()]
+        hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "n_embd"))
+        intermediate = int(getattr(hf_config, "intermediate_size", 0) or getattr(hf_config, "n_inner", 0)
+                           or 4 * hidden)
+        return cls(total=sum(p.numel() for p in model.parameters()), layers=layers,
+                   largest_block=max(blocks, default=layers[0]),
+                   largest_param=max(p.numel() for p in model.parameters()),
+                   embeddings=count(parts.embeddings),
+                   head=0 if parts.tied_embeddings else count([parts.head]), norm=count([parts.norm]),
+                   hidden=hidden, intermediate=intermediate, vocab=int(hf_config.vocab_size))
+
+    def trainable(self, config: Config) -> int:
+        if config.method == "full":
+            return self.total
+        lisa = config.lisa
+        active = sum(sorted(self.layers, reverse=True)[:lisa.gamma])
+        return (active + self.embeddings * lisa.train_embeddings + self.head * lisa.train_head
+                + self.norm * lisa.train_norm)
+
+
+def _state_bytes_per_param(config: Config) -> float:
+    """Optimizer state plus fp32 master, per trainable parameter (AdaLomo's factored state is negligible)."""
+    low_precision = config.train.dtype != "fp32"
+    name = config.optim.name
+    if name == "adamw":
+        return 8 + 4 * low_precision
+    if name == "sgd":
+        return 4 * (config.optim.momentum > 0) + 4 * low_precision
+    return 0
+
+
+def _zero3_live(config: Config, world_size: int) -> tuple[int, bool]:
+    """DeepSpeed's prefetch bucket (parameters) and whether it offloads parameters to the host."""
+    from lisa_dist.engines.deepspeed_config import load_deepspeed_config
+
+    zero = load_deepspeed_config(config, world_size).get("zero_optimization", {})
+    offload = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
+    return int(zero.get("stage3_prefetch_bucket_size", 50_000_000)), offload
+
+
+def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
+    """Per-rank bytes by category at the peak moment of a step, plus `peak` and `phase`."""
+    c, n = config, world_size
+    p = 2 if c.train.dtype in ("bf16", "fp16") else 4
+    r = 4 if c.train.reduce_dtype == "fp32" else p
+    tokens = c.train.micro_batch_size * c.data.seq_len
+    trainable = shape.trainable(c)
+    layer, block = max(shape.layers), shape.largest_block
+    fused = c.optim.name in ("lomo", "adalomo")
+    accumulation = c.train.global_batch_size // (c.train.micro_batch_size * n)
+    zero3 = c.engine.name == "zero3"
+    prefetch, offload_params = _zero3_live(c, n) if zero3 else (layer, False)
+
+    resident = {
+        "sharded_params": 0.0 if offload_params else shape.total * p / n,
+        "optimizer_state": 0.0 if c.optim.offload_state else trainable * _state_bytes_per_param(c) / n,
+    }
+    # Post-backward optimizers keep gradient shards until the update (plus an fp32 sum when accumulating);
+    # in a layer's backward those of the head and, on average, half of the trainable layers exist.
+    grad_bytes = 0.0 if fused else p / n + (4 / n if accumulation > 1 else 0)
+    head_trainable = (shape.head + shape.norm) if c.method == "full" or c.lisa.train_head else 0
+    mid_backward_grads = (head_trainable + (trainable - head_trainable - shape.embeddings
+                                            * (c.method == "full" or c.lisa.train_embeddings)) / 2) * grad_bytes
+    # Saved for backward per token and layer: with checkpointing the layer input; without, what a LLaMA
+    # layer keeps (norm inputs and fp32 statistics, q/k/v, attention output, four MLP-wide tensors),
+    # fitted to `estimate` at 7B and 70B shapes (docs/plan.md).
+    # A frozen layer's linears keep no inputs (no weight gradient): about 9h + 3I of it.
+    saved_per_token = 12 * shape.hidden + 4 * shape.intermediate
+    if c.method == "lisa":
+        frozen = 1 - c.lisa.gamma / len(shape.layers)
+        saved_per_token -= frozen * (3 * shape.hidden + shape.intermediate)
+    if c.model.activation_checkpointing:
+        saved_per_token = shape.hidden
+    # At the peak, in an early backward layer, about 1.5 layers' saved tensors are already released
+    # without checkpointing (fitted as above); with it, every layer input is still held.
+    held_layers = len(shape.layers) if c.model.activation_checkpointing else max(len(shape.layers) - 1.5, 0.5)
+    checkpoints = 0.0 if c.model.activation_offload else held_layers * tokens * saved_per_token * p
+
+    # A layer's backward: the gathered layer, the next one prefetched (FSDP2 without split: a whole layer;
+    # ZeRO-3: its prefetch bucket), the previous unit's reduce-scatter input, and the weight gradients of
+    # the block being differentiated with the MLP-sized activation gradients around it.
+    split = c.engine.split_layers and not zero3
+    gathered_next = 0 if split else min(prefetch, layer) if c.engine.backward_prefetch or zero3 else 0
+    reducing = 0 if split else (block if zero3 else layer) * r
+    layer_phase = {
+        "sharded_grads": mid_backward_grads, "unsharded_params": layer * p, "all_gather_buffers": gathered_next * p, "reduce_scatter_buffers": reducing,
+        "temporaries": block * p + 4 * tokens * shape.intermediate * p,
+        "activations": checkpoints + (tokens * (shape.hidden + shape.intermediate) * p
+                                      if c.model.activation_checkpointing else 0),
+    }
+    chunk = min(c.train.loss_chunk_tokens or tokens, tokens)
+    head = shape.head or shape.embeddings
+    head_phase = {"unsharded_params": head * p, "reduce_scatter_buffers": head * r,
+                  # logits, their fp32 copy, and the saved fp32 log-softmax (offloaded with the activations)
+                  "temporaries": chunk * shape.vocab * (p + 4 + 4 * (not c.model.activation_offload)),
+                  "activations": checkpoints}
+    largest_shard = shape.largest_param / n
+    update_phase = {"sharded_grads": trainable * grad_bytes, "temporaries": largest_shard * (4 * 3 + (12 if c.optim.offload_state else 0))}
+    phases = {"layer backward": layer_phase, "head and loss": head_phase}
+    if not fused:
+        phases["update"] = update_phase
+    totals = {name: sum(phase.values()) for name, phase in phases.items()}
+    phase = max(totals, key=totals.get)
+    out = {**resident, **phases[phase]}
+    out["peak"] = sum(resident.values()) + totals[phase]
+    out["phase"] = phase
+    out["host"] = ((shape.total * p / n if offload_params else 0)
+                   + (trainable * _state_bytes_per_param(c) / n if c.optim.offload_state else 0)
+                   + (len(shape.layers) * tokens * saved_per_token * p if c.model.activation_offload else 0))
+    return out
+
+
+def plan_communication(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
+    """Bytes each rank sends per optimizer step (ring collectives: (n-1)/n of the full tensor each)."""
+    c, n = config, world_size
+    p = 2 if c.train.dtype in ("bf16", "fp16") else 4
+    r = 4 if c.train.reduce_dtype == "fp32" else p
+    micro_batches = c.train.global_batch_size // (c.train.micro_batch_size * n)
+    ring = (n - 1) / n
+    gathers = 2 if c.engine.reshard_after_forward or c.engine.name == "zero3" else 1  # forward, and backward
+    passes = 2 if c.optim.name in ("lomo", "adalomo") and c.optim.fused_precheck else 1
+    all_gather = ring * shape.total * p * gathers * micro_batches * passes
+    reduce_scatter = ring * shape.trainable(c) * r * micro_batches * passes
+    return {"all_gather": all_gather, "reduce_scatter": reduce_scatter, "total": all_gather + reduce_scatter}
+
+
+def deepspeed_model_states(shape: ModelShape, world_size: int) -> float:
+    """DeepSpeed's `estimate_zero3_model_states_mem_needs_all_live` for full AdamW without offload:
+    the largest layer gathered in fp16 plus 18 bytes per parameter shard (fp16 parameter, fp32
+    gradient, fp32 master, two fp32 moments)."""
+    return 4 * shape.largest_param + 18 * shape.total / world_size
+
+
+def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB,
+             suggest: bool = True) -> dict[str, Any]:
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    shape = ModelShape.of(config)
+    budget = gpu_mem_gib - reserve_gib
+    memory = plan_memory(config, shape, world_size)
+    comm = plan_communication(config, shape, world_size)
+    result: dict[str, Any] = {
+        "engine": config.engine.name, "method": config.method, "optim": config.optim.name,
+        "world_size": world_size, "parameters": shape.total, "trainable": shape.trainable(config),
+        "peak_gib": memory["peak"] / GIB, "fits": memory["peak"] / GIB <= budget, "budget_gib": budget,
+        "gpu_mem_gib": gpu_mem_gib, "reserve_gib": reserve_gib, "peak_phase": memory["phase"],
+        "host_offload_gib": memory["host"] / GIB,
+        "categories": {k: v / GIB for k, v in memory.items() if k not in ("peak", "phase", "host")},
+        "send_gib_per_step": {k: v / GIB for k, v in comm.items()},
+    }
+    if suggest:
+        result["suggestion"] = suggest_levers(config, shape, world_size, budget)
+    return result
+
+
+def suggest_levers(config: Config, shape: ModelShape, world_size: int, budget_gib: float) -> dict[str, Any] | None:
+    """The cheapest set of levers (fewest, then cheapest by LEVERS order) under which the plan fits."""
+    available = [(key, value) for key, value, _ in LEVERS if _get(config, key) != value
+                 and not (key == "engine.split_layers" and config.engine.name == "zero3")]
+    for size in range(len(available) + 1):
+        for combo in itertools.combinations(available, size):
+            candidate = config
+            for key, value in combo:
+                candidate = _set(candidate, key, value)
+            peak = plan_memory(candidate, shape, world_size)["peak"] / GIB
+            if peak <= budget_gib:
+                return {"overrides": [f"{key}={json.dumps(value)}" for key, value in combo], "peak_gib": peak}
+    return None
+
+
+def _get(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _set(config: Config, key: str, value: Any) -> Config:
+    section, name = key.split(".")
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
+
+
+def print_plan(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"{result['method']} + {result['optim']} on {result['engine']}, {result['world_size']} ranks "
+          f"({result['parameters'] / 1e9:.2f} B parameters, {result['trainable'] / 1e9:.2f} B trainable): "
+          f"peak {result['peak_gib']:.2f} GiB per rank in {result['peak_phase']}; budget "
+          f"{result['budget_gib']:.2f} GiB: {'fits' if result['fits'] else 'does NOT fit'}")
+    for name, gib in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
+        if gib > 0:
+            print(f"  {name:24s} {gib:9.3f} GiB")
+    if result["host_offload_gib"]:
+        print(f"  host memory (offloaded)  {result['host_offload_gib']:9.3f} GiB")
+    send = result["send_gib_per_step"]
+    print(f"sends per rank per step: {send['total']:.2f} GiB (all-gather {send['all_gather']:.2f}, "
+          f"reduce-scatter {send['reduce_scatter']:.2f})")
+    suggestion = result.get("suggestion")
+    if not result["fits"]:
+        if suggestion is None:
+            print("no combination of levers fits: add ranks (--world-size) or use a larger card")
+        else:
+            print(f"cheapest settings that fit ({suggestion['peak_gib']:.2f} GiB): {' '.join(suggestion['overrides'])}")
