@@ -97,13 +97,23 @@ def _state_bytes_per_param(config: Config) -> float:
     return 0
 
 
-def _zero3_live(config: Config, world_size: int) -> tuple[int, bool]:
-    """DeepSpeed's prefetch bucket (parameters) and whether it offloads parameters to the host."""
+def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> tuple[int, int, bool]:
+    """Parameters DeepSpeed holds gathered beyond the current layer: (prefetched, kept for reuse), and
+    whether it offloads parameters to the host.
+
+    Backward prefetches up to `stage3_prefetch_bucket_size` parameters ahead; from the second step on,
+    parameters whose next use is within `stage3_max_reuse_distance` stay gathered, up to
+    `stage3_max_live_parameters` (with the defaults, the last layers and head across the
+    forward-backward turn; a small model stays gathered whole). Measured on 2 CPU ranks: docs/plan.md."""
     from lisa_dist.engines.deepspeed_config import load_deepspeed_config
 
     zero = load_deepspeed_config(config, world_size).get("zero_optimization", {})
     offload = (zero.get("offload_param") or {}).get("device", "none") not in ("none", None)
-    return int(zero.get("stage3_prefetch_bucket_size", 50_000_000)), offload
+    rest = total - layer
+    prefetch = min(int(zero.get("stage3_prefetch_bucket_size", 50_000_000)), rest)
+    reuse = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+                int(zero.get("stage3_max_reuse_distance", 1_000_000_000)) // 2, rest)
+    return prefetch, reuse, offload
 
 
 def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
@@ -117,7 +127,7 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     fused = c.optim.name in ("lomo", "adalomo")
     accumulation = c.train.global_batch_size // (c.train.micro_batch_size * n)
     zero3 = c.engine.name == "zero3"
-    prefetch, offload_params = _zero3_live(c, n) if zero3 else (layer, False)
+    prefetch, kept, offload_params = _zero3_gathered(c, n, shape.total, layer) if zero3 else (layer, 0, False)
 
     resident = {
         "sharded_params": 0.0 if offload_params else shape.total * p / n,
@@ -148,10 +158,11 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     # ZeRO-3: its prefetch bucket), the previous unit's reduce-scatter input, and the weight gradients of
     # the block being differentiated with the MLP-sized activation gradients around it.
     split = c.engine.split_layers and not zero3
-    gathered_next = 0 if split else min(prefetch, layer) if c.engine.backward_prefetch or zero3 else 0
+    gathered_next = prefetch if zero3 else 0 if split or not c.engine.backward_prefetch else layer
     reducing = 0 if split else (block if zero3 else layer) * r
     layer_phase = {
-        "sharded_grads": mid_backward_grads, "unsharded_params": layer * p, "all_gather_buffers": gathered_next * p, "reduce_scatter_buffers": reducing,
+        "sharded_grads": mid_backward_grads, "unsharded_params": (layer + kept) * p,
+        "all_gather_buffers": gathered_next * p, "reduce_scatter_buffers": reducing,
         "temporaries": block * p + 4 * tokens * shape.intermediate * p,
         "activations": checkpoints + (tokens * (shape.hidden + shape.intermediate) * p
                                       if c.model.activation_checkpointing else 0),
@@ -190,13 +201,6 @@ def plan_communication(config: Config, shape: ModelShape, world_size: int) -> di
     all_gather = ring * shape.total * p * gathers * micro_batches * passes
     reduce_scatter = ring * shape.trainable(c) * r * micro_batches * passes
     return {"all_gather": all_gather, "reduce_scatter": reduce_scatter, "total": all_gather + reduce_scatter}
-
-
-def deepspeed_model_states(shape: ModelShape, world_size: int) -> float:
-    """DeepSpeed's `estimate_zero3_model_states_mem_needs_all_live` for full AdamW without offload:
-    the largest layer gathered in fp16 plus 18 bytes per parameter shard (fp16 parameter, fp32
-    gradient, fp32 master, two fp32 moments)."""
-    return 4 * shape.largest_param + 18 * shape.total / world_size
 
 
 def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB,
