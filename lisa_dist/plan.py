@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lisa_dist.config import Config, ConfigError
+from lisa_dist.config import Config, ConfigError, check_world_size
 from lisa_dist.memory import GIB
 
 RESERVE_GIB = 0.85
@@ -205,8 +205,12 @@ def plan_communication(config: Config, shape: ModelShape, world_size: int) -> di
 
 def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB,
              suggest: bool = True) -> dict[str, Any]:
+    from lisa_dist.models.build import check_against_model, load_hf_config
+
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    check_world_size(config, world_size)
+    check_against_model(config, load_hf_config(config)[0])
     shape = ModelShape.of(config)
     budget = gpu_mem_gib - reserve_gib
     memory = plan_memory(config, shape, world_size)

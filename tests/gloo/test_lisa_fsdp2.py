@@ -166,3 +166,36 @@ def test_disagreeing_ranks_fail_with_an_error_naming_them(tmp_path):
     for message in messages:
         assert "ranks disagree on the active layers for step 0" in message
         assert "rank 1:" in message and "ranks [1] differ from rank 0" in message
+
+
+def _traffic_worker(rank: int, world_size: int, output_dir: str, method: str, optim: str) -> dict:
+    from lisa_dist.plan import ModelShape, plan_communication
+
+    config = tiny_config(output_dir, method=method, optim={"name": optim, "lr": 1e-3}, train={"micro_batch_size": 4})
+    trainer = start_trainer(config)
+    sent = {"all_gather": 0, "reduce_scatter": 0}
+    originals = {"all_gather": dist.all_gather_single, "reduce_scatter": dist.reduce_scatter_single}
+
+    def counting(kind, original):
+        def call(*args, **kwargs):
+            output = kwargs.get("output", args[0] if args else None)
+            input = kwargs.get("input", args[1] if len(args) > 1 else None)
+            full = output if kind == "all_gather" else input
+            sent[kind] += full.numel() * full.element_size() * (world_size - 1) // world_size
+            return original(*args, **kwargs)
+        return call
+
+    trainer.train_step(0)  # lazy initialization
+    dist.all_gather_single = counting("all_gather", originals["all_gather"])
+    dist.reduce_scatter_single = counting("reduce_scatter", originals["reduce_scatter"])
+    trainer.train_step(1)
+    return {"sent": sent, "planned": plan_communication(config, ModelShape.of(config), world_size)}
+
+
+@pytest.mark.parametrize("method, optim", [("lisa", "adamw"), ("full", "lomo")])
+def test_plan_counts_the_bytes_each_rank_sends(tmp_path, method, optim):
+    result = run_distributed(_traffic_worker, 2, output_dir=str(tmp_path), method=method, optim=optim)[0]
+    sent, planned = result["sent"], result["planned"]
+    assert sent["all_gather"] > 0 and sent["reduce_scatter"] > 0
+    assert sent["all_gather"] == pytest.approx(planned["all_gather"], rel=0.02)
+    assert sent["reduce_scatter"] == pytest.approx(planned["reduce_scatter"], rel=0.02)
