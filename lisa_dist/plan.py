@@ -104,7 +104,8 @@ def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> 
     Backward prefetches up to `stage3_prefetch_bucket_size` parameters ahead; from the second step on,
     parameters whose next use is within `stage3_max_reuse_distance` stay gathered, up to
     `stage3_max_live_parameters` (with the defaults, the last layers and head across the
-    forward-backward turn; a small model stays gathered whole). Measured on 2 CPU ranks: docs/plan.md."""
+    forward-backward turn; a small model stays gathered whole). The two overlap: measured on 2 CPU ranks,
+    the larger of them is what is added (docs/plan.md)."""
     from lisa_dist.engines.deepspeed_config import load_deepspeed_config
 
     zero = load_deepspeed_config(config, world_size).get("zero_optimization", {})
@@ -158,10 +159,13 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     # ZeRO-3: its prefetch bucket), the previous unit's reduce-scatter input, and the weight gradients of
     # the block being differentiated with the MLP-sized activation gradients around it.
     split = c.engine.split_layers and not zero3
-    gathered_next = prefetch if zero3 else 0 if split or not c.engine.backward_prefetch else layer
+    gathered_next = max(prefetch, kept) if zero3 else 0 if split or not c.engine.backward_prefetch else layer
+    # DeepSpeed frees a gathered parameter by swapping `param.data`, so without checkpointing the full
+    # weights a linear saved for backward stay alive until that backward (FSDP2 frees the storage itself).
+    saved_weights = held_layers * layer if zero3 and not c.model.activation_checkpointing else 0
     reducing = 0 if split else (block if zero3 else layer) * r
     layer_phase = {
-        "sharded_grads": mid_backward_grads, "unsharded_params": (layer + kept) * p,
+        "sharded_grads": mid_backward_grads, "unsharded_params": (layer + saved_weights) * p,
         "all_gather_buffers": gathered_next * p, "reduce_scatter_buffers": reducing,
         "temporaries": block * p + 4 * tokens * shape.intermediate * p,
         "activations": checkpoints + (tokens * (shape.hidden + shape.intermediate) * p

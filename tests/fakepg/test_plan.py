@@ -37,25 +37,35 @@ def test_plan_is_within_10_percent_of_estimate(preset, levers):
         assert planned == pytest.approx(estimated, rel=0.10), (method, optim)
 
 
-def _measured_worker(rank: int, world_size: int, output_dir: str, engine: str, method: str, optim: str) -> float:
-    config = tiny_config(output_dir, method=method, engine={"name": engine}, lisa={"gamma": 2, "interval": 5},
-                         model={"path": None, "preset": "small"}, data={"seq_len": 128},
-                         train={"dtype": "bf16", "global_batch_size": 8, "micro_batch_size": 4},
-                         optim={"name": optim, "lr": 1e-3})
+def _small_run(output_dir, engine: str, method: str, optim: str, checkpointing: bool):
+    return tiny_config(output_dir, method=method, engine={"name": engine}, lisa={"gamma": 2, "interval": 5},
+                       model={"path": None, "preset": "small", "activation_checkpointing": checkpointing},
+                       data={"seq_len": 128}, train={"dtype": "bf16", "global_batch_size": 8, "micro_batch_size": 4},
+                       optim={"name": optim, "lr": 1e-3})
+
+
+def _measured_worker(rank: int, world_size: int, output_dir: str, engine: str, method: str, optim: str,
+                     checkpointing: bool) -> float:
+    config = _small_run(output_dir, engine, method, optim, checkpointing)
     trainer = start_trainer(config)
     # ZeRO-3 keeps parameters gathered for reuse from its second step on (its trace is recorded in the first)
     return max(trainer._measured_step(step)["peak_mem_gib"] for step in range(3))
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+_ZERO3_CHECKPOINTING_GAP = pytest.mark.xfail(
+    strict=True, reason="known gap (docs/plan.md): with checkpointing, DeepSpeed on 2 CPU ranks peaks about "
+                        "72 MiB (27-36 %) above the plan at 512 tokens per micro-batch; not yet explained")
+
+
+@pytest.mark.parametrize("engine, checkpointing", [
+    ("fsdp2", False), ("fsdp2", True), ("zero3", False),
+    pytest.param("zero3", True, marks=_ZERO3_CHECKPOINTING_GAP)])
 @pytest.mark.parametrize("method, optim", [("lisa", "adamw"), ("full", "lomo")])
-def test_plan_is_within_10_percent_of_a_measured_run(tmp_path, engine, method, optim):
+def test_plan_is_within_10_percent_of_a_measured_run(tmp_path, engine, method, optim, checkpointing):
+    """Preset `small` on 2 CPU ranks, storage-accounted; ZeRO-3 with DeepSpeed's default settings."""
     measured = run_distributed(_measured_worker, 2, output_dir=str(tmp_path), engine=engine, method=method,
-                               optim=optim)[0]
-    config = tiny_config(tmp_path, method=method, engine={"name": engine}, lisa={"gamma": 2, "interval": 5},
-                         model={"path": None, "preset": "small"}, data={"seq_len": 128},
-                         train={"dtype": "bf16", "global_batch_size": 8, "micro_batch_size": 4},
-                         optim={"name": optim, "lr": 1e-3})
+                               optim=optim, checkpointing=checkpointing)[0]
+    config = _small_run(tmp_path, engine, method, optim, checkpointing)
     planned = run_plan(config, world_size=2, gpu_mem_gib=80, suggest=False)["peak_gib"]
     assert planned == pytest.approx(measured, rel=0.10)
 

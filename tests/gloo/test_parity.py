@@ -112,7 +112,7 @@ def test_bf16_accumulated_micro_batches_give_the_whole_batch_gradient(tmp_path):
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=2e-3)
 
 
-def _offload_worker(rank: int, world_size: int, output_dir: str, use_offload: bool) -> dict:
+def _offload_worker(rank: int, world_size: int, output_dir: str, use_offload: bool, engine: str) -> dict:
     import lisa_dist.offload as offload
 
     offload.MIN_OFFLOAD_BYTES = 0  # the tiny model's activations are far below the 1 MiB threshold
@@ -120,18 +120,21 @@ def _offload_worker(rank: int, world_size: int, output_dir: str, use_offload: bo
     original = offload.to_host
     offload.to_host = lambda t, host, non_blocking=False: copies.append(t.shape) or original(t, host, non_blocking)
     config = tiny_config(output_dir, max_steps=STEPS, lisa=OVERRIDES["lisa"], train={"dtype": "bf16"},
+                         engine={"name": engine},
                          model={"path": str(TINY_MODEL_DIR), "activation_checkpointing": True,
                                 "activation_offload": use_offload},
                          optim={**OVERRIDES["optim"], "offload_state": use_offload})
     trainer = start_trainer(config)
     records = [trainer.train_step(step) for step in range(STEPS)]
-    return {"weights": full_weights(trainer), "losses": [r["loss"] for r in records], "copies": len(copies)}
+    weights = full_weights(trainer) if engine == "fsdp2" else trainer.engine.full_state_dict()
+    return {"weights": weights, "losses": [r["loss"] for r in records], "copies": len(copies)}
 
 
-def test_offloaded_activations_and_optimizer_state_train_bit_for_bit_like_resident_ones(tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_offloaded_activations_and_optimizer_state_train_bit_for_bit_like_resident_ones(tmp_path, engine):
     """Offload on a CPU run copies host to host; what it must not change is any number."""
-    plain = run_distributed(_offload_worker, 2, output_dir=str(tmp_path), use_offload=False)[0]
-    offloaded = run_distributed(_offload_worker, 2, output_dir=str(tmp_path), use_offload=True)[0]
+    plain = run_distributed(_offload_worker, 2, output_dir=str(tmp_path), use_offload=False, engine=engine)[0]
+    offloaded = run_distributed(_offload_worker, 2, output_dir=str(tmp_path), use_offload=True, engine=engine)[0]
     assert plain["copies"] == 0 and offloaded["copies"] > STEPS * 8  # at least each layer input, each step
     assert plain["losses"] == offloaded["losses"]
     for name, weight in plain["weights"].items():
