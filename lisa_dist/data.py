@@ -55,6 +55,14 @@ class SequenceSet:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def repeated_to(self, num_sequences: int) -> SequenceSet:
+        """At least `num_sequences` rows, repeating the set (for shape-only uses such as `estimate`)."""
+        if len(self) >= num_sequences:
+            return self
+        times = -(-num_sequences // len(self))
+        return SequenceSet(input_ids=self.input_ids.repeat(times, 1), labels=self.labels.repeat(times, 1),
+                           attention_mask=self.attention_mask.repeat(times, 1), num_dropped=self.num_dropped)
+
 
 def format_alpaca_prompt(instruction: str, input_text: str) -> str:
     if input_text:

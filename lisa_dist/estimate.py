@@ -46,7 +46,7 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
     if config.engine.name != "fsdp2":
         raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
     config = dataclasses.replace(config, progress_bar=False)
-    source, sequences = prepare(config, world_size, check_output=False)
+    source, sequences = prepare(config, world_size, check_output=False, shapes_only=True)
     source = dataclasses.replace(source, weights_dir=None)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:

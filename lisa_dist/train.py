@@ -26,8 +26,12 @@ from lisa_dist.scalars import item, real_tensors
 from lisa_dist.steps import FusedStep, PostBackwardStep
 
 
-def prepare(config: Config, world_size: int, check_output: bool = True) -> tuple[ModelSource, SequenceSet]:
-    """Everything that can fail on user input, done before a process group exists."""
+def prepare(config: Config, world_size: int, check_output: bool = True,
+            shapes_only: bool = False) -> tuple[ModelSource, SequenceSet]:
+    """Everything that can fail on user input, done before a process group exists.
+
+    `shapes_only` (`estimate`): the data only has to give sequences of the right length, so a dataset
+    smaller than one global batch is repeated instead of refused."""
     check_world_size(config, world_size)
     engine_class(config.engine.name).check_config(config, world_size)
     source = resolve_model_source(config)
@@ -39,6 +43,8 @@ def prepare(config: Config, world_size: int, check_output: bool = True) -> tuple
     examples = load_examples(config.data.path, tokenizer, config.data.format)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = build_sequences(examples, config.data.seq_len, pad_id, config.data.pack)
+    if shapes_only:
+        sequences = sequences.repeated_to(config.train.global_batch_size)
     GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size, 0, world_size, config.seed)
     if check_output:
         check_output_dir(config)

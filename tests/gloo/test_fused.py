@@ -240,7 +240,7 @@ def test_lisa_lomo_accumulates_active_gradients_and_equals_lisa_sgd(tmp_path):
 
 
 PAIRS = [(method, optim) for method in ("full", "lisa") for optim in ("adamw", "sgd", "lomo", "adalomo")]
-LR = {"adamw": 3e-3, "sgd": 0.3, "lomo": 0.3, "adalomo": 0.05}
+LR = {"adamw": 3e-3, "sgd": 0.15, "lomo": 0.15, "adalomo": 0.05}
 
 
 def _every_pair_worker(rank: int, world_size: int, output_dir: str) -> dict:

@@ -236,3 +236,15 @@ def test_state_dict_round_trip_and_mismatch(sequences):
     smaller = SequenceSet(sequences.input_ids[:40], sequences.labels[:40], sequences.attention_mask[:40], 0)
     with pytest.raises(ValueError, match="num_sequences: checkpoint 50 vs now 40"):
         GlobalBatches(smaller, 8, 2, rank=0, world_size=2, seed=1).load_state_dict(batches.state_dict())
+
+
+def test_repeated_to_fills_a_global_batch_for_shape_only_uses():
+    import torch
+
+    from lisa_dist.data import SequenceSet
+
+    rows = torch.arange(6).reshape(3, 2)
+    small = SequenceSet(input_ids=rows, labels=rows + 10, attention_mask=torch.ones_like(rows), num_dropped=1)
+    assert small.repeated_to(2) is small
+    filled = small.repeated_to(7)
+    assert len(filled) == 9 and torch.equal(filled.input_ids[3:6], rows) and torch.equal(filled.labels[6:], rows + 10)
