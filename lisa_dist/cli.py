@@ -18,27 +18,27 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run configuration")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. lisa.gamma=4")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    estimate = commands.add_parser("estimate", help="run the real FSDP2 step on fake tensors at full scale: "
-                                   "peak memory per rank, and whether it fits")
-    estimate.add_argument("config")
-    estimate.add_argument("overrides", nargs="*")
-    estimate.add_argument("--world-size", type=int, required=True, help="number of ranks to simulate")
-    estimate.add_argument("--gpu-mem-gib", type=float, default=22.35, help="card memory (24 GB = 22.35 GiB)")
-    estimate.add_argument("--reserve-gib", type=float, default=0.85,
-                          help="left for the CUDA context and fragmentation")
-    estimate.add_argument("--json", action="store_true", help="print one JSON object")
-    plan = commands.add_parser("plan", help="analytic per-rank memory and traffic for fsdp2 or zero3, and the "
-                               "cheapest settings that fit")
-    plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--world-size", type=int, required=True, help="number of ranks")
-    plan.add_argument("--gpu-mem-gib", type=float, default=22.35, help="card memory (24 GB = 22.35 GiB)")
-    plan.add_argument("--reserve-gib", type=float, default=0.85, help="left for the CUDA context and fragmentation")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    _sizing_command(commands, "estimate", "run the real FSDP2 step on fake tensors at full scale: peak memory "
+                    "per rank, and whether it fits")
+    _sizing_command(commands, "plan", "analytic per-rank memory and traffic for fsdp2 or zero3, and the cheapest "
+                    "settings that fit")
     export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")
     return parser
+
+
+def _sizing_command(commands: argparse._SubParsersAction, name: str, help: str) -> None:
+    from lisa_dist.memory import CARD_24GB_GIB, RESERVE_GIB
+
+    command = commands.add_parser(name, help=help)
+    command.add_argument("config")
+    command.add_argument("overrides", nargs="*")
+    command.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    command.add_argument("--gpu-mem-gib", type=float, default=CARD_24GB_GIB, help="card memory (24 GB = 22.35 GiB)")
+    command.add_argument("--reserve-gib", type=float, default=RESERVE_GIB,
+                         help="left for the CUDA context and fragmentation")
+    command.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _exit_now(code: int) -> None:

@@ -22,11 +22,9 @@ from lisa_dist.config import Config, ConfigError
 from lisa_dist.distributed import Runtime
 from lisa_dist.engines.base import create_engine
 from lisa_dist.env import LaunchEnv
-from lisa_dist.memory import GIB
+from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.train import Trainer, prepare
 
-RESERVE_GIB = 0.85
-"""CUDA context and allocator fragmentation: a 24 GB card (22.35 GiB) leaves 21.5 GiB for tensors."""
 
 CATEGORIES = {
     _FSDPRefType.SHARDED_PARAM: "sharded_params", _FSDPRefType.UNSHARDED_PARAM: "unsharded_params",
@@ -95,6 +93,4 @@ def print_estimate(result: dict[str, Any], as_json: bool) -> None:
           f"{'fits' if result['fits'] else 'does NOT fit'}")
     if result["host_offload_gib"]:
         print(f"  offloaded to host memory: {result['host_offload_gib']:.2f} GiB at its peak")
-    for name, gib in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
-        if gib > 0:
-            print(f"  {name:24s} {gib:9.4f} GiB")
+    print_categories(result["categories"])

@@ -12,6 +12,17 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 GIB = float(1 << 30)
+CARD_24GB_GIB = 22.35
+"""A 24 GB card, in GiB."""
+RESERVE_GIB = 0.85
+"""Left on a card for the CUDA context and allocator fragmentation: 24 GB leaves 21.5 GiB for tensors."""
+
+
+def print_categories(categories: dict[str, float]) -> None:
+    """GiB by category, largest first, for `estimate` and `plan`."""
+    for name, gib in sorted(categories.items(), key=lambda kv: -kv[1]):
+        if gib > 0:
+            print(f"  {name:24s} {gib:9.3f} GiB")
 
 
 def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lisa_dist.config import Config, ConfigError, check_world_size
-from lisa_dist.memory import GIB
+from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 
-RESERVE_GIB = 0.85
 
 # Levers in the order `plan` tries them: cheapest in speed first (docs/estimate.md states each cost).
 LEVERS: list[tuple[str, Any, str]] = [
@@ -117,80 +116,81 @@ def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> 
     return prefetch, reuse, offload
 
 
+def _saved_activations(c: Config, shape: ModelShape, tokens: int, p: int) -> tuple[float, float]:
+    """(bytes of saved activations per layer, layers whose saved activations are held at the peak)."""
+    # Without checkpointing, what a LLaMA layer keeps per token: norm inputs and fp32 statistics, q/k/v,
+    # the attention output, four MLP-wide tensors; a frozen LISA layer's linears keep no inputs (no
+    # weight gradient), about 3h + I less. Fitted to `estimate` at 7B, 13B and 70B shapes (docs/plan.md).
+    per_token = 12 * shape.hidden + 4 * shape.intermediate
+    if c.method == "lisa":
+        per_token -= (1 - c.lisa.gamma / len(shape.layers)) * (3 * shape.hidden + shape.intermediate)
+    if c.model.activation_checkpointing:  # only the layer input, and every one of them is still held
+        return tokens * shape.hidden * p, len(shape.layers)
+    # at the peak, in an early backward layer, about 1.5 layers' saved tensors are already released
+    return tokens * per_token * p, max(len(shape.layers) - 1.5, 0.5)
+
+
+def _gradient_bytes(c: Config, shape: ModelShape, n: int, p: int) -> tuple[float, float]:
+    """(all gradient shards, those alive in a layer's backward) for post-backward optimizers.
+
+    They are kept until the update (plus an fp32 sum when accumulating); in a layer's backward those of
+    the head and, on average, half of the trainable layers exist."""
+    if c.optim.name in ("lomo", "adalomo"):
+        return 0.0, 0.0
+    accumulation = c.train.global_batch_size // (c.train.micro_batch_size * n)
+    per_param = p / n + (4 / n if accumulation > 1 else 0)
+    trainable = shape.trainable(c)
+    full = c.method == "full"
+    head = (shape.head + shape.norm) if full or c.lisa.train_head else 0
+    embeddings = shape.embeddings if full or c.lisa.train_embeddings else 0
+    return trainable * per_param, (head + (trainable - head - embeddings) / 2) * per_param
+
+
 def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
-    """Per-rank bytes by category at the peak moment of a step, plus `peak` and `phase`."""
+    """Per-rank bytes by category at the peak moment of a step, plus `peak`, `phase` and `host`."""
     c, n = config, world_size
     p = 2 if c.train.dtype in ("bf16", "fp16") else 4
     r = 4 if c.train.reduce_dtype == "fp32" else p
     tokens = c.train.micro_batch_size * c.data.seq_len
-    trainable = shape.trainable(c)
+    state_bytes = shape.trainable(c) * _state_bytes_per_param(c) / n
     layer, block = max(shape.layers), shape.largest_block
-    fused = c.optim.name in ("lomo", "adalomo")
-    accumulation = c.train.global_batch_size // (c.train.micro_batch_size * n)
     zero3 = c.engine.name == "zero3"
     prefetch, kept, offload_params = _zero3_gathered(c, n, shape.total, layer) if zero3 else (layer, 0, False)
-
-    resident = {
-        "sharded_params": 0.0 if offload_params else shape.total * p / n,
-        "optimizer_state": 0.0 if c.optim.offload_state else trainable * _state_bytes_per_param(c) / n,
-    }
-    # Post-backward optimizers keep gradient shards until the update (plus an fp32 sum when accumulating);
-    # in a layer's backward those of the head and, on average, half of the trainable layers exist.
-    grad_bytes = 0.0 if fused else p / n + (4 / n if accumulation > 1 else 0)
-    head_trainable = (shape.head + shape.norm) if c.method == "full" or c.lisa.train_head else 0
-    mid_backward_grads = (head_trainable + (trainable - head_trainable - shape.embeddings
-                                            * (c.method == "full" or c.lisa.train_embeddings)) / 2) * grad_bytes
-    # Saved for backward per token and layer: with checkpointing the layer input; without, what a LLaMA
-    # layer keeps (norm inputs and fp32 statistics, q/k/v, attention output, four MLP-wide tensors),
-    # fitted to `estimate` at 7B and 70B shapes (docs/plan.md).
-    # A frozen layer's linears keep no inputs (no weight gradient): about 9h + 3I of it.
-    saved_per_token = 12 * shape.hidden + 4 * shape.intermediate
-    if c.method == "lisa":
-        frozen = 1 - c.lisa.gamma / len(shape.layers)
-        saved_per_token -= frozen * (3 * shape.hidden + shape.intermediate)
-    if c.model.activation_checkpointing:
-        saved_per_token = shape.hidden
-    # At the peak, in an early backward layer, about 1.5 layers' saved tensors are already released
-    # without checkpointing (fitted as above); with it, every layer input is still held.
-    held_layers = len(shape.layers) if c.model.activation_checkpointing else max(len(shape.layers) - 1.5, 0.5)
-    checkpoints = 0.0 if c.model.activation_offload else held_layers * tokens * saved_per_token * p
+    per_layer, held_layers = _saved_activations(c, shape, tokens, p)
+    checkpoints = 0.0 if c.model.activation_offload else held_layers * per_layer
+    all_grads, mid_backward_grads = _gradient_bytes(c, shape, n, p)
+    resident = {"sharded_params": 0.0 if offload_params else shape.total * p / n,
+                "optimizer_state": 0.0 if c.optim.offload_state else state_bytes}
 
     # A layer's backward: the gathered layer, the next one prefetched (FSDP2 without split: a whole layer;
-    # ZeRO-3: its prefetch bucket), the previous unit's reduce-scatter input, and the weight gradients of
-    # the block being differentiated with the MLP-sized activation gradients around it.
+    # ZeRO-3: its prefetch bucket or what it keeps for reuse), the previous unit's reduce-scatter input,
+    # and the weight gradients of the block being differentiated with the MLP-wide activation gradients.
     split = c.engine.split_layers and not zero3
     gathered_next = max(prefetch, kept) if zero3 else 0 if split or not c.engine.backward_prefetch else layer
-    # DeepSpeed frees a gathered parameter by swapping `param.data`, so without checkpointing the full
-    # weights a linear saved for backward stay alive until that backward (FSDP2 frees the storage itself).
+    # DeepSpeed frees a gathered parameter by replacing `param.data`; without checkpointing the full
+    # weights each linear saved for backward stay alive until that backward (FSDP2 frees the storage).
     saved_weights = held_layers * layer if zero3 and not c.model.activation_checkpointing else 0
-    reducing = 0 if split else (block if zero3 else layer) * r
-    layer_phase = {
+    recomputed = tokens * (shape.hidden + shape.intermediate) * p if c.model.activation_checkpointing else 0
+    phases = {"layer backward": {
         "sharded_grads": mid_backward_grads, "unsharded_params": (layer + saved_weights) * p,
-        "all_gather_buffers": gathered_next * p, "reduce_scatter_buffers": reducing,
-        "temporaries": block * p + 4 * tokens * shape.intermediate * p,
-        "activations": checkpoints + (tokens * (shape.hidden + shape.intermediate) * p
-                                      if c.model.activation_checkpointing else 0),
-    }
+        "all_gather_buffers": gathered_next * p,
+        "reduce_scatter_buffers": 0 if split else (block if zero3 else layer) * r,
+        "temporaries": block * p + 4 * tokens * shape.intermediate * p, "activations": checkpoints + recomputed}}
+    # The head and loss: logits, their fp32 copy and the saved fp32 log-softmax (offloaded with activations).
     chunk = min(c.train.loss_chunk_tokens or tokens, tokens)
     head = shape.head or shape.embeddings
-    head_phase = {"unsharded_params": head * p, "reduce_scatter_buffers": head * r,
-                  # logits, their fp32 copy, and the saved fp32 log-softmax (offloaded with the activations)
-                  "temporaries": chunk * shape.vocab * (p + 4 + 4 * (not c.model.activation_offload)),
-                  "activations": checkpoints}
-    largest_shard = shape.largest_param / n
-    update_phase = {"sharded_grads": trainable * grad_bytes, "temporaries": largest_shard * (4 * 3 + (12 if c.optim.offload_state else 0))}
-    phases = {"layer backward": layer_phase, "head and loss": head_phase}
-    if not fused:
-        phases["update"] = update_phase
-    totals = {name: sum(phase.values()) for name, phase in phases.items()}
+    phases["head and loss"] = {
+        "unsharded_params": head * p, "reduce_scatter_buffers": head * r, "activations": checkpoints,
+        "temporaries": chunk * shape.vocab * (p + 4 + 4 * (not c.model.activation_offload))}
+    if all_grads:  # the post-backward update: fp32 gradient and rule temporaries of the largest shard
+        staged = 12 if c.optim.offload_state else 0  # its state brought from the host
+        phases["update"] = {"sharded_grads": all_grads, "temporaries": shape.largest_param / n * (12 + staged)}
+    totals = {name: sum(terms.values()) for name, terms in phases.items()}
     phase = max(totals, key=totals.get)
-    out = {**resident, **phases[phase]}
-    out["peak"] = sum(resident.values()) + totals[phase]
-    out["phase"] = phase
-    out["host"] = ((shape.total * p / n if offload_params else 0)
-                   + (trainable * _state_bytes_per_param(c) / n if c.optim.offload_state else 0)
-                   + (len(shape.layers) * tokens * saved_per_token * p if c.model.activation_offload else 0))
-    return out
+    host = ((shape.total * p / n if offload_params else 0) + (state_bytes if c.optim.offload_state else 0)
+            + (len(shape.layers) * per_layer if c.model.activation_offload else 0))
+    return {**resident, **phases[phase], "peak": sum(resident.values()) + totals[phase], "phase": phase,
+            "host": host}
 
 
 def plan_communication(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
@@ -266,9 +266,7 @@ def print_plan(result: dict[str, Any], as_json: bool) -> None:
           f"({result['parameters'] / 1e9:.2f} B parameters, {result['trainable'] / 1e9:.2f} B trainable): "
           f"peak {result['peak_gib']:.2f} GiB per rank in {result['peak_phase']}; budget "
           f"{result['budget_gib']:.2f} GiB: {'fits' if result['fits'] else 'does NOT fit'}")
-    for name, gib in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
-        if gib > 0:
-            print(f"  {name:24s} {gib:9.3f} GiB")
+    print_categories(result["categories"])
     if result["host_offload_gib"]:
         print(f"  host memory (offloaded)  {result['host_offload_gib']:9.3f} GiB")
     send = result["send_gib_per_step"]
