@@ -1,5 +1,5 @@
 """`lisa-dist train CONFIG.yaml [key=value ...]`, `lisa-dist estimate|plan CONFIG.yaml [key=value ...]
---world-size N` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
+--world-size N`, `lisa-dist report OUTPUT_DIR` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
                     "per rank, and whether it fits")
     _sizing_command(commands, "plan", "analytic per-rank memory and traffic for fsdp2 or zero3, and the cheapest "
                     "settings that fit")
+    report = commands.add_parser("report", help="PNG plots of a run: loss, throughput, per-rank peak memory, "
+                                 "the trained layers per step")
+    report.add_argument("output_dir", help="a run's output_dir (holds metrics.jsonl)")
+    report.add_argument("--out", default=None, help="where the PNGs go (default: OUTPUT_DIR/report)")
     export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")
@@ -67,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from lisa_dist.distributed import RankDisagreementError
     from lisa_dist.optim.precision import LossScaleError
 
-    user_errors = (ConfigError, DataError, CheckpointError, UnsupportedModelError, WeightsError)
+    from lisa_dist.report import ReportError
+
+    user_errors = (ConfigError, DataError, CheckpointError, UnsupportedModelError, WeightsError, ReportError)
     run_errors = (RankDisagreementError, LossScaleError)
     try:
         if args.command == "train":
@@ -90,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(args.config, args.overrides)
             print_plan(run_plan(config, args.world_size, args.gpu_mem_gib, args.reserve_gib), as_json=args.json)
+        elif args.command == "report":
+            from lisa_dist.report import write_report
+
+            for path in write_report(Path(args.output_dir), Path(args.out) if args.out else None):
+                print(path)
         elif args.command == "export":
             from lisa_dist.checkpoint import export_checkpoint
 

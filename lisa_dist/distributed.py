@@ -85,6 +85,14 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return items(t)
 
 
+def all_gather_float(value: float, device: torch.device) -> list[float]:
+    """Every rank's `value`, in rank order."""
+    t = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    t[dist.get_rank()] = value
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return items(t)
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)

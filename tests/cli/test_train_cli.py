@@ -61,7 +61,18 @@ def test_metrics_have_one_record_per_step_with_the_contract_fields(run):
         assert {"step", "loss", "lr", "active_layers", "tokens_per_s", "peak_mem_gib", "optim_state_gib"} <= r.keys()
         assert len(r["active_layers"]) == 2 and r["active_layers"] == sorted(r["active_layers"])
         assert 0 < r["optim_state_gib"] < r["peak_mem_gib"]
+        assert len(r["peak_mem_gib_per_rank"]) == 2 and max(r["peak_mem_gib_per_rank"]) == r["peak_mem_gib"]
+        assert min(r["peak_mem_gib_per_rank"]) > 0
     assert records[0]["active_layers"] == records[1]["active_layers"]
+
+
+def test_report_plots_the_run(run, tmp_path):
+    result = lisa_dist("report", str(run), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {"loss.png", "throughput.png", "memory.png", "layers.png"}
+    assert {Path(line).name for line in result.stdout.split()} == names
+    for name in names:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_step_checkpoints_are_complete_and_final_loads_in_transformers(run):

@@ -1,0 +1,52 @@
+"""`lisa-dist report`: the layer heatmap's data, the layer count, and clear errors on bad run directories."""
+
+import json
+
+import pytest
+
+from lisa_dist.report import ReportError, active_matrix, load_metrics, num_layers, write_report
+
+
+def _write_run(run, records, layers=None):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if layers is not None:
+        (run / "final").mkdir()
+        (run / "final" / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+
+
+def _record(step, active):
+    return {"step": step, "loss": 5.0 - 0.1 * step, "tokens_per_s": 100.0, "peak_mem_gib": 0.2,
+            "peak_mem_gib_per_rank": [0.2, 0.19], "optim_state_gib": 0.01, "active_layers": active}
+
+
+def test_active_matrix_marks_the_trained_layers_of_each_step():
+    records = [_record(1, [0, 3]), _record(2, [0, 3]), _record(3, [1, 2])]
+    assert active_matrix(records, 5) == [[1, 1, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]]
+
+
+def test_layer_count_comes_from_the_exported_model_else_from_the_schedule(tmp_path):
+    records = [_record(1, [0, 3])]
+    _write_run(tmp_path / "with_final", records, layers=8)
+    _write_run(tmp_path / "without", records)
+    assert num_layers(tmp_path / "with_final", records) == 8
+    assert num_layers(tmp_path / "without", records) == 4
+
+
+def test_report_writes_four_pngs(tmp_path):
+    _write_run(tmp_path / "run", [_record(s, [s % 4, 4 + s % 4]) for s in range(1, 9)], layers=8)
+    written = write_report(tmp_path / "run")
+    assert sorted(p.name for p in written) == ["layers.png", "loss.png", "memory.png", "throughput.png"]
+    assert all(p.parent == tmp_path / "run" / "report" and p.stat().st_size > 1000 for p in written)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "has no metrics.jsonl"),
+    ("", "holds no steps yet"),
+    ('{"step": 1}\n{not json\n', "metrics.jsonl:2: not JSON"),
+])
+def test_bad_run_directories_are_clear_errors(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "metrics.jsonl").write_text(content)
+    with pytest.raises(ReportError, match=message):
+        load_metrics(tmp_path)
