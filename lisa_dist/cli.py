@@ -86,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "estimate":
             from lisa_dist.estimate import print_estimate, run_estimate
 
-            if args.world_size < 1:
-                raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
             config = load_config(args.config, args.overrides)
             result = run_estimate(config, args.world_size, args.gpu_mem_gib, args.reserve_gib)
             print_estimate(result, as_json=args.json)

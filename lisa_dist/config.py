@@ -351,6 +351,7 @@ def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
 
 
 def check_world_size(c: Config, world_size: int) -> None:
+    _at_least("world size", world_size, 1)
     per_step = c.train.micro_batch_size * world_size
     _require(c.train.global_batch_size % per_step == 0,
              f"train.global_batch_size={c.train.global_batch_size} is not divisible by "

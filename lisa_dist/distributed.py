@@ -79,18 +79,13 @@ def verify_same_across_ranks(what: str, value: Any) -> None:
             f" (ranks {differing} differ from rank 0)")
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return items(t)
-
-
-def all_gather_float(value: float, device: torch.device) -> list[float]:
-    """Every rank's `value`, in rank order."""
-    t = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
-    t[dist.get_rank()] = value
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return items(t)
+def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's `values`, in rank order (one summed vector with each rank's slot filled)."""
+    world_size, rank, width = dist.get_world_size(), dist.get_rank(), len(values)
+    slots = [0.0] * (world_size * width)
+    slots[rank * width:(rank + 1) * width] = values
+    summed = all_reduce_sum(slots, device)
+    return [summed[r * width:(r + 1) * width] for r in range(world_size)]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -9,7 +9,7 @@ supports); activation sizes from its config. The peak is the largest of three mo
 - the head and loss: the gathered head and the full-vocabulary logits of one chunk;
 - the post-backward update (adamw, sgd): every trainable gradient shard plus one shard's temporaries.
 
-Checked against `lisa-dist estimate` and against measured runs (tests/unit/test_plan.py, docs/plan.md).
+Checked against `lisa-dist estimate` and against measured runs (tests/fakepg/test_plan.py, docs/plan.md).
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lisa_dist.config import Config, ConfigError, check_world_size
+from lisa_dist.config import Config, check_world_size
 from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 
 
-# Levers in the order `plan` tries them: cheapest in speed first (docs/estimate.md states each cost).
-LEVERS: list[tuple[str, Any, str]] = [
-    ("train.reduce_dtype", "param", "bf16 reduce-scatter: half the gradient traffic, bf16 summation"),
-    ("train.loss_chunk_tokens", 1024, "one more head matmul per chunk in backward"),
-    ("model.activation_checkpointing", True, "about one more forward per step"),
-    ("engine.split_layers", True, "two more all-gathers and reduce-scatters per layer, each smaller"),
-    ("model.activation_offload", True, "two host-device copies of each layer input per step"),
-    ("optim.offload_state", True, "two host-device copies of the active optimizer state per step"),
+# Levers in the order `plan` tries them: cheapest in speed first (docs/estimate.md measures each cost).
+LEVERS: list[tuple[str, Any]] = [
+    ("train.reduce_dtype", "param"),  # half the gradient traffic, bf16 summation
+    ("train.loss_chunk_tokens", 1024),  # one more head matmul per chunk in backward
+    ("model.activation_checkpointing", True),  # about one more forward per step
+    ("engine.split_layers", True),  # more, smaller all-gathers and reduce-scatters per layer
+    ("model.activation_offload", True),  # two host-device copies of each layer input per step
+    ("optim.offload_state", True),  # two host-device copies of the active optimizer state per step
 ]
 
 
@@ -53,11 +53,12 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def of(cls, config: Config) -> ModelShape:
+    def of(cls, config: Config, hf_config: Any = None) -> ModelShape:
+        """Counts from the model built on the meta device; `hf_config` when the caller already loaded it."""
         from lisa_dist.models import build_meta_model, find_parts
         from lisa_dist.models.build import DTYPES, load_hf_config
 
-        hf_config, _ = load_hf_config(config)
+        hf_config = hf_config or load_hf_config(config)[0]
         model = build_meta_model(hf_config, DTYPES[config.train.dtype], config.model.attn_implementation)
         parts = find_parts(model)
 
@@ -211,11 +212,10 @@ def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: f
              suggest: bool = True) -> dict[str, Any]:
     from lisa_dist.models.build import check_against_model, load_hf_config
 
-    if world_size < 1:
-        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
     check_world_size(config, world_size)
-    check_against_model(config, load_hf_config(config)[0])
-    shape = ModelShape.of(config)
+    hf_config = load_hf_config(config)[0]
+    check_against_model(config, hf_config)
+    shape = ModelShape.of(config, hf_config)
     budget = gpu_mem_gib - reserve_gib
     memory = plan_memory(config, shape, world_size)
     comm = plan_communication(config, shape, world_size)
@@ -235,7 +235,7 @@ def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: f
 
 def suggest_levers(config: Config, shape: ModelShape, world_size: int, budget_gib: float) -> dict[str, Any] | None:
     """The cheapest set of levers (fewest, then cheapest by LEVERS order) under which the plan fits."""
-    available = [(key, value) for key, value, _ in LEVERS if _get(config, key) != value
+    available = [(key, value) for key, value in LEVERS if _get(config, key) != value
                  and not (key == "engine.split_layers" and config.engine.name == "zero3")]
     for size in range(len(available) + 1):
         for combo in itertools.combinations(available, size):

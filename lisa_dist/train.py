@@ -13,7 +13,7 @@ import transformers
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.config import Config, ConfigError, check_world_size
 from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
-from lisa_dist.distributed import (Runtime, all_gather_float, all_reduce_max, all_reduce_sum, init_distributed, shutdown,
+from lisa_dist.distributed import (Runtime, all_gather_floats, all_reduce_sum, init_distributed, shutdown,
                                    verify_same_across_ranks)
 from lisa_dist.engines.base import Engine, create_engine, engine_class, trainable_named_parameters
 from lisa_dist.env import read_launch_env
@@ -136,10 +136,10 @@ class Trainer:
             with self.tracker:
                 record = self.train_step(step)
             peak = self.tracker.peak
-        peak_max, optim_max = all_reduce_max([peak, self.optimizer.state_bytes()], self.runtime.device)
-        record["peak_mem_gib"] = peak_max / GIB
-        record["peak_mem_gib_per_rank"] = [b / GIB for b in all_gather_float(peak, self.runtime.device)]
-        record["optim_state_gib"] = optim_max / GIB
+        per_rank = all_gather_floats([peak, self.optimizer.state_bytes()], self.runtime.device)
+        record["peak_mem_gib"] = max(p for p, _ in per_rank) / GIB
+        record["peak_mem_gib_per_rank"] = [p / GIB for p, _ in per_rank]
+        record["optim_state_gib"] = max(s for _, s in per_rank) / GIB
         return record
 
     def trainer_state(self, step: int) -> dict[str, Any]:

@@ -93,6 +93,8 @@ def test_world_size_must_divide_the_global_batch(tmp_path):
     check_world_size(c, 3)
     with pytest.raises(ConfigError, match="world size 2"):
         check_world_size(c, 2)
+    with pytest.raises(ConfigError, match="world size must be >= 1, got 0"):
+        check_world_size(c, 0)
 
 
 def test_num_layers_shortens_a_preset_and_refuses_more_than_it_has(tmp_path):
