@@ -77,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     run_errors = (RankDisagreementError, LossScaleError)
     try:
         if args.command == "train":
+            from lisa_dist.accelerate_config import read_accelerate_settings
+            from lisa_dist.env import read_launch_env
             from lisa_dist.train import run_training
 
-            config = load_config(args.config, args.overrides)
-            out = run_training(config)
+            env = read_launch_env()
+            launcher = read_accelerate_settings(dict(env.accelerate))
+            config = load_config(args.config, args.overrides, implied=launcher.config,
+                                 implied_by="the accelerate config file")
+            out = run_training(config, env, launcher)
             print(f"lisa-dist: training done; outputs in {out}", file=sys.stderr)
             _exit_now(0)
         elif args.command == "estimate":

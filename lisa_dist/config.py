@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -143,6 +144,12 @@ class EngineConfig:
     backward_prefetch: bool = True
     """fsdp2: gather the next decoder layer while the current one runs backward (faster; one more
     layer of gathered parameters alive at the peak)."""
+    offload_params: bool = False
+    """fsdp2: keep parameter shards, their gradients and the optimizer update in CPU memory (FSDP2's
+    CPUOffloadPolicy); each unit is copied to the device for its forward and backward."""
+    layer_class: str | None = None
+    """The decoder layer class the run expects each layer unit to be (accelerate's
+    fsdp_transformer_layer_cls_to_wrap); the run stops before starting if the model's layers differ."""
     timeout_s: int = 600
     """Collective timeout; a dead peer ends the job after this many seconds."""
 
@@ -176,8 +183,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read YAML, apply `dotted.key=value` overrides, build and validate the typed config."""
+def load_config(path: str | Path | None, overrides: list[str] = (), implied: Mapping[str, Any] | None = None,
+                implied_by: str = "the launcher") -> Config:
+    """Read YAML, apply `dotted.key=value` overrides, build and validate the typed config.
+
+    `implied` holds dotted keys a launcher's own configuration sets (an accelerate config file); they fill
+    keys the YAML and overrides leave unset, and a different explicit value is an error naming both."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -191,6 +202,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    if implied:
+        _apply_implied(raw, implied, implied_by)
     config = from_dict(raw)
     validate(config)
     return config
@@ -213,6 +226,23 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _apply_implied(raw: dict[str, Any], implied: Mapping[str, Any], implied_by: str) -> None:
+    explicit = from_dict(raw)
+    for key, value in implied.items():
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        if name in node:
+            current = explicit
+            for part in key.split("."):
+                current = getattr(current, part)
+            if current != value:
+                raise ConfigError(f"{implied_by} sets {key}={value!r} but the run config sets {key}={current!r}; "
+                                  "remove one of them")
+        node[name] = value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -287,6 +317,8 @@ def validate(c: Config) -> None:
     _at_least("save_every", c.save_every, 0, " (0 = final model only)")
     _require(bool(c.output_dir), "output_dir must not be empty")
     _at_least("engine.timeout_s", c.engine.timeout_s, 1)
+    _require(not c.engine.offload_params or c.engine.name == "fsdp2",
+             f"engine.offload_params applies to engine.name=fsdp2, not {c.engine.name}")
     _validate_lisa(c.lisa)
     sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
     _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "

@@ -11,12 +11,13 @@ import torch
 import transformers
 
 from lisa_dist import checkpoint as ckpt
+from lisa_dist.accelerate_config import AccelerateSettings
 from lisa_dist.config import Config, ConfigError, check_world_size
 from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
 from lisa_dist.distributed import (Runtime, all_gather_floats, all_reduce_sum, init_distributed, shutdown,
                                    verify_same_across_ranks)
 from lisa_dist.engines.base import Engine, create_engine, engine_class, trainable_named_parameters
-from lisa_dist.env import read_launch_env
+from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import ModelSource, check_against_model, resolve_model_source
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
@@ -227,13 +228,18 @@ class Trainer:
         return tqdm(total=self.config.max_steps, initial=start_step, desc="train", unit="step")
 
 
-def run_training(config: Config) -> Path:
-    env = read_launch_env()
+def run_training(config: Config, env: LaunchEnv | None = None, launcher: AccelerateSettings | None = None) -> Path:
+    env = env or read_launch_env()
+    if launcher is not None:
+        launcher.check_world_size(config.train.global_batch_size, config.train.micro_batch_size, env.world_size)
     source, sequences = prepare(config, env.world_size)
     runtime = init_distributed(env, config.engine.timeout_s)
     try:
         verify_same_across_ranks("the run configuration", config.to_dict())
         if runtime.is_main:
+            if launcher is not None and launcher.config:
+                applied = ", ".join(f"{k}={v}" for k, v in launcher.config.items())
+                print(f"lisa-dist: from the accelerate config file: {applied}", file=sys.stderr)
             clear_previous_run(config)
             print(f"lisa-dist: {len(sequences)} training sequences of {config.data.seq_len} tokens"
                   f"{f' ({sequences.num_dropped} dropped: no response token left)' if sequences.num_dropped else ''}",

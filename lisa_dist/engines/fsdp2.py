@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch._subclasses.fake_tensor import is_fake
@@ -38,20 +38,27 @@ class FSDP2Engine(Engine):
             self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         reduce_dtype = torch.float32 if c.train.reduce_dtype == "fp32" else dtype
-        mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
+        options = dict(mesh=self.mesh, reshard_after_forward=c.engine.reshard_after_forward,
+                       mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype),
+                       offload_policy=self._offload_policy())
         for unit in self._units(parts, c.engine.split_layers):
-            fully_shard(unit, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
-        fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, reshard_after_forward=c.engine.reshard_after_forward)
+            fully_shard(unit, **options)
+        fully_shard(model, **options)
         if not c.engine.backward_prefetch:
             for layer in parts.layers:
                 # A non-empty explicit list replaces FSDP2's default of prefetching the next layer; the
                 # layer itself is already gathered when its backward starts, so this prefetches nothing.
                 layer.set_modules_to_backward_prefetch([layer])
         buffers = {name: b.clone() for name, b in model.named_buffers()}
-        model.to_empty(device=self.runtime.device)
+        # Offloaded shards live in host memory; FSDP2 copies each unit to the device for its compute.
+        model.to_empty(device="cpu" if c.engine.offload_params else self.runtime.device)
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
+            if c.engine.offload_params:  # buffers (rotary tables) stay with the compute
+                for module in model.modules():
+                    module._buffers.update({n: b.to(self.runtime.device) for n, b in module._buffers.items()
+                                            if b is not None})
             self._materialize(model, source)
         # FSDP2 fixes each unit's reduce dtype at lazy init from the parameters trainable at that moment;
         # initialize with everything trainable, or layers that LISA activates later would reduce in bf16.
@@ -59,6 +66,12 @@ class FSDP2Engine(Engine):
         model._get_fsdp_state()._lazy_init()
         self.model, self.parts = model, parts
         return model, parts
+
+    def _offload_policy(self) -> OffloadPolicy:
+        if not self.config.engine.offload_params:
+            return OffloadPolicy()
+        # Pinned memory needs an accelerator; on a CPU-only machine the shards are in host memory anyway.
+        return CPUOffloadPolicy(pin_memory=self.runtime.device.type == "cuda")
 
     @staticmethod
     def _units(parts: ModelParts, split_layers: bool) -> list[nn.Module | list[nn.Module]]:

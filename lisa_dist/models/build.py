@@ -11,6 +11,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from lisa_dist.config import Config, ConfigError
+from lisa_dist.models.parts import find_parts
 from lisa_dist.models.presets import PRESETS
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -92,6 +93,11 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
     max_positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if max_positions is not None and c.data.seq_len > max_positions:
         raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's {max_positions} positions")
+    if c.engine.layer_class is not None:
+        found = type(find_parts(build_meta_model(hf_config, torch.float32, "eager")).layers[0]).__name__
+        if found != c.engine.layer_class:
+            raise ConfigError(f"engine.layer_class={c.engine.layer_class!r} (accelerate's "
+                              f"fsdp_transformer_layer_cls_to_wrap) but the model's decoder layers are {found}")
 
 
 def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:

@@ -1,0 +1,77 @@
+"""`accelerate launch --config_file F -m lisa_dist train CONFIG.yaml` trains exactly like torchrun with the
+settings the file implies, for both engines; a setting lisa_dist cannot honour stops before any work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lisa_dist.checkpoint import read_state
+from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics, torchrun
+from tests.helpers import free_port
+
+# tiny.yaml sets train.dtype=bf16, so fp32 is set on both sides (a file's mixed_precision=no alone would
+# contradict it).
+RUN = ["max_steps=4", "save_every=2", "train.dtype=fp32"]
+
+
+def accelerate_launch(config_file: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--main_process_port", str(free_port()), "-m", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"),
+           *COMMON, *args]
+    return subprocess.run(cmd, cwd=REPO, env={**ENV, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def accelerate_file(tmp_path: Path, name: str, **changes) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "accelerate" / name).read_text())
+    for key, value in changes.items():
+        section, _, field = key.rpartition("__")
+        (raw[section] if section else raw)[field] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    assert [r["active_layers"] for r in ma] == [r["active_layers"] for r in mb]
+    assert_same_final(a, b)
+
+
+def test_fsdp2_file_with_offload_and_checkpointing_trains_like_torchrun(tmp_path):
+    config_file = accelerate_file(tmp_path, "fsdp2.yaml", mixed_precision="no",
+                                  fsdp_config__fsdp_offload_params=True,
+                                  fsdp_config__fsdp_activation_checkpointing=True)
+    launched = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'accelerate'}")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    # Offloaded parameter shards compute the same numbers as resident ones.
+    reference = torchrun(*RUN, "model.activation_checkpointing=true",
+                         f"output_dir={tmp_path / 'torchrun'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_run(tmp_path / "accelerate", tmp_path / "torchrun")
+    config = read_state(tmp_path / "accelerate" / "checkpoints" / "step_2")["config"]
+    assert config["engine"]["name"] == "fsdp2" and config["engine"]["offload_params"]
+    assert config["model"]["activation_checkpointing"] and config["train"]["dtype"] == "fp32"
+
+
+def test_zero3_file_trains_like_torchrun_with_its_deepspeed_json(tmp_path):
+    config_file = accelerate_file(tmp_path, "zero3.yaml", mixed_precision="no")
+    launched = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'accelerate'}")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    reference = torchrun(*RUN, "engine.name=zero3",
+                         "engine.deepspeed_config=configs/deepspeed/zero3.json", f"output_dir={tmp_path / 'torchrun'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_same_run(tmp_path / "accelerate", tmp_path / "torchrun")
+    config = read_state(tmp_path / "accelerate" / "checkpoints" / "step_2")["config"]
+    assert config["engine"]["deepspeed_config"] == "configs/deepspeed/zero3.json"
+
+
+def test_an_fsdp1_file_stops_before_any_work(tmp_path):
+    config_file = accelerate_file(tmp_path, "fsdp2.yaml", fsdp_config__fsdp_version=1)
+    result = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'out'}")
+    assert result.returncode != 0
+    assert "lisa-dist: error: accelerate config: fsdp_config.fsdp_version=1 is not supported" in result.stderr
+    assert not (tmp_path / "out").exists()
