@@ -203,7 +203,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), implied: Map
     for item in overrides:
         _apply_override(raw, item)
     if implied:
-        _apply_implied(raw, implied, implied_by)
+        apply_implied(raw, implied, implied_by)
     config = from_dict(raw)
     validate(config)
     return config
@@ -228,7 +228,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _apply_implied(raw: dict[str, Any], implied: Mapping[str, Any], implied_by: str) -> None:
+def apply_implied(raw: dict[str, Any], implied: Mapping[str, Any], implied_by: str) -> None:
     explicit = from_dict(raw)
     for key, value in implied.items():
         *sections, name = key.split(".")
@@ -316,10 +316,6 @@ def validate(c: Config) -> None:
     _at_least("max_steps", c.max_steps, 1)
     _at_least("save_every", c.save_every, 0, " (0 = final model only)")
     _require(bool(c.output_dir), "output_dir must not be empty")
-    _at_least("engine.timeout_s", c.engine.timeout_s, 1)
-    _require(not c.engine.offload_params or c.engine.name == "fsdp2",
-             f"engine.offload_params applies to engine.name=fsdp2, not {c.engine.name}")
-    _validate_lisa(c.lisa)
     sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
     _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "
                                 f"got {', '.join(sources) or 'none'}")
@@ -330,6 +326,16 @@ def validate(c: Config) -> None:
     _require(bool(c.data.path), "data.path must name a JSONL file")
     _require(Path(c.data.path).is_file(), f"data.path: file not found: {c.data.path}")
     _at_least("data.seq_len", c.data.seq_len, 2)
+    validate_training(c)
+
+
+def validate_training(c: Config) -> None:
+    """The checks of the method, engine, batch, precision and optimizer (also for runs whose model and data
+    come from elsewhere: the Hugging Face Trainer integration)."""
+    _at_least("engine.timeout_s", c.engine.timeout_s, 1)
+    _require(not c.engine.offload_params or c.engine.name == "fsdp2",
+             f"engine.offload_params applies to engine.name=fsdp2, not {c.engine.name}")
+    _validate_lisa(c.lisa)
     _validate_train(c.train)
     _validate_optim(c.optim, c.train)
 

@@ -19,6 +19,7 @@ from lisa_dist.distributed import (Runtime, all_gather_floats, all_reduce_sum, i
 from lisa_dist.engines.base import Engine, create_engine, engine_class, trainable_named_parameters
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
+from lisa_dist.models import set_trainable_layers
 from lisa_dist.models.build import ModelSource, check_against_model, resolve_model_source
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
 from lisa_dist.optim.fused import GradHooks
@@ -83,16 +84,7 @@ class Trainer:
     def set_active_layers(self, active: tuple[int, ...]) -> None:
         """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""
         lisa = self.config.lisa
-        always = [(self.parts.embeddings, lisa.train_embeddings), ([self.parts.norm], lisa.train_norm),
-                  ([self.parts.head], lisa.train_head)]
-        for i, layer in enumerate(self.parts.layers):
-            layer.requires_grad_(i in active)
-        for modules, on in always:
-            for module in modules:
-                if module is not None:
-                    module.requires_grad_(on)
-        if self.parts.tied_embeddings and (lisa.train_embeddings or lisa.train_head):
-            self.parts.embeddings[0].weight.requires_grad_(True)
+        set_trainable_layers(self.parts, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
         self.optimizer.set_trainable(trainable_named_parameters(self.model))
         self.active_layers = active
 

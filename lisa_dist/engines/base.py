@@ -33,6 +33,11 @@ class Engine(ABC):
         """Construct the model sharded over the world and load (or randomly initialize) this rank's shards."""
 
     @abstractmethod
+    def adopt(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
+        """Shard a model someone else built with real weights (a Hugging Face Trainer script's model),
+        exactly as `build` shards its own."""
+
+    @abstractmethod
     def local_shard(self, param: nn.Parameter) -> torch.Tensor:
         """This rank's slice of `param`, sharing storage with it."""
 

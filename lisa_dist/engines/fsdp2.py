@@ -31,6 +31,27 @@ class FSDP2Engine(Engine):
         c = self.config
         dtype = DTYPES[c.train.dtype]
         model = build_meta_model(source.hf_config, dtype, c.model.attn_implementation)
+        parts = self._shard(model)
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        # Offloaded shards live in host memory; FSDP2 copies each unit to the device for its compute.
+        model.to_empty(device="cpu" if c.engine.offload_params else self.runtime.device)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+            if c.engine.offload_params:  # buffers (rotary tables) stay with the compute
+                for module in model.modules():
+                    module._buffers.update({n: b.to(self.runtime.device) for n, b in module._buffers.items()
+                                            if b is not None})
+            self._materialize(model, source)
+        return self._finish(model, parts)
+
+    def adopt(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
+        # fully_shard moves each unit to the mesh's device as it shards it: one full unit at a time.
+        return self._finish(model, self._shard(model))
+
+    def _shard(self, model: nn.Module) -> ModelParts:
+        c = self.config
+        dtype = DTYPES[c.train.dtype]
         parts = find_parts(model)
         if c.model.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -49,17 +70,9 @@ class FSDP2Engine(Engine):
                 # A non-empty explicit list replaces FSDP2's default of prefetching the next layer; the
                 # layer itself is already gathered when its backward starts, so this prefetches nothing.
                 layer.set_modules_to_backward_prefetch([layer])
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        # Offloaded shards live in host memory; FSDP2 copies each unit to the device for its compute.
-        model.to_empty(device="cpu" if c.engine.offload_params else self.runtime.device)
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-            if c.engine.offload_params:  # buffers (rotary tables) stay with the compute
-                for module in model.modules():
-                    module._buffers.update({n: b.to(self.runtime.device) for n, b in module._buffers.items()
-                                            if b is not None})
-            self._materialize(model, source)
+        return parts
+
+    def _finish(self, model: nn.Module, parts: ModelParts) -> tuple[nn.Module, ModelParts]:
         # FSDP2 fixes each unit's reduce dtype at lazy init from the parameters trainable at that moment;
         # initialize with everything trainable, or layers that LISA activates later would reduce in bf16.
         model.requires_grad_(True)

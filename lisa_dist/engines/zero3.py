@@ -64,6 +64,21 @@ class Zero3Engine(Engine):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         with torch.no_grad():
             self._materialize(model, source)
+        return self._install(model, parts)
+
+    def adopt(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
+        self.ds_config = load_deepspeed_config(self.config, self.runtime.world_size)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        model.to(self.runtime.device)
+        # Partitions the existing parameters in place, as if the model had been built inside zero.Init.
+        deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config)
+        parts = find_parts(model)
+        if self.config.model.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return self._install(model, parts)
+
+    def _install(self, model: nn.Module, parts: ModelParts) -> tuple[nn.Module, ModelParts]:
+        """DeepSpeed's gather/release coordinator, and lisa_dist's reduce-scatter hook on every parameter."""
         zero = DeepSpeedConfig(self.ds_config).zero_config
         self.coordinator = DeepSpeedZeRoOffload(
             module=model, timers=None, ds_config=self.ds_config, overlap_comm=zero.overlap_comm,

@@ -104,3 +104,16 @@ def _check_coverage(model: nn.Module, parts: ModelParts) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} has parameters outside the decoder stack, embeddings, final norm and head: "
             f"{', '.join(stray[:5])}")
+
+
+def set_trainable_layers(parts: ModelParts, active: tuple[int, ...], train_embeddings: bool, train_norm: bool,
+                         train_head: bool) -> None:
+    """Flip requires_grad so only the active decoder layers (and the always-trained parts) get gradients."""
+    for i, layer in enumerate(parts.layers):
+        layer.requires_grad_(i in active)
+    for modules, on in ((parts.embeddings, train_embeddings), ([parts.norm], train_norm), ([parts.head], train_head)):
+        for module in modules:
+            if module is not None:
+                module.requires_grad_(on)
+    if parts.tied_embeddings and (train_embeddings or train_head):
+        parts.embeddings[0].weight.requires_grad_(True)

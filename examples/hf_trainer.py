@@ -1,0 +1,68 @@
+"""A plain Hugging Face Trainer script, switched to lisa_dist by one class and one argument.
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/hf_trainer.py --out runs/hf_lisa
+    accelerate launch --config_file configs/accelerate/zero3.yaml examples/hf_trainer.py --optim adalomo
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --method full --optim lomo
+
+`--record FILE` writes, per optimizer step, the active layers, the parameters holding optimizer state and
+the number of in-backward (fused) updates: what the tests check.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import transformers
+
+from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
+from lisa_dist.data import build_sequences, load_examples
+from lisa_dist.hf import LisaDistTrainer
+
+
+class Record(transformers.TrainerCallback):
+    def __init__(self, trainer: LisaDistTrainer, path: str) -> None:
+        self.trainer, self.path = trainer, path
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.engine.runtime.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step + 1, "active_layers": sorted(self.trainer.active_layers),
+                                    "optim_state": sorted(self.trainer.sharded.names),
+                                    "fused_updates": self.trainer.fused_updates,
+                                    "grad_norm": self.trainer._measure()}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/hf_trainer")
+    parser.add_argument("--method", default="lisa", choices=["lisa", "full"])
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "lomo", "adalomo"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--global-batch", type=int, default=4, help="sequences per step over all ranks")
+    parser.add_argument("--record", default=None)
+    cli = parser.parse_args()
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
+    sequences = build_sequences(load_examples(TINY_ALPACA, tokenizer), seq_len=48, pad_id=tokenizer.eos_token_id,
+                                pack=False)
+    dataset = [{"input_ids": sequences.input_ids[i], "labels": sequences.labels[i],
+                "attention_mask": sequences.attention_mask[i]} for i in range(len(sequences))]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = transformers.TrainingArguments(
+        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size, learning_rate=cli.lr,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0,
+        max_grad_norm=1.0, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
+    trainer = LisaDistTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2}, "optim": {"name": cli.optim}})
+    if cli.record:
+        trainer.add_callback(Record(trainer, cli.record))
+    trainer.train()
+    trainer.save_model(cli.out)
+
+
+if __name__ == "__main__":
+    main()
