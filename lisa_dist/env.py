@@ -48,9 +48,10 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         except ValueError:
             raise ValueError(f"launcher environment variable {key}={value!r} is not an integer") from None
 
-    accelerate = tuple(sorted((k, v) for k, v in env.items() if k.startswith(ACCELERATE_PREFIXES)))
     # `accelerate launch` always passes the mixed-precision setting; it starts ranks through torchrun.
-    launched_by_accelerate = any(k == "ACCELERATE_MIXED_PRECISION" for k, _ in accelerate)
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env
+    accelerate = (tuple(sorted((k, v) for k, v in env.items() if k.startswith(ACCELERATE_PREFIXES)))
+                  if launched_by_accelerate else ())
     if "RANK" in env and "WORLD_SIZE" in env:
         if launched_by_accelerate:
             launcher = "accelerate"
@@ -61,7 +62,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             rank=num("RANK"), world_size=world_size, local_rank=num("LOCAL_RANK", 0),
             local_world_size=num("LOCAL_WORLD_SIZE", world_size), launcher=launcher,
             master_addr=env.get("MASTER_ADDR"), master_port=num("MASTER_PORT", 29500), is_tty=is_tty,
-            accelerate=accelerate if launched_by_accelerate else ())
+            accelerate=accelerate)
     if "SLURM_PROCID" in env and num("SLURM_NTASKS", 1) > 1:
         return LaunchEnv(
             rank=num("SLURM_PROCID"), world_size=num("SLURM_NTASKS"), local_rank=num("SLURM_LOCALID", 0),
@@ -70,4 +71,4 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     # `accelerate launch` with one process runs the script directly, without torchrun's variables.
     return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1,
                      launcher="accelerate" if launched_by_accelerate else "single", is_tty=is_tty,
-                     accelerate=accelerate if launched_by_accelerate else ())
+                     accelerate=accelerate)

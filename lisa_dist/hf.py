@@ -30,7 +30,7 @@ from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, ConfigError, apply_implied, from_dict, validate_training
 from lisa_dist.distributed import all_reduce_sum, init_distributed, verify_same_across_ranks
 from lisa_dist.engines.base import create_engine, trainable_named_parameters
-from lisa_dist.env import read_launch_env
+from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.models import set_trainable_layers
 from lisa_dist.optim import ShardedOptimizer, make_rule
 from lisa_dist.optim.fused import GradHooks
@@ -45,15 +45,15 @@ OWNED_BY_ARGS = {"seed": "seed", "optim.lr": "learning_rate", "optim.weight_deca
                  "train.global_batch_size": "per_device_train_batch_size", "max_steps": "max_steps"}
 
 
-def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, Any], model: nn.Module) -> Config:
+def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, Any], model: nn.Module,
+                   env: LaunchEnv) -> Config:
     """lisa_dist's configuration for a Trainer run: `settings` (config sections), the TrainingArguments,
     and the accelerate config file the script was launched with. Raises ConfigError on contradictions."""
     raw = copy.deepcopy(dict(settings))
-    flat = set()
-    for section, values in raw.items():
-        flat.update(f"{section}.{key}" for key in values) if isinstance(values, dict) else flat.add(section)
     for key, arg in OWNED_BY_ARGS.items():
-        if key in flat:
+        section, _, name = key.rpartition(".")
+        scope = raw.get(section) if section else raw
+        if isinstance(scope, dict) and name in scope:
             raise ConfigError(f"lisa_dist={{...}} sets {key}: with the Trainer it comes from TrainingArguments.{arg}")
     if args.fp16 or args.bf16:
         raise ConfigError("TrainingArguments fp16/bf16 (autocast) is not used with lisa_dist: set "
@@ -65,12 +65,9 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
         raise ConfigError(f"TrainingArguments.optim={args.optim}: the optimizer is lisa_dist's; choose it with "
                           "lisa_dist={'optim': {'name': 'adamw' | 'sgd' | 'lomo' | 'adalomo'}}")
     stored = DTYPE_NAMES.get(next(model.parameters()).dtype, "fp32")
-    owned = {"seed": args.seed, "optim": {"lr": args.learning_rate, "weight_decay": args.weight_decay,
-                                          "eps": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
-                                          "betas": [args.adam_beta1, args.adam_beta2]}}
-    raw["seed"] = owned["seed"]
-    raw.setdefault("optim", {}).update(owned["optim"])
-    env = read_launch_env()
+    raw["seed"] = args.seed
+    raw.setdefault("optim", {}).update(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.adam_epsilon,
+                                       max_grad_norm=args.max_grad_norm, betas=[args.adam_beta1, args.adam_beta2])
     apply_implied(raw, read_accelerate_settings(dict(env.accelerate)).config, "the accelerate config file")
     raw.setdefault("train", {}).setdefault("dtype", stored)
     config = from_dict(raw)
@@ -99,9 +96,10 @@ class LisaDistOptimizer(torch.optim.Optimizer):
 class LisaDistTrainer(transformers.Trainer):
     def __init__(self, *args: Any, lisa_dist: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lisa_config = trainer_config(self.args, lisa_dist or {}, self.model)
+        env = read_launch_env()
+        self.lisa_config = trainer_config(self.args, lisa_dist or {}, self.model, env)
         c = self.lisa_config
-        runtime = init_distributed(read_launch_env(), c.engine.timeout_s)
+        runtime = init_distributed(env, c.engine.timeout_s)
         self.engine = create_engine(c, runtime)
         self.model, self.parts = self.engine.adopt(self.model)
         self.model_wrapped = self.model

@@ -12,9 +12,13 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
 from lisa_dist.config import Config, from_dict, validate
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(output_dir: Path | str, **sections: Any) -> Config:
@@ -34,6 +38,17 @@ def tiny_config(output_dir: Path | str, **sections: Any) -> Config:
     config = from_dict(raw)
     validate(config)
     return config
+
+
+def accelerate_variant(out_dir: Path, name: str, **changes: Any) -> Path:
+    """configs/accelerate/NAME with `section__key=value` (or top-level `key=value`) changes, written to out_dir."""
+    raw = yaml.safe_load((REPO / "configs" / "accelerate" / name).read_text())
+    for key, value in changes.items():
+        section, _, field = key.rpartition("__")
+        (raw.setdefault(section, {}) if section else raw)[field] = value
+    path = Path(out_dir) / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
-from lisa_dist.models import ModelParts, ModelSource
+from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.optim.shard import ShardInfo
 
 
@@ -36,6 +36,13 @@ class Engine(ABC):
     def adopt(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
         """Shard a model someone else built with real weights (a Hugging Face Trainer script's model),
         exactly as `build` shards its own."""
+
+    def _find_parts(self, model: nn.Module) -> ModelParts:
+        """The model's layers and heads, with activation checkpointing turned on when configured."""
+        parts = find_parts(model)
+        if self.config.model.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return parts
 
     @abstractmethod
     def local_shard(self, param: nn.Parameter) -> torch.Tensor:

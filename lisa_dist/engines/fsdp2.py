@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.engines.base import Engine
-from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
+from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES
 from lisa_dist.models.weights import SafetensorsReader, random_init
 from lisa_dist.optim.shard import ShardInfo, local_shard_info
@@ -52,9 +52,7 @@ class FSDP2Engine(Engine):
     def _shard(self, model: nn.Module) -> ModelParts:
         c = self.config
         dtype = DTYPES[c.train.dtype]
-        parts = find_parts(model)
-        if c.model.activation_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        parts = self._find_parts(model)
         if getattr(self, "mesh", None) is None:  # `estimate` builds it before entering FakeTensorMode
             self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.

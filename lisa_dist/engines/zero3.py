@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
-from lisa_dist.models import ModelParts, ModelSource, build_meta_model, find_parts
+from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES
 from lisa_dist.models.weights import SafetensorsReader, random_init
 from lisa_dist.optim.shard import ShardInfo
@@ -44,12 +44,15 @@ class Zero3Engine(Engine):
     def check_config(cls, config: Config, world_size: int) -> None:
         load_deepspeed_config(config, world_size)
 
-    def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
-        c = self.config
-        self.ds_config = load_deepspeed_config(c, self.runtime.world_size)
+    def _start_deepspeed(self) -> None:
+        self.ds_config = load_deepspeed_config(self.config, self.runtime.world_size)
         # DeepSpeed adopts the process group lisa_dist started (its own world size must be right before
         # it validates the batch sizes in the config).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+    def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
+        c = self.config
+        self._start_deepspeed()
         hf_config = source.hf_config.__class__.from_dict(source.hf_config.to_dict())
         hf_config._attn_implementation = c.model.attn_implementation
         # Partitioned as each module is built, so no rank ever holds the whole model; the weights are
@@ -59,26 +62,20 @@ class Zero3Engine(Engine):
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
         self._restore_buffers(model, source)
-        parts = find_parts(model)
-        if c.model.activation_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         with torch.no_grad():
             self._materialize(model, source)
-        return self._install(model, parts)
+        return self._install(model)
 
     def adopt(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
-        self.ds_config = load_deepspeed_config(self.config, self.runtime.world_size)
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        self._start_deepspeed()
         model.to(self.runtime.device)
         # Partitions the existing parameters in place, as if the model had been built inside zero.Init.
         deepspeed.zero.Init(module=model, config_dict_or_path=self.ds_config)
-        parts = find_parts(model)
-        if self.config.model.activation_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        return self._install(model, parts)
+        return self._install(model)
 
-    def _install(self, model: nn.Module, parts: ModelParts) -> tuple[nn.Module, ModelParts]:
+    def _install(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
         """DeepSpeed's gather/release coordinator, and lisa_dist's reduce-scatter hook on every parameter."""
+        parts = self._find_parts(model)
         zero = DeepSpeedConfig(self.ds_config).zero_config
         self.coordinator = DeepSpeedZeRoOffload(
             module=model, timers=None, ds_config=self.ds_config, overlap_comm=zero.overlap_comm,

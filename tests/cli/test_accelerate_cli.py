@@ -5,11 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from lisa_dist.checkpoint import read_state
 from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics, torchrun
-from tests.helpers import free_port
+from tests.helpers import accelerate_variant, free_port
 
 # tiny.yaml sets train.dtype=bf16, so fp32 is set on both sides (a file's mixed_precision=no alone would
 # contradict it).
@@ -24,16 +22,6 @@ def accelerate_launch(config_file: Path, *args: str) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=300)
 
 
-def accelerate_file(tmp_path: Path, name: str, **changes) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "accelerate" / name).read_text())
-    for key, value in changes.items():
-        section, _, field = key.rpartition("__")
-        (raw[section] if section else raw)[field] = value
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def assert_same_run(a: Path, b: Path) -> None:
     ma, mb = metrics(a), metrics(b)
     assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
@@ -42,7 +30,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_fsdp2_file_with_offload_and_checkpointing_trains_like_torchrun(tmp_path):
-    config_file = accelerate_file(tmp_path, "fsdp2.yaml", mixed_precision="no",
+    config_file = accelerate_variant(tmp_path, "fsdp2.yaml", mixed_precision="no",
                                   fsdp_config__fsdp_offload_params=True,
                                   fsdp_config__fsdp_activation_checkpointing=True)
     launched = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'accelerate'}")
@@ -58,7 +46,7 @@ def test_fsdp2_file_with_offload_and_checkpointing_trains_like_torchrun(tmp_path
 
 
 def test_zero3_file_trains_like_torchrun_with_its_deepspeed_json(tmp_path):
-    config_file = accelerate_file(tmp_path, "zero3.yaml", mixed_precision="no")
+    config_file = accelerate_variant(tmp_path, "zero3.yaml", mixed_precision="no")
     launched = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'accelerate'}")
     assert launched.returncode == 0, launched.stderr[-3000:]
     reference = torchrun(*RUN, "engine.name=zero3",
@@ -70,7 +58,7 @@ def test_zero3_file_trains_like_torchrun_with_its_deepspeed_json(tmp_path):
 
 
 def test_an_fsdp1_file_stops_before_any_work(tmp_path):
-    config_file = accelerate_file(tmp_path, "fsdp2.yaml", fsdp_config__fsdp_version=1)
+    config_file = accelerate_variant(tmp_path, "fsdp2.yaml", fsdp_config__fsdp_version=1)
     result = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'out'}")
     assert result.returncode != 0
     assert "lisa-dist: error: accelerate config: fsdp_config.fsdp_version=1 is not supported" in result.stderr

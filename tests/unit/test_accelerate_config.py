@@ -5,13 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import ConfigError, load_config
 from lisa_dist.env import read_launch_env
+from tests.helpers import accelerate_variant
 
 REPO = Path(__file__).resolve().parents[2]
 FSDP2_FILE = REPO / "configs" / "accelerate" / "fsdp2.yaml"
@@ -39,16 +39,6 @@ def settings_of(config_file: Path):
     return read_accelerate_settings(dict(read_launch_env(launch_variables(config_file)).accelerate))
 
 
-def variant(tmp_path: Path, base: Path, **changes) -> Path:
-    raw = yaml.safe_load(base.read_text())
-    for key, value in changes.items():
-        section, _, name = key.rpartition("__")
-        (raw.setdefault(section, {}) if section else raw)[name] = value
-    path = tmp_path / "accelerate.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 def test_the_launch_is_recognized_as_accelerate():
     env = read_launch_env(launch_variables(FSDP2_FILE))
     assert env.launcher == "accelerate" and env.world_size == 2
@@ -68,11 +58,12 @@ def test_the_bundled_zero3_file_sets_the_zero3_engine_and_its_deepspeed_json():
 
 
 def test_fsdp_options_are_honoured(tmp_path):
-    path = variant(tmp_path, FSDP2_FILE, mixed_precision="no", fsdp_config__fsdp_reshard_after_forward=False,
-                   fsdp_config__fsdp_offload_params=True, fsdp_config__fsdp_activation_checkpointing=True,
-                   fsdp_config__fsdp_activation_checkpointing_offload=True,
-                   fsdp_config__fsdp_backward_prefetch="NO_PREFETCH",
-                   fsdp_config__fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer")
+    path = accelerate_variant(tmp_path, FSDP2_FILE.name, mixed_precision="no",
+                              fsdp_config__fsdp_reshard_after_forward=False,
+                              fsdp_config__fsdp_offload_params=True, fsdp_config__fsdp_activation_checkpointing=True,
+                              fsdp_config__fsdp_activation_checkpointing_offload=True,
+                              fsdp_config__fsdp_backward_prefetch="NO_PREFETCH",
+                              fsdp_config__fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer")
     config = settings_of(path).config
     assert config["train.dtype"] == "fp32" and config["engine.reshard_after_forward"] is False
     assert config["engine.offload_params"] and config["model.activation_checkpointing"]
@@ -81,9 +72,10 @@ def test_fsdp_options_are_honoured(tmp_path):
 
 
 def test_deepspeed_options_are_honoured(tmp_path):
-    path = variant(tmp_path, ZERO3_FILE, mixed_precision="fp16",
-                   deepspeed_config={"zero_stage": 3, "offload_optimizer_device": "cpu", "gradient_clipping": 0.5,
-                                     "gradient_accumulation_steps": 2, "zero3_init_flag": True})
+    path = accelerate_variant(tmp_path, ZERO3_FILE.name, mixed_precision="fp16",
+                              deepspeed_config={"zero_stage": 3, "offload_optimizer_device": "cpu",
+                                                "gradient_clipping": 0.5, "gradient_accumulation_steps": 2,
+                                                "zero3_init_flag": True})
     settings = settings_of(path)
     assert settings.config == {"train.dtype": "fp16", "engine.name": "zero3", "optim.offload_state": True,
                                "optim.max_grad_norm": 0.5}
@@ -109,7 +101,7 @@ def test_deepspeed_options_are_honoured(tmp_path):
 ])
 def test_settings_lisa_dist_cannot_honour_are_errors(tmp_path, base, changes, message):
     with pytest.raises(ConfigError, match=message):
-        settings_of(variant(tmp_path, base, **changes))
+        settings_of(accelerate_variant(tmp_path, base.name, **changes))
 
 
 def test_fp8_tensor_parallelism_and_unknown_variables_are_errors():
