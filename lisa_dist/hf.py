@@ -68,7 +68,11 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     raw["seed"] = args.seed
     raw.setdefault("optim", {}).update(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.adam_epsilon,
                                        max_grad_norm=args.max_grad_norm, betas=[args.adam_beta1, args.adam_beta2])
-    apply_implied(raw, read_accelerate_settings(dict(env.accelerate)).config, "the accelerate config file")
+    launcher = read_accelerate_settings(dict(env.accelerate))
+    if launcher.gradient_accumulation_steps not in (None, args.gradient_accumulation_steps):
+        raise ConfigError(f"accelerate config: gradient_accumulation_steps={launcher.gradient_accumulation_steps} "
+                          f"contradicts TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps}")
+    apply_implied(raw, launcher.config, "the accelerate config file")
     raw.setdefault("train", {}).setdefault("dtype", stored)
     config = from_dict(raw)
     validate_training(config)
