@@ -30,16 +30,33 @@ def is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file()
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first; `step_N.tmp` (being written, or left by a crash) never counts."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     found = []
     for child in root.iterdir():
         name = child.name
         if child.is_dir() and name.startswith("step_") and name[5:].isdigit() and is_complete(child):
             found.append((int(name[5:]), child))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def prune(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints. The marker goes first, so a crash halfway
+    through a deletion leaves an incomplete directory that resume=auto skips, never a damaged 'complete' one."""
+    found = complete_checkpoints(output_dir)
+    doomed = found[:-keep] if keep else []
+    for directory in doomed:
+        (directory / COMPLETE_MARKER).unlink()
+        shutil.rmtree(directory)
+    return doomed
 
 
 def write_hf_meta(directory: Path, hf_config: transformers.PretrainedConfig, tokenizer_dir: Path) -> None:

@@ -68,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     from lisa_dist.models.parts import UnsupportedModelError
     from lisa_dist.models.weights import WeightsError
 
-    from lisa_dist.distributed import RankDisagreementError
+    from lisa_dist.distributed import PeerFailureError, RankDisagreementError
     from lisa_dist.optim.precision import LossScaleError
+    from lisa_dist.steps import NonFiniteStepsError
 
     from lisa_dist.report import ReportError
 
     user_errors = (ConfigError, DataError, CheckpointError, UnsupportedModelError, WeightsError, ReportError)
-    run_errors = (RankDisagreementError, LossScaleError)
+    run_errors = (RankDisagreementError, LossScaleError, NonFiniteStepsError, PeerFailureError)
     try:
         if args.command == "train":
             from lisa_dist.accelerate_config import read_accelerate_settings

@@ -87,6 +87,9 @@ class TrainConfig:
     """fp16 only: consecutive finite steps before the loss scale doubles."""
     min_loss_scale: float = 1.0
     """fp16 only: the run stops with an error if overflows push the scale below this."""
+    max_consecutive_skips: int = 20
+    """Stop the run with an error after this many steps in a row were skipped for a non-finite loss or
+    gradient (fp16 overflows count too: the default scale needs 16 to fall to 1); 0 never stops."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -164,6 +167,9 @@ class Config:
     """Where metrics, checkpoints and the final model go."""
     save_every: int = 0
     """Write a sharded checkpoint every this many steps; 0 saves only the final model."""
+    save_total_limit: int = 0
+    """Keep only the newest this many step checkpoints (older ones are deleted once a newer one is
+    complete); 0 keeps all."""
     method: Literal["lisa", "full"] = "lisa"
     """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
     resume: str | None = None
@@ -315,6 +321,7 @@ def validate(c: Config) -> None:
     """Checks that need no model or process group; model-dependent ones live in `models`."""
     _at_least("max_steps", c.max_steps, 1)
     _at_least("save_every", c.save_every, 0, " (0 = final model only)")
+    _at_least("save_total_limit", c.save_total_limit, 0, " (0 keeps all)")
     _require(bool(c.output_dir), "output_dir must not be empty")
     sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
     _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "
@@ -359,6 +366,7 @@ def _validate_train(t: TrainConfig) -> None:
              f"train.micro_batch_size={t.micro_batch_size}")
     _require(t.loss_scale > 0 and t.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
     _at_least("train.loss_scale_window", t.loss_scale_window, 1)
+    _at_least("train.max_consecutive_skips", t.max_consecutive_skips, 0, " (0 never stops)")
     _at_least("train.loss_chunk_tokens", t.loss_chunk_tokens, 0, " (0 = no chunking)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,13 @@ class SequenceSet:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def fingerprint(self) -> str:
+        """A digest of every token and label: ranks reading different copies of "the same" file disagree."""
+        digest = hashlib.sha256()
+        for t in (self.input_ids, self.labels, self.attention_mask):
+            digest.update(memoryview(t.contiguous().numpy()).cast("B"))
+        return digest.hexdigest()[:16]
 
     def repeated_to(self, num_sequences: int) -> SequenceSet:
         """At least `num_sequences` rows, repeating the set (for shape-only uses such as `estimate`)."""
@@ -282,6 +290,7 @@ class GlobalBatches:
         self.seed = seed
         self.steps_per_epoch = len(sequences) // global_batch_size
         self._permutation_cache: tuple[int, Tensor] | None = None
+        self._fingerprint: str | None = None
 
     @property
     def accumulation_steps(self) -> int:
@@ -303,11 +312,13 @@ class GlobalBatches:
         rank_indices = self.global_indices(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
         return [self._gather(indices) for indices in rank_indices.split(self.micro_batch_size)]
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
+        if self._fingerprint is None:
+            self._fingerprint = self.sequences.fingerprint()
         return {"seed": self.seed, "global_batch_size": self.global_batch_size,
-                "num_sequences": len(self.sequences)}
+                "num_sequences": len(self.sequences), "fingerprint": self._fingerprint}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
         current = self.state_dict()
         mismatched = [f"{key}: checkpoint {state.get(key)} vs now {value}"
                       for key, value in current.items() if state.get(key) != value]

@@ -17,6 +17,28 @@ class RankDisagreementError(RuntimeError):
     """Ranks hold different values for something they must agree on."""
 
 
+class PeerFailureError(RuntimeError):
+    """A collective failed because another rank died or stopped answering."""
+
+
+# How gloo and NCCL word a dead or silent peer (gloo raises plain RuntimeErrors).
+_PEER_FAILURE_SIGNS = ("Timed out waiting", "Connection reset by peer", "Connection closed by peer",
+                       "Connection refused", "Broken pipe", "collective operation timeout", "NCCL communicator was aborted")
+
+
+def as_peer_failure(error: RuntimeError, rank: int, timeout_s: int) -> PeerFailureError | None:
+    """The user-facing error for a collective that a dead or stuck peer broke; None for any other error."""
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
+        return None
+    cause = text.splitlines()[0] if text else type(error).__name__
+    cause = cause.split("] ", 1)[-1][:200]
+    return PeerFailureError(
+        f"rank {rank}: a collective with the other ranks failed ({cause}): a peer rank died or did not answer "
+        f"within engine.timeout_s={timeout_s} s; its own log says why. Under torchrun --max-restarts N with "
+        "resume=auto the job restarts from the last complete checkpoint")
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     env: LaunchEnv

@@ -13,8 +13,12 @@ from lisa_dist.config import Config, ConfigError
 
 METRICS = "metrics.jsonl"
 # Keys that may change between a run and its resume; anything else would change what is trained.
-RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "progress_bar", "overwrite", "engine.timeout_s",
-                     "max_steps"}
+# The engine, its options and the micro-batch split decide where tensors live and how sums are ordered, not
+# what is trained: a checkpoint resumes on another engine or world size (equal up to rounding).
+RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "save_total_limit", "progress_bar", "overwrite",
+                     "max_steps", "train.max_consecutive_skips", "train.micro_batch_size", "optim.offload_state",
+                     "engine.name", "engine.deepspeed_config", "engine.reshard_after_forward", "engine.split_layers",
+                     "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s"}
 
 
 def holds_run(out: Path) -> bool:

@@ -22,6 +22,10 @@ from lisa_dist.optim.sharded import UpdateOptions
 from lisa_dist.scalars import item
 
 
+class NonFiniteStepsError(RuntimeError):
+    """Too many steps in a row were skipped for non-finite values; the run cannot make progress."""
+
+
 @dataclass(slots=True)
 class StepOutcome:
     loss_sum: float

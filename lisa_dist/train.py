@@ -14,8 +14,8 @@ from lisa_dist import checkpoint as ckpt
 from lisa_dist.accelerate_config import AccelerateSettings
 from lisa_dist.config import Config, ConfigError, check_world_size
 from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
-from lisa_dist.distributed import (Runtime, all_gather_floats, all_reduce_sum, init_distributed, shutdown,
-                                   verify_same_across_ranks)
+from lisa_dist.distributed import (Runtime, all_gather_floats, all_reduce_sum, as_peer_failure, init_distributed,
+                                   shutdown, verify_same_across_ranks)
 from lisa_dist.engines.base import Engine, create_engine, engine_class, trainable_named_parameters
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
@@ -26,7 +26,7 @@ from lisa_dist.optim.fused import GradHooks
 from lisa_dist.rundir import MetricsWriter, check_output_dir, check_resume_compatible, clear_previous_run
 from lisa_dist.sampler import LayerSampler
 from lisa_dist.scalars import item, real_tensors
-from lisa_dist.steps import FusedStep, PostBackwardStep
+from lisa_dist.steps import FusedStep, NonFiniteStepsError, PostBackwardStep
 
 
 def prepare(config: Config, world_size: int, check_output: bool = True,
@@ -70,11 +70,11 @@ class Trainer:
                                           host=runtime.host_device if config.optim.offload_state else None)
         self.stepper = self._make_stepper()
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size,
                                      runtime.rank, runtime.world_size, config.seed)
         self.active_layers: tuple[int, ...] | None = None
         self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
-        self.skip_update = False
 
     def _make_stepper(self) -> PostBackwardStep | FusedStep:
         hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), self.engine.register_grad_hook)
@@ -141,7 +141,8 @@ class Trainer:
                 "data": self.batches.state_dict(), "world_size": self.runtime.world_size,
                 "engine": self.engine.name, "config": self.config.to_dict(),
                 "optim_params": self.optimizer.names, "loss_scaler": self.stepper.scaler.state_dict(),
-                "last_grad_norm": getattr(self.stepper, "last_grad_norm", None), "skipped_steps": self.skipped_steps}
+                "last_grad_norm": getattr(self.stepper, "last_grad_norm", None), "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips}
 
     def save(self, step: int) -> Path:
         final = ckpt.step_dir(self.output_dir, step)
@@ -155,8 +156,6 @@ class Trainer:
     def resume_from(self, directory: Path) -> int:
         state = ckpt.read_state(directory)
         check_resume_compatible(state["config"], self.config)
-        if state["engine"] != self.engine.name:
-            raise ckpt.CheckpointError(f"{directory} was written by engine {state['engine']}, this run uses {self.engine.name}")
         step = int(state["step"])
         try:
             self.sampler.load_state_dict(state["sampler"])
@@ -166,12 +165,13 @@ class Trainer:
         self.set_active_layers(self.sampler.active_layers(step))
         if sorted(self.optimizer.names) != sorted(state["optim_params"]):
             raise ckpt.CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
-        self.engine.load(directory, self.optimizer.state_dict())
+        self.engine.load(directory, self.optimizer.state_dict(), written_by=state["engine"])
         self.optimizer.after_load()
         self.stepper.scaler.load_state_dict(state["loss_scaler"])
         if isinstance(self.stepper, FusedStep):
             self.stepper.last_grad_norm = state["last_grad_norm"]
         self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         return step
 
     def _export_config(self) -> transformers.PretrainedConfig:
@@ -188,12 +188,7 @@ class Trainer:
         return out
 
     def fit(self) -> None:
-        start_step = 0
-        resume = self.config.resume
-        if resume is not None:
-            directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
-            if directory is not None:
-                start_step = self.resume_from(directory)
+        start_step = self._resume()
         progress = self._progress(start_step)
         metrics = MetricsWriter(self.output_dir)
         if self.runtime.is_main:
@@ -205,12 +200,39 @@ class Trainer:
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"][:8])
                     progress.update(1)
+            self._count_nonfinite(step, record["skipped"] or record["nonfinite_grad_shards"] > 0)
             done = step + 1
             if self.config.save_every and done % self.config.save_every == 0:
                 self.save(done)
+                if self.runtime.is_main and self.config.save_total_limit:
+                    ckpt.prune(self.output_dir, self.config.save_total_limit)
         if progress is not None:
             progress.close()
         self.save_final()
+
+    def _resume(self) -> int:
+        """The step to start from. Ranks first agree on the data and on the checkpoint, since a rank that
+        failed alone inside the collective load would leave the others waiting for engine.timeout_s."""
+        verify_same_across_ranks("the training data (seed, global batch, sequences fingerprint)",
+                                 self.batches.state_dict())
+        resume, directory = self.config.resume, None
+        if resume is not None:
+            directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        verify_same_across_ranks("the checkpoint to resume from", directory and str(directory))
+        return self.resume_from(directory) if directory is not None else 0
+
+    def _count_nonfinite(self, step: int, nonfinite: bool) -> None:
+        """Stop once `train.max_consecutive_skips` steps in a row met a non-finite loss or gradient."""
+        self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
+        limit = self.config.train.max_consecutive_skips
+        if not limit or self.consecutive_skips < limit:
+            return
+        last = ckpt.latest_checkpoint(self.output_dir)
+        kept = f"the last checkpoint, {last}, is intact" if last else "no step checkpoint had been written"
+        raise NonFiniteStepsError(
+            f"steps {step + 2 - self.consecutive_skips} to {step + 1}: {self.consecutive_skips} steps in a row "
+            f"met a non-finite loss or gradient (train.max_consecutive_skips={limit}); their non-finite values "
+            f"changed no weight and {kept}. Lower optim.lr, check the data, or train in bf16/fp32 rather than fp16")
 
     def _progress(self, start_step: int) -> Any:
         if not (self.runtime.is_main and self.config.progress_bar and self.runtime.env.is_tty):
@@ -240,5 +262,10 @@ def run_training(config: Config, env: LaunchEnv | None = None, launcher: Acceler
         trainer = Trainer(config, runtime, source, sequences)
         trainer.fit()
         return Path(config.output_dir)
+    except RuntimeError as e:
+        failure = as_peer_failure(e, runtime.rank, config.engine.timeout_s)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         shutdown()

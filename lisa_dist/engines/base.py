@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
+from lisa_dist.checkpoint import CheckpointError
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
 from lisa_dist.models import ModelParts, ModelSource, find_parts
@@ -89,15 +90,51 @@ class Engine(ABC):
         """Write model shards and the optimizer's local state as a resharding-capable checkpoint."""
         dcp.save(self.checkpoint_state(optim_state), checkpoint_id=str(directory))
 
-    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Fill the model shards and `optim_state` (local tensors allocated by the caller) in place."""
-        state = self.checkpoint_state(optim_state)
-        dcp.load(state, checkpoint_id=str(directory))
-        # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
-        for name, entries in state["optim"].items():
-            for key, value in entries.items():
-                if not isinstance(value, DTensor):
-                    optim_state[name][key].copy_(value)
+    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]], written_by: str) -> None:
+        """Fill the model shards and `optim_state` (local tensors allocated by the caller) in place.
+
+        DCP reshards a checkpoint in this engine's layout to any world size; another engine's layout is
+        read tensor by tensor and sliced (`_load_other_layout`)."""
+        if written_by == self.name:
+            state = self.checkpoint_state(optim_state)
+            dcp.load(state, checkpoint_id=str(directory))
+            # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
+            for name, entries in state["optim"].items():
+                for key, value in entries.items():
+                    if not isinstance(value, DTensor):
+                        optim_state[name][key].copy_(value)
+        else:
+            self._load_other_layout(directory, optim_state)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Drop anything derived from the shards before they were loaded."""
+
+    @torch.no_grad()
+    def _load_other_layout(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Another engine stores tensors in its own shapes (ZeRO-3 flat, FSDP2 as the parameter), which DCP
+        cannot map onto ours. Every layout is a row-major flat range per rank, so read one parameter's tensors
+        whole (host memory for one parameter at a time) and keep this rank's range of each."""
+        stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        for name, param in self.model.named_parameters():
+            info = self.shard_info(param)
+            targets = {f"model.{name}": self.local_shard(param)}
+            targets |= {f"optim.{name}.{key}": t for key, t in optim_state.get(name, {}).items()}
+            missing = [key for key in targets if key not in stored]
+            if missing:
+                raise CheckpointError(f"{directory} holds no {missing[0]}; it was not written for this model "
+                                      "and method")
+            whole = {key: torch.empty(stored[key].size, dtype=stored[key].properties.dtype) for key in targets}
+            dcp.load(whole, checkpoint_id=str(directory), no_dist=True)
+            for key, target in targets.items():
+                flat = whole[key].reshape(-1)
+                if target.numel() == info.numel and flat.numel() == info.global_numel:
+                    target.copy_(flat[info.flat_start:info.flat_start + info.numel].view_as(target))
+                elif target.numel() == flat.numel():
+                    target.copy_(flat.view_as(target))
+                else:
+                    raise CheckpointError(f"{directory}: {key} holds {flat.numel()} values where this run's "
+                                          f"shard needs {target.numel()} of {info.global_numel}")
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -197,8 +197,7 @@ class Zero3Engine(Engine):
     def checkpoint_shapes(cls, skeleton: nn.Module) -> dict[str, tuple[int, ...]]:
         return {name: (p.numel(),) for name, p in skeleton.named_parameters()}
 
-    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        super().load(directory, optim_state)
+    def _after_load(self) -> None:
         self.coordinator.partition_all_parameters()  # no gathered copy may predate the loaded partitions
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,164 @@
+"""Non-finite steps, checkpoint retention and rank disagreement at resume, with 2 gloo ranks running
+`Trainer.fit` as `lisa-dist train` does."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_dist import checkpoint as ckpt
+from lisa_dist.assets import TINY_ALPACA
+from lisa_dist.distributed import RankDisagreementError
+from lisa_dist.steps import NonFiniteStepsError
+from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
+
+POISON_FROM = 3  # step index: steps 4, 5, 6 (1-based) meet non-finite values
+NONFINITE = {
+    "adamw_nan_loss": ({"name": "adamw", "lr": 1e-3}, "loss"),
+    "adamw_inf_grad": ({"name": "adamw", "lr": 1e-3}, "grad"),
+    "lomo_nan_loss": ({"name": "lomo", "lr": 0.05}, "loss"),
+    "lomo_inf_grad": ({"name": "lomo", "lr": 0.05}, "grad"),
+    "lomo_precheck_inf_grad": ({"name": "lomo", "lr": 0.05, "fused_precheck": True}, "grad"),
+}
+
+
+def _poison(trainer, where: str) -> dict:
+    """From step POISON_FROM on, the logits turn NaN (a NaN loss) or their gradient turns inf (finite loss,
+    every gradient non-finite). Returns what the run looked like before the first poisoned step."""
+    seen: dict = {}
+    poisoned = {"on": False}
+
+    def logits_hook(module, inputs, output):
+        if not poisoned["on"]:
+            return output
+        if where == "loss":
+            return output * math.nan
+        output.register_hook(lambda g: g * math.inf)
+        return output
+
+    trainer.parts.head.register_forward_hook(logits_hook)
+    train_step = trainer.train_step
+
+    def step(s: int) -> dict:
+        poisoned["on"] = s >= POISON_FROM
+        if s == POISON_FROM:
+            seen["weights"] = full_weights(trainer)
+        return train_step(s)
+
+    trainer.train_step = step
+    return seen
+
+
+def _nonfinite(output_dir: Path, optim: dict, where: str) -> dict:
+    config = tiny_config(output_dir, max_steps=8, save_every=2, method="full",
+                         train={"max_consecutive_skips": 3, "micro_batch_size": 4},
+                         optim=optim)
+    trainer = start_trainer(config)
+    seen = _poison(trainer, where)
+    try:
+        trainer.fit()
+        error = None
+    except NonFiniteStepsError as e:
+        error = str(e)
+    trainer.stepper.hooks.remove()
+    after = full_weights(trainer)
+    return {"error": error, "changed": [n for n in after if not torch.equal(after[n], seen["weights"][n])],
+            "weights": seen["weights"]}
+
+
+def _retention(output_dir: Path) -> list[str]:
+    trainer = start_trainer(tiny_config(output_dir, max_steps=5, save_every=1, save_total_limit=2))
+    trainer.fit()
+    trainer.stepper.hooks.remove()
+    return sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+
+
+def _disagreement(output_dir: Path, rank: int, what: str) -> str:
+    """Rank 1 sees an older checkpoint as newest (a node-local disk that missed the last save), or a copy
+    of the data that differs from rank 0's."""
+    data = TINY_ALPACA
+    if what == "checkpoint" and rank == 1:
+        ckpt.latest_checkpoint = lambda out: ckpt.step_dir(out, 4)
+    if what == "data" and rank == 1:
+        data = output_dir.parent / "other_data.jsonl"
+        lines = Path(TINY_ALPACA).read_text().splitlines()
+        data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same examples, another order
+    trainer = start_trainer(tiny_config(output_dir, max_steps=5, save_every=1, save_total_limit=2, resume="auto",
+                                        data={"path": str(data)}))
+    try:
+        trainer.fit()
+    except RankDisagreementError as e:
+        return str(e)
+    finally:
+        trainer.stepper.hooks.remove()
+    return "no error"
+
+
+def _worker(rank: int, world_size: int, output_dir: str) -> dict:
+    root = Path(output_dir)
+    out = {key: _nonfinite(root / key, optim, where) for key, (optim, where) in NONFINITE.items()}
+    out["retention"] = _retention(root / "retention")
+    latest = ckpt.latest_checkpoint
+    for what in ("checkpoint", "data"):
+        out[f"disagree_{what}"] = _disagreement(root / "retention", rank, what)
+        ckpt.latest_checkpoint = latest
+    return out
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    return root, run_distributed(_worker, 2, output_dir=str(root))
+
+
+@pytest.mark.parametrize("key", NONFINITE)
+def test_nonfinite_steps_change_no_weight_are_counted_and_stop_the_run(observed, key):
+    root, ranks = observed
+    out = root / key
+    for rank in ranks:
+        obs = rank[key]
+        assert obs["changed"] == []
+        assert "steps 4 to 6: 3 steps in a row met a non-finite loss or gradient" in obs["error"]
+        assert "train.max_consecutive_skips=3" in obs["error"]
+        assert f"the last checkpoint, {out / 'checkpoints' / 'step_4'}, is intact" in obs["error"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    bad = records[POISON_FROM:]
+    optim, where = NONFINITE[key]
+    if where == "grad" and optim["name"] == "lomo" and not optim.get("fused_precheck"):
+        # one fused pass: each shard's update is refused as its non-finite gradient arrives
+        assert all(r["nonfinite_grad_shards"] > 0 and not r["skipped"] for r in bad)
+    else:
+        assert [r["skipped"] for r in records] == [False] * POISON_FROM + [True] * 3
+        assert [r["skipped_steps"] for r in bad] == [1, 2, 3]
+    assert not (out / "final").exists()
+    exported = root / f"{key}_exported"
+    ckpt.export_checkpoint(out / "checkpoints" / "step_4", exported)
+    from safetensors.torch import load_file
+
+    saved = load_file(exported / "model.safetensors")
+    for name, weight in ranks[0][key]["weights"].items():
+        assert torch.equal(saved[name].float(), weight), name
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(observed):
+    _, ranks = observed
+    assert ranks[0]["retention"] == ["step_4", "step_5"]
+
+
+def test_ranks_resuming_from_different_checkpoints_stop_naming_them(observed):
+    _, ranks = observed
+    for rank in ranks:
+        message = rank["disagree_checkpoint"]
+        assert "ranks disagree on the checkpoint to resume from" in message
+        assert "step_5" in message and "rank 1: " in message and "step_4" in message
+
+
+def test_ranks_holding_different_data_stop_naming_them(observed):
+    _, ranks = observed
+    for rank in ranks:
+        message = rank["disagree_data"]
+        assert "ranks disagree on the training data" in message and "'fingerprint': " in message
+        assert "ranks [1] differ from rank 0" in message
