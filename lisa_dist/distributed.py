@@ -73,11 +73,20 @@ def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
         if env.is_distributed:
             if env.master_addr is None:
                 raise ValueError(f"{env.launcher} launch without MASTER_ADDR: cannot reach the rendezvous")
-            dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
+            dist.init_process_group(backend, store=_rendezvous_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return Runtime(env=env, device=device)
+
+
+def _rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The launcher's store, with keys private to this attempt. torchrun keeps one store across
+    `--max-restarts` restarts, so without the prefix a restarted rank would read the dead attempt's
+    addresses and fail to connect."""
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"lisa_dist/attempt_{env.restart_count}/", store)
 
 
 def shutdown() -> None:

@@ -22,10 +22,16 @@ COMMON = [f"model.path={TINY_MODEL_DIR}", f"data.path={TINY_ALPACA}", "data.seq_
           "train.global_batch_size=8", "train.micro_batch_size=2", "progress_bar=false"]
 
 
+def torchrun_command(*args: str, nproc: int = 2, options: tuple[str, ...] = (),
+                     entry: tuple[str, ...] = ("-m", "lisa_dist")) -> list[str]:
+    """`torchrun [options] ENTRY train configs/tiny.yaml COMMON args`."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *options, *entry, "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
+
+
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(torchrun_command(*args, nproc=nproc), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300)
 
 
 def lisa_dist(*args: str) -> subprocess.CompletedProcess:
@@ -44,14 +50,6 @@ def assert_same_final(a: Path, b: Path) -> None:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    result = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_metrics_have_one_record_per_step_with_the_contract_fields(run):

@@ -64,3 +64,13 @@ def test_contradicting_deepspeed_config_is_refused_before_start(tmp_path):
                        "engine.name=zero3", f"engine.deepspeed_config={bad}")
     assert result.returncode == 2
     assert "remove the 'optimizer' block: lisa_dist owns the optimizer" in result.stderr
+
+
+def test_a_zero3_checkpoint_resumes_on_fsdp2_in_one_process(straight, tmp_path):
+    from tests.cli.test_reliability_cli import assert_same_training
+
+    out = tmp_path / "fsdp2"
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={out}", "max_steps=6",
+                       "train.dtype=fp32", f"resume={straight / 'checkpoints' / 'step_3'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(straight, out, 3)

@@ -1,0 +1,153 @@
+"""A killed rank under torchrun --max-restarts, a crash in the middle of a save, a stopped peer, exact resume
+of the learning-rate schedule and fp16 loss scale, and resuming on another world size or engine."""
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lisa_dist import checkpoint as ckpt
+from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun, torchrun_command
+from tests.helpers import assert_weights_close, tiny_start_weights
+
+FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
+
+
+def worker_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of the worker processes torchrun (pid `parent`) started."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == parent else []
+        except (OSError, ValueError):
+            continue
+        for entry in environ:
+            if entry.startswith(b"RANK="):
+                found[int(entry[5:])] = int(stat.parent.name)
+    return found
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_a_killed_rank_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(run, tmp_path):
+    out, log = tmp_path / "killed", tmp_path / "torchrun.log"
+    job = start(torchrun_command(f"output_dir={out}", *FP32, "resume=auto", options=("--max-restarts=1",)), log)
+    wait_for(lambda: steps_logged(out) >= 4)  # past the step-3 checkpoint, inside step 5
+    os.kill(worker_pids(job.pid)[1], signal.SIGKILL)
+    assert job.wait(timeout=240) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("lisa-dist: 1200 training sequences") == 2, text[-3000:]  # rank 0 started twice
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [r["loss"] for r in metrics(run)]
+    assert_same_final(out, run)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole_and_resume_skips_the_partial_one(run, tmp_path):
+    out = tmp_path / "crashed"
+    crashed = subprocess.run(torchrun_command(f"output_dir={out}", *FP32, entry=(str(REPO / "tests" / "cli" /
+                                                                                      "crash_in_save.py"),)),
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode != 0
+    partial = out / "checkpoints" / "step_6.tmp"
+    assert partial.is_dir() and any(partial.iterdir()) and not ckpt.is_complete(partial)
+    assert not (out / "checkpoints" / "step_6").exists() and not (out / "final").exists()
+    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step_3"
+    exported, reference = tmp_path / "exported", tmp_path / "reference"
+    ckpt.export_checkpoint(out / "checkpoints" / "step_3", exported)
+    ckpt.export_checkpoint(run / "checkpoints" / "step_3", reference)
+    a, b = load_file(exported / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = torchrun(f"output_dir={out}", *FP32, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_final(out, run)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+
+def test_a_stopped_peer_ends_the_job_after_the_collective_timeout_with_a_message(tmp_path):
+    out, log = tmp_path / "stopped", tmp_path / "torchrun.log"
+    job = start(torchrun_command(f"output_dir={out}", "max_steps=50", "engine.timeout_s=5"), log)
+    wait_for(lambda: steps_logged(out) >= 2)
+    pids = worker_pids(job.pid)
+    os.kill(pids[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        wait_for(lambda: not Path(f"/proc/{pids[0]}").exists() or "Z" in Path(f"/proc/{pids[0]}/stat").read_text().split()[2],
+                 timeout=60)
+        waited = time.monotonic() - stopped_at
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    assert job.wait(timeout=120) != 0
+    text = log.read_text()
+    assert "lisa-dist: error: rank 0: a collective with the other ranks failed (Timed out waiting" in text, text[-3000:]
+    assert "a peer rank died or did not answer within engine.timeout_s=5 s" in text
+    assert 5 <= waited < 30
+
+
+def test_resume_continues_the_warmup_cosine_schedule_and_the_fp16_loss_scale_exactly(tmp_path):
+    args = ["train.dtype=fp16", "max_steps=6", "save_every=3", "optim.schedule=cosine", "optim.warmup_steps=2",
+            "train.loss_scale=1024", "train.loss_scale_window=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = torchrun(f"output_dir={straight}", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(f"output_dir={resumed}", *args, f"resume={straight / 'checkpoints' / 'step_3'}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in b] == [4, 5, 6]
+    assert len({r["lr"] for r in a}) >= 4 and len({r["loss_scale"] for r in a[:4]}) > 1  # both states move
+    assert [(r["loss"], r["lr"], r["loss_scale"], r["grad_norm"]) for r in a[3:]] == \
+        [(r["loss"], r["lr"], r["loss_scale"], r["grad_norm"]) for r in b]
+    assert_same_final(straight, resumed)
+
+
+def assert_same_training(a: Path, b: Path, first_step: int) -> None:
+    """Equal up to the rounding of a different reduction order: losses, and final weights as close as two
+    runs' updates can be (tests.helpers.assert_weights_close)."""
+    ra, rb = metrics(a)[first_step:], metrics(b)[-len(metrics(a)[first_step:]):]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert [r["active_layers"] for r in ra] == [r["active_layers"] for r in rb]
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert_weights_close(wa, wb, tiny_start_weights())
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(run, tmp_path):
+    out = tmp_path / "one"
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={out}", *FP32,
+                       f"resume={run / 'checkpoints' / 'step_3'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(run, out, 3)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks_of_either_engine(run, tmp_path):
+    one = tmp_path / "one"
+    result = lisa_dist("train", str(REPO / "configs" / "tiny.yaml"), *COMMON, f"output_dir={one}",
+                       "train.dtype=fp32", "max_steps=3", "save_every=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for engine in ("fsdp2", "zero3"):
+        out = tmp_path / engine
+        resumed = torchrun(f"output_dir={out}", *FP32, f"engine.name={engine}",
+                           f"resume={one / 'checkpoints' / 'step_3'}")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_same_training(run, out, 3)
