@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from lisa_dist.models.parts import UnsupportedModelError
     from lisa_dist.models.weights import WeightsError
 
-    from lisa_dist.distributed import PeerFailureError, RankDisagreementError
+    from lisa_dist.distributed import PeerFailureError, RankDisagreementError, process_group_started
     from lisa_dist.optim.precision import LossScaleError
     from lisa_dist.steps import NonFiniteStepsError
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*user_errors, *run_errors) as e:
         print(f"lisa-dist: error: {e}", file=sys.stderr)
         code = 2 if isinstance(e, user_errors) else 1
-        if args.command == "train":
+        if process_group_started():
             _exit_now(code)
         return code
     return 0

@@ -59,6 +59,14 @@ class Runtime:
         return self.env.rank == 0
 
 
+_started = False
+
+
+def process_group_started() -> bool:
+    """Whether this process ever started a process group (its communication threads may outlive it)."""
+    return _started
+
+
 def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
     """Start the default process group; a plain process gets a world of one so every path is the same."""
     if torch.cuda.is_available():
@@ -68,6 +76,8 @@ def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    global _started
+    _started = True
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if env.is_distributed:

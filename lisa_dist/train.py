@@ -20,7 +20,7 @@ from lisa_dist.engines.base import Engine, create_engine, engine_class, trainabl
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models import set_trainable_layers
-from lisa_dist.models.build import ModelSource, check_against_model, resolve_model_source
+from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.rundir import MetricsWriter, check_output_dir, check_resume_compatible, clear_previous_run
@@ -39,6 +39,8 @@ def prepare(config: Config, world_size: int, check_output: bool = True,
     engine_class(config.engine.name).check_config(config, world_size)
     source = resolve_model_source(config)
     check_against_model(config, source.hf_config)
+    if not shapes_only:
+        check_weights(source)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
     if len(tokenizer) > source.hf_config.vocab_size:
         raise ConfigError(f"tokenizer in {source.tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "

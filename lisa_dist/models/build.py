@@ -13,6 +13,7 @@ from torch import nn
 from lisa_dist.config import Config, ConfigError
 from lisa_dist.models.parts import find_parts
 from lisa_dist.models.presets import PRESETS
+from lisa_dist.models.weights import SafetensorsReader
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -98,6 +99,20 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
         if found != c.engine.layer_class:
             raise ConfigError(f"engine.layer_class={c.engine.layer_class!r} (accelerate's "
                               f"fsdp_transformer_layer_cls_to_wrap) but the model's decoder layers are {found}")
+
+
+def check_weights(source: ModelSource) -> None:
+    """Every weight the model needs is stored, in floating point and in its shape: read from the
+    safetensors headers before any process group exists, so a bad checkpoint costs no start-up."""
+    if source.weights_dir is None:
+        return
+    model = build_meta_model(source.hf_config, torch.float32, "eager")
+    reader = SafetensorsReader(source.weights_dir, model.base_model_prefix)
+    try:
+        for name, param in model.named_parameters():
+            reader.check(name, list(param.shape))
+    finally:
+        reader.close()
 
 
 def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:

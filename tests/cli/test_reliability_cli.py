@@ -41,6 +41,13 @@ def wait_for(condition: Callable[[], bool], timeout: float = 180.0) -> None:
         time.sleep(0.01)
 
 
+def exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def steps_logged(out: Path) -> int:
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -93,8 +100,7 @@ def test_a_stopped_peer_ends_the_job_after_the_collective_timeout_with_a_message
     os.kill(pids[1], signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        wait_for(lambda: not Path(f"/proc/{pids[0]}").exists() or "Z" in Path(f"/proc/{pids[0]}/stat").read_text().split()[2],
-                 timeout=60)
+        wait_for(lambda: exited(pids[0]), timeout=60)
         waited = time.monotonic() - stopped_at
     finally:
         os.kill(pids[1], signal.SIGCONT)
