@@ -114,10 +114,17 @@ def verify_same_across_ranks(what: str, value: Any) -> None:
     reference = gathered[0]
     differing = [r for r, v in enumerate(gathered) if v != reference]
     if differing:
-        details = "; ".join(f"rank {r}: {gathered[r]!r}" for r in differing[:4])
-        raise RankDisagreementError(
-            f"ranks disagree on {what}: rank 0 has {reference!r} but {details}"
-            f" (ranks {differing} differ from rank 0)")
+        details = "; ".join(f"rank {r}: {_difference(reference, gathered[r])}" for r in differing[:4])
+        raise RankDisagreementError(f"ranks disagree on {what}: {details} (ranks {differing} differ from rank 0)")
+
+
+def _difference(reference: Any, value: Any, prefix: str = "") -> str:
+    """What `value` has where rank 0 has `reference`: the differing keys of nested dicts, else both reprs."""
+    if isinstance(reference, dict) and isinstance(value, dict):
+        keys = sorted(k for k in reference.keys() | value.keys() if reference.get(k) != value.get(k))
+        return ", ".join(_difference(reference.get(k), value.get(k), f"{prefix}{k}.") for k in keys)
+    name = prefix.rstrip(".")
+    return f"{name + ' ' if name else ''}{value!r} where rank 0 has {reference!r}"
 
 
 def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:

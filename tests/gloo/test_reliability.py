@@ -96,6 +96,17 @@ def _disagreement(output_dir: Path, rank: int, what: str) -> str:
     return "no error"
 
 
+def _config_disagreement(output_dir: Path, rank: int) -> str:
+    """Rank 1 launched with another learning rate (a node with an edited copy of the YAML)."""
+    from lisa_dist.train import run_training
+
+    try:
+        run_training(tiny_config(output_dir, optim={"name": "adamw", "lr": 1e-3 * (1 + rank)}))
+    except RankDisagreementError as e:
+        return str(e)
+    return "no error"
+
+
 def _worker(rank: int, world_size: int, output_dir: str) -> dict:
     root = Path(output_dir)
     out = {key: _nonfinite(root / key, optim, where) for key, (optim, where) in NONFINITE.items()}
@@ -104,6 +115,7 @@ def _worker(rank: int, world_size: int, output_dir: str) -> dict:
     for what in ("checkpoint", "data"):
         out[f"disagree_{what}"] = _disagreement(root / "retention", rank, what)
         ckpt.latest_checkpoint = latest
+    out["disagree_config"] = _config_disagreement(root / "config", rank)  # last: it ends the process group
     return out
 
 
@@ -153,12 +165,20 @@ def test_ranks_resuming_from_different_checkpoints_stop_naming_them(observed):
     for rank in ranks:
         message = rank["disagree_checkpoint"]
         assert "ranks disagree on the checkpoint to resume from" in message
-        assert "step_5" in message and "rank 1: " in message and "step_4" in message
+        assert "rank 1: '" in message and "step_4' where rank 0 has '" in message and "step_5'" in message
 
 
 def test_ranks_holding_different_data_stop_naming_them(observed):
     _, ranks = observed
     for rank in ranks:
         message = rank["disagree_data"]
-        assert "ranks disagree on the training data" in message and "'fingerprint': " in message
+        assert "ranks disagree on the training data" in message and "rank 1: fingerprint '" in message
         assert "ranks [1] differ from rank 0" in message
+
+
+def test_ranks_launched_with_different_configurations_stop_naming_them(observed):
+    _, ranks = observed
+    for rank in ranks:
+        message = rank["disagree_config"]
+        assert "ranks disagree on the run configuration" in message and "ranks [1] differ from rank 0" in message
+        assert "rank 1: optim.lr 0.002 where rank 0 has 0.001 (ranks [1]" in message

@@ -10,6 +10,11 @@ from tests.helpers import tiny_config
 def test_resume_allows_bookkeeping_changes_and_refuses_training_changes(tmp_path):
     saved = tiny_config(tmp_path).to_dict()
     check_resume_compatible(saved, tiny_config(tmp_path / "elsewhere", save_every=5, max_steps=50))
+    # where tensors live and how micro-batches split: another engine or world size resumes
+    check_resume_compatible(saved, tiny_config(tmp_path, engine={"name": "zero3", "timeout_s": 5},
+                                               train={"micro_batch_size": 1}, save_total_limit=2))
+    with pytest.raises(CheckpointError, match=r"train.global_batch_size: 8 -> 16"):
+        check_resume_compatible(saved, tiny_config(tmp_path, train={"global_batch_size": 16}))
     with pytest.raises(CheckpointError, match=r"lisa.gamma: 2 -> 3"):
         check_resume_compatible(saved, tiny_config(tmp_path, lisa={"gamma": 3}))
     cosine = tiny_config(tmp_path, optim={"schedule": "cosine"})
