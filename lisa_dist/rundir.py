@@ -85,7 +85,9 @@ class MetricsWriter:
         if not self.path.exists():
             return
         lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in lines))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never half of it
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
