@@ -11,3 +11,17 @@ def run(tmp_path_factory):
     result = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory):
+    """The same run on ZeRO-3 under the deepspeed launcher."""
+    import os
+
+    from tests.cli.test_zero3_cli import ZERO3, deepspeed_launcher
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    out = tmp_path_factory.mktemp("z3") / "straight"
+    result = deepspeed_launcher(f"output_dir={out}", "max_steps=6", *ZERO3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

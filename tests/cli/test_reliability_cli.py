@@ -17,6 +17,8 @@ from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_
 from tests.helpers import assert_weights_close, tiny_start_weights
 
 FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
+ENGINES = {"fsdp2": [], "zero3": ["engine.name=zero3",
+                                  f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"]}
 
 
 def worker_pids(parent: int) -> dict[int, int]:
@@ -61,9 +63,12 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def test_a_killed_rank_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(run, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_a_killed_rank_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(engine, request, tmp_path):
+    run = request.getfixturevalue("run" if engine == "fsdp2" else "zero3_run")
     out, log = tmp_path / "killed", tmp_path / "torchrun.log"
-    job = start(torchrun_command(f"output_dir={out}", *FP32, "resume=auto", options=("--max-restarts=1",)), log)
+    job = start(torchrun_command(f"output_dir={out}", *FP32, "resume=auto", *ENGINES[engine],
+                                 options=("--max-restarts=1",)), log)
     wait_for(lambda: steps_logged(out) >= 4)  # past the step-3 checkpoint, inside step 5
     before = logged(out)[3]
     os.kill(worker_pids(job.pid)[1], signal.SIGKILL)

@@ -1,7 +1,6 @@
 """Whole ZeRO-3 runs: the deepspeed launcher, torchrun, checkpoints, resume and export."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -23,13 +22,9 @@ def deepspeed_launcher(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=DS_ENV, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    out = tmp_path_factory.mktemp("z3") / "straight"
-    result = deepspeed_launcher(f"output_dir={out}", "max_steps=6", *ZERO3)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+@pytest.fixture
+def straight(zero3_run):
+    return zero3_run
 
 
 def test_deepspeed_launcher_runs_zero3_end_to_end(straight):

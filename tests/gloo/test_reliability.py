@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,24 @@ from lisa_dist.steps import NonFiniteStepsError
 from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
 
 POISON_FROM = 3  # step index: steps 4, 5, 6 (1-based) meet non-finite values
-NONFINITE = {
-    "adamw_nan_loss": ({"name": "adamw", "lr": 1e-3}, "loss"),
-    "adamw_inf_grad": ({"name": "adamw", "lr": 1e-3}, "grad"),
-    "lomo_nan_loss": ({"name": "lomo", "lr": 0.05}, "loss"),
-    "lomo_inf_grad": ({"name": "lomo", "lr": 0.05}, "grad"),
-    "lomo_precheck_inf_grad": ({"name": "lomo", "lr": 0.05, "fused_precheck": True}, "grad"),
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+NONFINITE = {  # (optimizer, where the non-finite values appear, engine)
+    "adamw_nan_loss": ({"name": "adamw", "lr": 1e-3}, "loss", "fsdp2"),
+    "adamw_inf_grad": ({"name": "adamw", "lr": 1e-3}, "grad", "fsdp2"),
+    "lomo_nan_loss": ({"name": "lomo", "lr": 0.05}, "loss", "fsdp2"),
+    "lomo_inf_grad": ({"name": "lomo", "lr": 0.05}, "grad", "fsdp2"),
+    "lomo_precheck_inf_grad": ({"name": "lomo", "lr": 0.05, "fused_precheck": True}, "grad", "fsdp2"),
+    "zero3_adamw_inf_grad": ({"name": "adamw", "lr": 1e-3}, "grad", "zero3"),
+    "zero3_adalomo_nan_loss": ({"name": "adalomo", "lr": 0.01}, "loss", "zero3"),
 }
+
+
+def _weights(trainer) -> dict[str, torch.Tensor] | None:
+    """Whole weights: on every rank for FSDP2, on rank 0 (None elsewhere) for ZeRO-3."""
+    if trainer.engine.name == "fsdp2":
+        return full_weights(trainer)
+    state = trainer.engine.full_state_dict()
+    return None if state is None else {k: v.float() for k, v in state.items()}
 
 
 def _poison(trainer, where: str) -> dict:
@@ -44,17 +56,17 @@ def _poison(trainer, where: str) -> dict:
     def step(s: int) -> dict:
         poisoned["on"] = s >= POISON_FROM
         if s == POISON_FROM:
-            seen["weights"] = full_weights(trainer)
+            seen["weights"] = _weights(trainer)
         return train_step(s)
 
     trainer.train_step = step
     return seen
 
 
-def _nonfinite(output_dir: Path, optim: dict, where: str) -> dict:
+def _nonfinite(output_dir: Path, optim: dict, where: str, engine: str) -> dict:
     config = tiny_config(output_dir, max_steps=8, save_every=2, method="full",
                          train={"max_consecutive_skips": 3, "micro_batch_size": 4},
-                         optim=optim)
+                         optim=optim, engine={"name": engine})
     trainer = start_trainer(config)
     seen = _poison(trainer, where)
     try:
@@ -63,9 +75,9 @@ def _nonfinite(output_dir: Path, optim: dict, where: str) -> dict:
     except NonFiniteStepsError as e:
         error = str(e)
     trainer.stepper.hooks.remove()
-    after = full_weights(trainer)
-    return {"error": error, "changed": [n for n in after if not torch.equal(after[n], seen["weights"][n])],
-            "weights": seen["weights"]}
+    after, before = _weights(trainer), seen["weights"]
+    changed = [] if after is None else [n for n in after if not torch.equal(after[n], before[n])]
+    return {"error": error, "changed": changed, "weights": before}
 
 
 def _retention(output_dir: Path) -> list[str]:
@@ -109,7 +121,7 @@ def _config_disagreement(output_dir: Path, rank: int) -> str:
 
 def _worker(rank: int, world_size: int, output_dir: str) -> dict:
     root = Path(output_dir)
-    out = {key: _nonfinite(root / key, optim, where) for key, (optim, where) in NONFINITE.items()}
+    out = {key: _nonfinite(root / key, *case) for key, case in NONFINITE.items()}
     out["retention"] = _retention(root / "retention")
     latest = ckpt.latest_checkpoint
     for what in ("checkpoint", "data"):
@@ -138,7 +150,7 @@ def test_nonfinite_steps_change_no_weight_are_counted_and_stop_the_run(observed,
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     bad = records[POISON_FROM:]
-    optim, where = NONFINITE[key]
+    optim, where, _ = NONFINITE[key]
     if where == "grad" and optim["name"] == "lomo" and not optim.get("fused_precheck"):
         # one fused pass: each shard's update is refused as its non-finite gradient arrives
         assert all(r["nonfinite_grad_shards"] > 0 and not r["skipped"] for r in bad)
