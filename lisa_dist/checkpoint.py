@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,20 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def set_aside_newer(output_dir: Path, step: int) -> list[Path]:
+    """A run resumed from `step` abandons the checkpoints written after it (as it cuts metrics.jsonl back):
+    move them under checkpoints/abandoned/, where resume=auto and pruning never look, rather than let a
+    later resume=auto pick one or pruning delete the new checkpoints in their favour."""
+    moved = []
+    for directory in complete_checkpoints(output_dir):
+        if int(directory.name[5:]) > step:
+            target = output_dir / "checkpoints" / "abandoned" / f"{directory.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+            target.parent.mkdir(exist_ok=True)
+            directory.rename(target)
+            moved.append(target)
+    return moved
 
 
 def prune(output_dir: Path, keep: int) -> list[Path]:

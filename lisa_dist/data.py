@@ -321,7 +321,8 @@ class GlobalBatches:
     def load_state_dict(self, state: dict[str, int | str]) -> None:
         current = self.state_dict()
         mismatched = [f"{key}: checkpoint {state.get(key)} vs now {value}"
-                      for key, value in current.items() if state.get(key) != value]
+                      for key, value in current.items() if state.get(key) != value
+                      and not (key == "fingerprint" and key not in state)]  # checkpoints from before it existed
         if mismatched:
             raise ValueError("cannot resume data order; the checkpoint was made with different data or "
                              f"batching ({'; '.join(mismatched)})")

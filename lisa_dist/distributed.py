@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ _PEER_FAILURE_SIGNS = ("Timed out waiting", "Connection reset by peer", "Connect
 def as_peer_failure(error: RuntimeError, rank: int, timeout_s: int) -> PeerFailureError | None:
     """The user-facing error for a collective that a dead or stuck peer broke; None for any other error."""
     text = str(error)
-    if not (isinstance(error, dist.DistError) or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
+    if not (isinstance(error, (dist.DistNetworkError, dist.DistStoreError)) or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
         return None
     cause = text.splitlines()[0] if text else type(error).__name__
     cause = cause.split("] ", 1)[-1][:200]
@@ -77,7 +79,6 @@ def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
         device = torch.device("cpu")
         backend = "gloo"
     global _started
-    _started = True
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if env.is_distributed:
@@ -87,16 +88,44 @@ def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
                                     world_size=env.world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        _started = True
     return Runtime(env=env, device=device)
 
 
 def _rendezvous_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store:
-    """The launcher's store, with keys private to this attempt. torchrun keeps one store across
-    `--max-restarts` restarts, so without the prefix a restarted rank would read the dead attempt's
-    addresses and fail to connect."""
+    """The launcher's store, with keys private to this attempt (`_attempt_token`)."""
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                           is_master=env.rank == 0 and not env.agent_store, timeout=timeout, multi_tenant=True)
-    return dist.PrefixStore(f"lisa_dist/attempt_{env.restart_count}/", store)
+    return dist.PrefixStore(f"lisa_dist/{_attempt_token(store, env, timeout)}/", store)
+
+
+def _attempt_token(store: dist.Store, env: LaunchEnv, timeout: datetime.timedelta) -> str:
+    """A name all ranks of this attempt agree on, and no earlier attempt used.
+
+    torchrun keeps its store across `--max-restarts` restarts and rendezvous rounds, so keys of a dead
+    attempt are still there (a restarted rank read the old gloo addresses and could not connect), and
+    TORCHELASTIC_RESTART_COUNT is counted per node, so it can differ between nodes. Instead rank 0 draws a
+    fresh token and hands it to each rank under a nonce that rank just drew, which no stale key can match.
+    """
+    hellos, joined = "lisa_dist/hellos", "lisa_dist/joined/"
+    if env.rank != 0:
+        nonce = uuid.uuid4().hex
+        store.append(hellos, nonce + ",")
+        token = store.get(f"lisa_dist/token/{nonce}").decode()  # waits up to the timeout for rank 0
+        store.add(joined + token, 1)
+        return token
+    token, answered = uuid.uuid4().hex, set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(joined + token, 0) < env.world_size - 1:
+        nonces = store.get(hellos).decode().split(",") if store.check([hellos]) else []
+        for nonce in set(nonces) - answered - {""}:  # stale nonces of dead attempts are answered too: harmless
+            store.set(f"lisa_dist/token/{nonce}", token)
+            answered.add(nonce)
+        if time.monotonic() > deadline:
+            raise PeerFailureError(f"rank 0: only {store.add(joined + token, 0)} of {env.world_size - 1} other "
+                                   f"ranks reached the rendezvous within engine.timeout_s={int(timeout.total_seconds())} s")
+        time.sleep(0.05)
+    return token
 
 
 def shutdown() -> None:

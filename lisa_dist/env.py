@@ -26,8 +26,6 @@ class LaunchEnv:
     accelerate: tuple[tuple[str, str], ...] = ()
     """The settings `accelerate launch` passed from its config file (ACCELERATE_*, FSDP_*, PARALLELISM_CONFIG_*
     variables), sorted; `lisa_dist.accelerate_config` turns them into run configuration."""
-    restart_count: int = 0
-    """torchrun: how many times the worker group was restarted (`--max-restarts`) before this attempt."""
     agent_store: bool = False
     """torchrun: the agent hosts the rendezvous store (rank 0 must not start one)."""
 
@@ -66,8 +64,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             rank=num("RANK"), world_size=world_size, local_rank=num("LOCAL_RANK", 0),
             local_world_size=num("LOCAL_WORLD_SIZE", world_size), launcher=launcher,
             master_addr=env.get("MASTER_ADDR"), master_port=num("MASTER_PORT", 29500), is_tty=is_tty,
-            accelerate=accelerate, restart_count=num("TORCHELASTIC_RESTART_COUNT", 0),
-            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+            accelerate=accelerate, agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
     if "SLURM_PROCID" in env and num("SLURM_NTASKS", 1) > 1:
         return LaunchEnv(
             rank=num("SLURM_PROCID"), world_size=num("SLURM_NTASKS"), local_rank=num("SLURM_LOCALID", 0),

@@ -195,6 +195,9 @@ class Trainer:
         metrics = MetricsWriter(self.output_dir)
         if self.runtime.is_main:
             metrics.keep_until(start_step)
+            for moved in ckpt.set_aside_newer(self.output_dir, start_step):
+                print(f"lisa-dist: resuming from step {start_step}: moved the later checkpoint to {moved}",
+                      file=sys.stderr)
         for step in range(start_step, self.config.max_steps):
             record = self._measured_step(step)
             if self.runtime.is_main:
@@ -249,8 +252,8 @@ def run_training(config: Config, env: LaunchEnv | None = None, launcher: Acceler
     if launcher is not None:
         launcher.check_world_size(config.train.global_batch_size, config.train.micro_batch_size, env.world_size)
     source, sequences = prepare(config, env.world_size)
-    runtime = init_distributed(env, config.engine.timeout_s)
     try:
+        runtime = init_distributed(env, config.engine.timeout_s)
         verify_same_across_ranks("the run configuration", config.to_dict())
         if runtime.is_main:
             if launcher is not None and launcher.config:
@@ -265,7 +268,7 @@ def run_training(config: Config, env: LaunchEnv | None = None, launcher: Acceler
         trainer.fit()
         return Path(config.output_dir)
     except RuntimeError as e:
-        failure = as_peer_failure(e, runtime.rank, config.engine.timeout_s)
+        failure = as_peer_failure(e, env.rank, config.engine.timeout_s)
         if failure is None:
             raise
         raise failure from e

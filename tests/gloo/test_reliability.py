@@ -80,11 +80,22 @@ def _nonfinite(output_dir: Path, optim: dict, where: str, engine: str) -> dict:
     return {"error": error, "changed": changed, "weights": before}
 
 
-def _retention(output_dir: Path) -> list[str]:
-    trainer = start_trainer(tiny_config(output_dir, max_steps=5, save_every=1, save_total_limit=2))
-    trainer.fit()
-    trainer.stepper.hooks.remove()
-    return sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+def _retention(output_dir: Path) -> dict[str, list[str]]:
+    """Keep 2 of 5 checkpoints; then branch from step_4 with a limit of 1: the old step_5 is set aside, not
+    kept as 'newest' while the branch's own checkpoint is pruned."""
+    out = {}
+    for key, sections in (("kept", {}), ("branched", {"resume": str(output_dir / "checkpoints" / "step_4"),
+                                                       "save_total_limit": 1})):
+        trainer = start_trainer(tiny_config(output_dir, **{"max_steps": 5, "save_every": 1, "save_total_limit": 2,
+                                                           **sections}))
+        if key == "branched":
+            old_step_5 = ckpt.step_dir(output_dir, 5).stat().st_ino
+        trainer.fit()
+        trainer.stepper.hooks.remove()
+        out[key] = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
+    out["abandoned"] = [p.stat().st_ino == old_step_5 for p in (output_dir / "checkpoints" / "abandoned").iterdir()]
+    out["latest"] = ckpt.latest_checkpoint(output_dir).stat().st_ino != old_step_5
+    return out
 
 
 def _disagreement(output_dir: Path, rank: int, what: str) -> str:
@@ -167,9 +178,12 @@ def test_nonfinite_steps_change_no_weight_are_counted_and_stop_the_run(observed,
         assert torch.equal(saved[name].float(), weight), name
 
 
-def test_save_total_limit_keeps_the_newest_checkpoints(observed):
+def test_save_total_limit_keeps_the_newest_checkpoints_and_a_branch_sets_later_ones_aside(observed):
     _, ranks = observed
-    assert ranks[0]["retention"] == ["step_4", "step_5"]
+    retention = ranks[0]["retention"]
+    assert retention["kept"] == ["step_4", "step_5"]
+    assert retention["branched"] == ["abandoned", "step_5"]
+    assert retention["abandoned"] == [True] and retention["latest"]
 
 
 def test_ranks_resuming_from_different_checkpoints_stop_naming_them(observed):
