@@ -31,8 +31,9 @@ def is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file()
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first; `step_N.tmp` (being written, or left by a crash) never counts."""
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the complete step checkpoints, oldest first; `step_N.tmp` (being written, or left
+    by a crash) never counts."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -41,12 +42,12 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
         name = child.name
         if child.is_dir() and name.startswith("step_") and name[5:].isdigit() and is_complete(child):
             found.append((int(name[5:]), child))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
+    return found[-1][1] if found else None
 
 
 def set_aside_newer(output_dir: Path, step: int) -> list[Path]:
@@ -54,8 +55,8 @@ def set_aside_newer(output_dir: Path, step: int) -> list[Path]:
     move them under checkpoints/abandoned/, where resume=auto and pruning never look, rather than let a
     later resume=auto pick one or pruning delete the new checkpoints in their favour."""
     moved = []
-    for directory in complete_checkpoints(output_dir):
-        if int(directory.name[5:]) > step:
+    for saved_step, directory in complete_checkpoints(output_dir):
+        if saved_step > step:
             target = output_dir / "checkpoints" / "abandoned" / f"{directory.name}.{time.strftime('%Y%m%d-%H%M%S')}"
             target.parent.mkdir(exist_ok=True)
             directory.rename(target)
@@ -66,7 +67,7 @@ def set_aside_newer(output_dir: Path, step: int) -> list[Path]:
 def prune(output_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints. The marker goes first, so a crash halfway
     through a deletion leaves an incomplete directory that resume=auto skips, never a damaged 'complete' one."""
-    found = complete_checkpoints(output_dir)
+    found = [directory for _, directory in complete_checkpoints(output_dir)]
     doomed = found[:-keep] if keep else []
     for directory in doomed:
         (directory / COMPLETE_MARKER).unlink()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import deepspeed
 import torch

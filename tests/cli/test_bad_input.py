@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
+from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.cli import main
 from tests.cli.test_train_cli import COMMON, REPO
 

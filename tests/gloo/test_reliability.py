@@ -186,25 +186,16 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_a_branch_sets_later_o
     assert retention["abandoned"] == [True] and retention["latest"]
 
 
-def test_ranks_resuming_from_different_checkpoints_stop_naming_them(observed):
+@pytest.mark.parametrize("what, details", [
+    ("checkpoint", ["ranks disagree on the checkpoint to resume from", "rank 1: '", "step_4' where rank 0 has '",
+                    "step_5'"]),
+    ("data", ["ranks disagree on the training data", "rank 1: fingerprint '"]),
+    ("config", ["ranks disagree on the run configuration", "rank 1: optim.lr 0.002 where rank 0 has 0.001 (ranks [1]"]),
+])
+def test_ranks_that_disagree_stop_naming_them_and_the_difference(observed, what, details):
+    """Rank 1 resumes from another checkpoint, reads another copy of the data, or runs another configuration."""
     _, ranks = observed
     for rank in ranks:
-        message = rank["disagree_checkpoint"]
-        assert "ranks disagree on the checkpoint to resume from" in message
-        assert "rank 1: '" in message and "step_4' where rank 0 has '" in message and "step_5'" in message
-
-
-def test_ranks_holding_different_data_stop_naming_them(observed):
-    _, ranks = observed
-    for rank in ranks:
-        message = rank["disagree_data"]
-        assert "ranks disagree on the training data" in message and "rank 1: fingerprint '" in message
-        assert "ranks [1] differ from rank 0" in message
-
-
-def test_ranks_launched_with_different_configurations_stop_naming_them(observed):
-    _, ranks = observed
-    for rank in ranks:
-        message = rank["disagree_config"]
-        assert "ranks disagree on the run configuration" in message and "ranks [1] differ from rank 0" in message
-        assert "rank 1: optim.lr 0.002 where rank 0 has 0.001 (ranks [1]" in message
+        message = rank[f"disagree_{what}"]
+        for detail in [*details, "ranks [1] differ from rank 0"]:
+            assert detail in message, message
