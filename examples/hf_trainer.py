@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--global-batch", type=int, default=4, help="sequences per step over all ranks")
+    parser.add_argument("--adam-epsilon", type=float, default=1e-8, help="TrainingArguments.adam_epsilon (adamw)")
+    parser.add_argument("--adalomo-eps1", type=float, default=1e-30, help="lisa_dist optim.adalomo_eps[0]")
     parser.add_argument("--record", default=None)
     cli = parser.parse_args()
 
@@ -54,10 +56,10 @@ def main() -> None:
     args = transformers.TrainingArguments(
         output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size, learning_rate=cli.lr,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0,
-        max_grad_norm=1.0, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
+        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
     trainer = LisaDistTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2}, "optim": {"name": cli.optim}})
+        lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2}, "optim": {"name": cli.optim, "adalomo_eps": [cli.adalomo_eps1, 1e-3]}})
     if cli.record:
         trainer.add_callback(Record(trainer, cli.record))
     trainer.train()

@@ -75,12 +75,25 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def write_hf_meta(directory: Path, hf_config: transformers.PretrainedConfig, tokenizer_dir: Path) -> None:
-    """Config and tokenizer beside the shards, so a checkpoint exports without the original model."""
+GENERATION_CONFIG = "generation_config.json"
+
+
+def write_hf_meta(directory: Path, hf_config: transformers.PretrainedConfig, tokenizer_dir: Path,
+                  model_dir: Path | None) -> None:
+    """Config, tokenizer and the model's generation settings beside the shards, so a checkpoint exports
+    without the original model."""
     target = directory / HF_CONFIG_DIR
     target.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(target)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    _copy_generation_config(model_dir, target)
+
+
+def _copy_generation_config(model_dir: Path | None, target: Path) -> None:
+    """The source model's generation_config.json (sampling settings, stop tokens) replaces the default one
+    `save_pretrained` derives from the model config."""
+    if model_dir is not None and (model_dir / GENERATION_CONFIG).is_file():
+        shutil.copyfile(model_dir / GENERATION_CONFIG, target / GENERATION_CONFIG)
 
 
 def begin_save(output_dir: Path, step: int, is_main: bool) -> Path:
@@ -131,21 +144,28 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 
 def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.PretrainedConfig,
-                  tokenizer_dir: Path, out_dir: Path) -> None:
-    """Write an HF directory that `AutoModelForCausalLM.from_pretrained` loads."""
+                  tokenizer_dir: Path, out_dir: Path, model_dir: Path | None) -> None:
+    """Write an HF directory that `AutoModelForCausalLM.from_pretrained` loads; `model_dir` gives the
+    generation_config.json to carry over."""
+    tied = getattr(hf_config, "tie_word_embeddings", False)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    if getattr(hf_config, "tie_word_embeddings", False):
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"} | {
-            "lm_head.weight": state_dict.get("lm_head.weight", state_dict.get("model.embed_tokens.weight"))}
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if getattr(hf_config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
+    # A tied head is one parameter under two names; named_parameters lists it once, under the embedding's name.
+    names = {n for n, _ in model.named_parameters()}
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in names}, strict=False, assign=True)
+    if tied:
+        model.tie_weights()  # the head follows the embedding that was just assigned
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"the model state lacks {', '.join(missing[:3])}")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    _copy_generation_config(model_dir, tmp)
     publish(tmp, out_dir)
 
 
@@ -168,4 +188,4 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     template = {"model": {k: torch.empty(shape, dtype=dtype) for k, shape in stored.items()}}
     dcp.load(template, checkpoint_id=str(checkpoint_dir), no_dist=True)
     state = {k: v.reshape(shapes[k]) for k, v in template["model"].items()}
-    save_hf_model(state, hf_config, meta, out_dir)
+    save_hf_model(state, hf_config, meta, out_dir, meta)

@@ -74,3 +74,11 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1,
                      launcher="accelerate" if launched_by_accelerate else "single", is_tty=is_tty,
                      accelerate=accelerate)
+
+
+def export_rank_variables(env: LaunchEnv) -> None:
+    """Set the torchrun-style rank variables a library reads from the environment (DeepSpeed's zero.Init
+    reads LOCAL_RANK) where the launcher did not: a plain process, SLURM's srun."""
+    for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                       ("LOCAL_WORLD_SIZE", env.local_world_size)):
+        os.environ.setdefault(key, str(value))

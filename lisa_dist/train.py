@@ -47,6 +47,9 @@ def prepare(config: Config, world_size: int, check_output: bool = True,
                           f"vocab_size {source.hf_config.vocab_size}")
     examples = load_examples(config.data.path, tokenizer, config.data.format)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ConfigError(f"the tokenizer in {source.tokenizer_dir} has neither a pad token nor an eos token to pad "
+                          "sequences with; set pad_token in its tokenizer_config.json")
     sequences = build_sequences(examples, config.data.seq_len, pad_id, config.data.pack)
     if shapes_only:
         sequences = sequences.repeated_to(config.train.global_batch_size)
@@ -150,7 +153,7 @@ class Trainer:
         final = ckpt.step_dir(self.output_dir, step)
         tmp = ckpt.begin_save(self.output_dir, step, self.runtime.is_main)
         if self.runtime.is_main:
-            ckpt.write_hf_meta(tmp, self._export_config(), self.source.tokenizer_dir)
+            ckpt.write_hf_meta(tmp, self._export_config(), self.source.tokenizer_dir, self.source.weights_dir)
         self.engine.save(tmp, self.optimizer.state_dict())
         ckpt.finish_save(tmp, final, self.trainer_state(step), self.runtime.is_main)
         return final
@@ -185,7 +188,8 @@ class Trainer:
         state_dict = self.engine.full_state_dict()
         out = self.output_dir / "final"
         if self.runtime.is_main:
-            ckpt.save_hf_model(state_dict, self._export_config(), self.source.tokenizer_dir, out)
+            ckpt.save_hf_model(state_dict, self._export_config(), self.source.tokenizer_dir, out,
+                               self.source.weights_dir)
         torch.distributed.barrier()
         return out
 

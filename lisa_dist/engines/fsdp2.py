@@ -18,8 +18,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.engines.base import Engine
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
-from lisa_dist.models.build import DTYPES
-from lisa_dist.models.weights import SafetensorsReader, random_init
+from lisa_dist.models.build import DTYPES, open_weights
+from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard import ShardInfo, local_shard_info
 from lisa_dist.scalars import real_tensors
 
@@ -105,9 +105,7 @@ class FSDP2Engine(Engine):
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
         if any(is_fake(p) for p in model.parameters()):
             return  # `lisa-dist estimate`: shapes only, no weights
-        reader = None
-        if source.weights_dir is not None:
-            reader = SafetensorsReader(source.weights_dir, getattr(model, "base_model_prefix", ""))
+        reader = open_weights(source)
         std = float(getattr(source.hf_config, "initializer_range", 0.02))
         for name, param in model.named_parameters():
             local = self.local_shard(param)

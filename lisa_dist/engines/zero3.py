@@ -30,9 +30,10 @@ from torch.utils.hooks import RemovableHandle
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
+from lisa_dist.env import export_rank_variables
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
-from lisa_dist.models.build import DTYPES
-from lisa_dist.models.weights import SafetensorsReader, random_init
+from lisa_dist.models.build import DTYPES, open_weights
+from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard import ShardInfo
 
 
@@ -45,6 +46,7 @@ class Zero3Engine(Engine):
 
     def _start_deepspeed(self) -> None:
         self.ds_config = load_deepspeed_config(self.config, self.runtime.world_size)
+        export_rank_variables(self.runtime.env)  # zero.Init reads LOCAL_RANK, also in a plain process
         # DeepSpeed adopts the process group lisa_dist started (its own world size must be right before
         # it validates the batch sizes in the config).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
@@ -54,13 +56,19 @@ class Zero3Engine(Engine):
         self._start_deepspeed()
         hf_config = source.hf_config.__class__.from_dict(source.hf_config.to_dict())
         hf_config._attn_implementation = c.model.attn_implementation
+        # Built before zero.Init, and not only for its buffers: the model's modules (transformers.modeling_utils,
+        # which imports torch._dynamo) must be imported outside zero.Init, whose patched tensor constructors
+        # break dynamo's registration of its polyfills (TypeError: Signature mismatch ... new_tensor).
+        reference = build_meta_model(source.hf_config, DTYPES[c.train.dtype], c.model.attn_implementation)
         # Partitioned as each module is built, so no rank ever holds the whole model; the weights are
         # written into the partitions afterwards, so transformers' own initialization is skipped.
         # The dtype comes from the config's bf16/fp16 blocks (filled from train.dtype): Init's own `dtype`
         # argument is ignored on accelerators without fp16 support (it falls back to bf16).
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        self._restore_buffers(model, source)
+            if getattr(hf_config, "tie_word_embeddings", False):
+                model.tie_weights()  # from_config leaves the head its own parameter; the checkpoint stores one
+        self._restore_buffers(model, reference)
         with torch.no_grad():
             self._materialize(model, source)
         return self._install(model)
@@ -89,9 +97,8 @@ class Zero3Engine(Engine):
         self.model, self.parts = model, parts
         return model, parts
 
-    def _restore_buffers(self, model: nn.Module, source: ModelSource) -> None:
+    def _restore_buffers(self, model: nn.Module, reference: nn.Module) -> None:
         """zero.Init casts buffers to the training dtype; rotary tables must stay as the model builds them."""
-        reference = build_meta_model(source.hf_config, DTYPES[self.config.train.dtype], self.config.model.attn_implementation)
         for name, buffer in reference.named_buffers():
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
@@ -105,9 +112,7 @@ class Zero3Engine(Engine):
         return start, max(0, min(size, param.ds_numel - start))
 
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
-        reader = None
-        if source.weights_dir is not None:
-            reader = SafetensorsReader(source.weights_dir, getattr(model, "base_model_prefix", ""))
+        reader = open_weights(source)
         std = float(getattr(source.hf_config, "initializer_range", 0.02))
         for name, param in model.named_parameters():
             shape = tuple(param.ds_shape)

@@ -11,7 +11,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from lisa_dist.config import Config, ConfigError
-from lisa_dist.models.parts import find_parts
+from lisa_dist.models.parts import UnsupportedModelError, find_parts
 from lisa_dist.models.presets import PRESETS
 from lisa_dist.models.weights import SafetensorsReader
 
@@ -86,6 +86,7 @@ def num_decoder_layers(hf_config: transformers.PretrainedConfig) -> int:
 
 def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> None:
     """Config checks that need the architecture but no weights and no process group."""
+    check_architecture(hf_config)
     num_layers = num_decoder_layers(hf_config)
     if c.method == "lisa" and c.lisa.gamma > num_layers:
         raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {num_layers} decoder layers")
@@ -94,11 +95,39 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
     max_positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if max_positions is not None and c.data.seq_len > max_positions:
         raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's {max_positions} positions")
+    model = build_meta_model(hf_config, torch.float32, "eager")
+    parts = find_parts(model)
+    if c.model.attn_implementation == "sdpa" and not getattr(model, "_supports_sdpa", True):
+        raise ConfigError(f"{type(model).__name__} does not support model.attn_implementation=sdpa (transformers "
+                          "has no scaled_dot_product_attention path for it); set model.attn_implementation=eager")
     if c.engine.layer_class is not None:
-        found = type(find_parts(build_meta_model(hf_config, torch.float32, "eager")).layers[0]).__name__
+        found = type(parts.layers[0]).__name__
         if found != c.engine.layer_class:
             raise ConfigError(f"engine.layer_class={c.engine.layer_class!r} (accelerate's "
                               f"fsdp_transformer_layer_cls_to_wrap) but the model's decoder layers are {found}")
+
+
+# Config keys that mark a mixture-of-experts model (each expert would need its own sampling and sharding).
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+
+
+def check_architecture(hf_config: transformers.PretrainedConfig) -> None:
+    """Refuse, naming the model class, the kinds of causal LM lisa_dist does not train."""
+    causal_lms = transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    known = type(hf_config) in causal_lms
+    names = ([causal_lms[type(hf_config)].__name__] if known else
+             getattr(hf_config, "architectures", None) or [hf_config.model_type])
+    moe = [k for k in _MOE_KEYS if isinstance(getattr(hf_config, k, None), int) and getattr(hf_config, k) > 0]
+    if moe:
+        raise UnsupportedModelError(f"{names[0]} is a mixture-of-experts model ({moe[0]}="
+                                    f"{getattr(hf_config, moe[0])}), which lisa_dist does not support")
+    sub = [k for k in ("vision_config", "audio_config", "text_config") if getattr(hf_config, k, None) is not None]
+    if sub:
+        raise UnsupportedModelError(f"{names[0]} is a multimodal model ({sub[0]}), which lisa_dist does not support; "
+                                    "it trains causal language models")
+    if not known:
+        raise UnsupportedModelError(f"{names[0]} (model type {hf_config.model_type!r}) is not a causal language "
+                                    "model transformers can build with AutoModelForCausalLM")
 
 
 def check_weights(source: ModelSource) -> None:
@@ -107,12 +136,19 @@ def check_weights(source: ModelSource) -> None:
     if source.weights_dir is None:
         return
     model = build_meta_model(source.hf_config, torch.float32, "eager")
-    reader = SafetensorsReader(source.weights_dir, model.base_model_prefix)
+    reader = SafetensorsReader(source.weights_dir, model)
     try:
         for name, param in model.named_parameters():
             reader.check(name, list(param.shape))
     finally:
         reader.close()
+
+
+def open_weights(source: ModelSource) -> SafetensorsReader | None:
+    """A reader of `source`'s stored weights by module parameter name; None for random initialization."""
+    if source.weights_dir is None:
+        return None
+    return SafetensorsReader(source.weights_dir, build_meta_model(source.hf_config, torch.float32, "eager"))
 
 
 def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:

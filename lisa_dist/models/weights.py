@@ -5,56 +5,80 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from lisa_dist.models.keys import map_checkpoint_keys
 
 
 class WeightsError(ValueError):
     """The checkpoint directory does not hold what the model needs."""
 
 
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+def _open(path: Path) -> Any:
+    """A safetensors handle; a truncated or corrupt file is a WeightsError naming it."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e}); it may be truncated (an "
+                           "interrupted download or copy)") from None
+
+
 class SafetensorsReader:
-    def __init__(self, directory: Path, base_model_prefix: str = "") -> None:
+    """Rows of the stored weights of `model` (a meta-device copy is enough), looked up through the key
+    renamings `from_pretrained` applies (`keys.map_checkpoint_keys`)."""
+
+    def __init__(self, directory: Path, model: nn.Module) -> None:
         self.directory = directory
-        self.prefix = base_model_prefix
         self.files: dict[str, Path] = {}
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise WeightsError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+            missing = sorted({v for v in weight_map.values() if not (directory / v).is_file()})
+            if missing:
+                raise WeightsError(f"{index} lists {len(missing)} shard file(s) missing from {directory}: "
+                                   f"{', '.join(missing[:3])}")
             self.files = {k: directory / v for k, v in weight_map.items()}
         else:
             for path in sorted(directory.glob("*.safetensors")):
-                with safe_open(path, framework="pt") as f:
-                    self.files.update({k: path for k in f.keys()})
+                self.files.update({k: path for k in _open(path).keys()})
         if not self.files:
             raise WeightsError(f"{directory} holds no safetensors weights")
-        self._handles: dict[Path, object] = {}
+        self.keys = map_checkpoint_keys(model, list(self.files))
+        self._handles: dict[Path, Any] = {}
 
     def _key(self, name: str) -> str:
-        candidates = [name]
-        if self.prefix:
-            candidates += [name.removeprefix(self.prefix + "."), f"{self.prefix}.{name}"]
-        for key in candidates:
-            if key in self.files:
-                return key
+        if name in self.keys.stored:
+            return self.keys.stored[name]
+        if name in self.keys.converted:
+            raise WeightsError(f"{self.directory}: {name} is stored as {self.keys.converted[name]!r} in a layout "
+                               "transformers converts while loading (merging or splitting tensors), which "
+                               "lisa_dist cannot read row by row; re-save the model once with "
+                               "from_pretrained(...).save_pretrained(...)")
         raise WeightsError(f"{self.directory}: weight {name!r} is missing from the checkpoint")
 
-    def _handle(self, path: Path):
+    def _slice(self, name: str) -> Any:
+        key = self._key(name)
+        path = self.files[key]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+            self._handles[path] = _open(path)
+        return self._handles[path].get_slice(key)
 
     def shape(self, name: str) -> list[int]:
-        key = self._key(name)
-        return list(self._handle(self.files[key]).get_slice(key).get_shape())
+        return list(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        key = self._key(name)
-        stored = self._handle(self.files[key]).get_slice(key).get_dtype()
-        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                  "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
-        return dtypes.get(stored, torch.uint8)
+        return _DTYPES.get(self._slice(name).get_dtype(), torch.uint8)
 
     def check(self, name: str, expected_shape: list[int]) -> None:
         """Raise WeightsError unless `name` is stored as floating point with `expected_shape`."""
@@ -67,11 +91,11 @@ class SafetensorsReader:
 
     def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of dim 0 (the whole tensor for scalars)."""
-        key = self._key(name)
-        view = self._handle(self.files[key]).get_slice(key)
-        if len(view.get_shape()) == 0:
-            return view[...]
-        return view[start:end]
+        view = self._slice(name)
+        try:
+            return view[...] if len(view.get_shape()) == 0 else view[start:end]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise WeightsError(f"{self.files[self._key(name)]}: reading {name} failed ({e})") from None
 
     def close(self) -> None:
         self._handles.clear()

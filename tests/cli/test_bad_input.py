@@ -57,6 +57,36 @@ def _model_copy(tmp: Path, drop: tuple[str, ...] = (), int8: bool = False) -> Pa
     return model
 
 
+def _truncated(tmp: Path) -> list[str]:
+    model = _model_copy(tmp)
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return [f"model.path={model}"]
+
+
+def _sharded_missing_file(tmp: Path) -> list[str]:
+    model = _model_copy(tmp)
+    weights = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    save_file({k: weights[k] for k in halves["model-00001-of-00002.safetensors"]}, model / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}
+    _write(model / "model.safetensors.index.json", json.dumps(index))
+    return [f"model.path={model}"]
+
+
+def _config_dir(tmp: Path, model_type: str, **spec) -> list[str]:
+    """A config.json to build with random weights (model.config), for architectures rejected before start."""
+    import transformers
+
+    from tests.families import FAMILIES
+
+    spec = {k: v for k, v in FAMILIES.get(model_type, FAMILIES["llama"]).items() if k != "model_type"} | spec
+    transformers.AutoConfig.for_model(model_type, **spec).save_pretrained(tmp / model_type)
+    return [f"model.config={tmp / model_type}", "model.path=null"]
+
+
 def _data(tmp: Path, name: str, text: str) -> list[str]:
     return [f"data.path={_write(tmp / name, text)}"]
 
@@ -95,6 +125,14 @@ CASES = {
                                   "has no *.safetensors weights"),
     "model_int8": Case("a model stored in a non-floating dtype", lambda t: [f"model.path={_model_copy(t, int8=True)}"],
                        "is stored as torch.int8, not a floating-point type"),
+    "model_truncated": Case("a truncated model.safetensors (an interrupted download)", _truncated,
+                            "model.safetensors: not a readable safetensors file"),
+    "model_shard_missing": Case("a sharded checkpoint whose index names a missing file", _sharded_missing_file,
+                                "lists 1 shard file(s) missing"),
+    "model_moe": Case("a mixture-of-experts model (Mixtral)", lambda t: _config_dir(t, "mixtral", num_local_experts=4),
+                      "MixtralForCausalLM is a mixture-of-experts model (num_local_experts=4)"),
+    "model_no_sdpa": Case("model.attn_implementation=sdpa for a model without an SDPA path (Gemma 2)",
+                          lambda t: _config_dir(t, "gemma2"), "set model.attn_implementation=eager"),
     "tokenizer_missing": Case("a model directory without a tokenizer",
                               lambda t: [f"model.path={_model_copy(t, drop=('tokenizer.json', 'tokenizer_config.json'))}"],
                               "tokenizer"),

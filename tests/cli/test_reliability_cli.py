@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lisa_dist import checkpoint as ckpt
 from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun, torchrun_command
-from tests.helpers import assert_weights_close, free_port, tiny_start_weights
+from tests.helpers import LOSS_RTOL, assert_weights_close, free_port, parity_atol
 
 FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
 ENGINES = {"fsdp2": [], "zero3": ["engine.name=zero3",
@@ -167,14 +167,16 @@ def test_resume_continues_the_warmup_cosine_schedule_and_the_fp16_loss_scale_exa
 
 
 def assert_same_training(a: Path, b: Path, first_step: int) -> None:
-    """Equal up to the rounding of a different reduction order: losses, and final weights as close as two
-    runs' updates can be (tests.helpers.assert_weights_close)."""
+    """Equal up to the rounding of a different reduction order: losses, and final weights within
+    tests.helpers.parity_atol for the runs' AdamW settings (configs/tiny.yaml with COMMON)."""
     ra, rb = metrics(a)[first_step:], metrics(b)[-len(metrics(a)[first_step:]):]
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     assert [r["active_layers"] for r in ra] == [r["active_layers"] for r in rb]
-    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=1e-5)
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=LOSS_RTOL, abs=0)
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert_weights_close(wa, wb, tiny_start_weights())
+    everything = metrics(a) + metrics(b)
+    optim = {"name": "adamw", "lr": max(r["lr"] for r in everything), "eps": 0.01, "max_grad_norm": 1.0}
+    assert_weights_close(wa, wb, parity_atol(optim, len(metrics(a)), max(r["grad_norm"] for r in everything)))
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(run, tmp_path):

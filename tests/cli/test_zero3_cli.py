@@ -70,3 +70,15 @@ def test_a_zero3_checkpoint_resumes_on_fsdp2(straight, tmp_path):
                       f"resume={straight / 'checkpoints' / 'step_3'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(straight, out, 3)
+
+
+def test_zero3_runs_as_one_plain_process_from_a_preset(tmp_path):
+    """`python -m lisa_dist train ... engine.name=zero3` without a launcher: a world of one, as for FSDP2
+    (DeepSpeed's zero.Init reads LOCAL_RANK, which no launcher set)."""
+    out = tmp_path / "plain"
+    result = subprocess.run([sys.executable, "-m", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"), *COMMON,
+                             "model.path=null", "model.preset=tiny", "engine.name=zero3", "max_steps=2",
+                             f"output_dir={out}"], cwd=REPO, env=DS_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "final" / "model.safetensors").is_file()

@@ -6,7 +6,8 @@ import transformers
 
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.models.weights import SafetensorsReader
-from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
+from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, full_weights, parity_atol,
+                           run_distributed, start_trainer, tiny_config)
 
 SMALL = dict(vocab_size=512, num_hidden_layers=3, max_position_embeddings=64)
 ARCHITECTURES = {
@@ -41,7 +42,7 @@ def test_each_rank_reads_only_its_rows_and_the_model_equals_the_checkpoint(tmp_p
         assert all(len(r) == 1 for r in rows), name
         (a, b), (c, d) = rows[0][0], rows[1][0]
         assert (a, b, d) == (0, c, shape[0]), f"{name}: rank 0 read {a}:{b}, rank 1 read {c}:{d}"
-        torch.testing.assert_close(ranks[0]["weights"][name], dict(reference.named_parameters())[name].detach())
+        assert torch.equal(ranks[0]["weights"][name], dict(reference.named_parameters())[name].detach()), name
 
 
 def _init_worker(rank: int, world_size: int, output_dir: str) -> dict:
@@ -55,6 +56,7 @@ def test_random_init_does_not_depend_on_the_world_size(tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         assert torch.equal(one[name], two[name]), name
+    # 4,096 normal samples: the sample std is within 1/sqrt(2 * 4096) = 1.1% of 0.02 per standard deviation.
     assert one["model.layers.0.self_attn.q_proj.weight"].std() == pytest.approx(0.02, rel=0.1)
     assert torch.equal(one["model.norm.weight"], torch.ones(64))
 
@@ -90,9 +92,10 @@ def test_mistral_qwen2_and_gpt2_train_on_fsdp2_with_tied_embeddings_kept_tied(tm
 def _run_worker(rank: int, world_size: int, output_dir: str, steps: int, **sections) -> dict:
     """Train the tiny model with `sections` overriding the test config; losses, weights and FSDP units."""
     trainer = start_trainer(tiny_config(output_dir, **sections))
-    losses = [trainer.train_step(step)["loss"] for step in range(steps)]
+    records = [trainer.train_step(step) for step in range(steps)]
     units = sum(1 for m in trainer.model.modules() if type(m).__name__.startswith("FSDP"))
-    return {"losses": losses, "weights": full_weights(trainer), "units": units}
+    return {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
+            "weights": full_weights(trainer), "units": units}
 
 
 def _run(tmp_path, steps: int, **sections) -> dict:
@@ -102,9 +105,9 @@ def _run(tmp_path, steps: int, **sections) -> dict:
 def test_activation_checkpointing_with_frozen_layers_matches_no_checkpointing(tmp_path):
     plain = _run(tmp_path, 4, model={"activation_checkpointing": False})
     recomputed = _run(tmp_path, 4, model={"activation_checkpointing": True})
-    assert plain["losses"] == pytest.approx(recomputed["losses"], rel=1e-6)
-    for name in plain["weights"]:
-        torch.testing.assert_close(plain["weights"][name], recomputed["weights"][name], rtol=1e-5, atol=1e-6)
+    # The recomputed forward is the same arithmetic as the first one: equal to the last bit.
+    assert plain["losses"] == recomputed["losses"]
+    assert all(torch.equal(plain["weights"][n], recomputed["weights"][n]) for n in plain["weights"])
 
 
 def test_turning_backward_prefetch_off_changes_no_number(tmp_path):
@@ -114,20 +117,25 @@ def test_turning_backward_prefetch_off_changes_no_number(tmp_path):
     assert all(torch.equal(off["weights"][n], default["weights"][n]) for n in default["weights"])
 
 
-@pytest.mark.parametrize("optim", ["adamw", "adalomo"])
+CHUNK_OPTIM = {"adamw": {"name": "adamw", "lr": 1e-2, "max_grad_norm": 0.0, "eps": PARITY_EPS},
+               "adalomo": {"name": "adalomo", "lr": 1e-2, "max_grad_norm": 0.0, "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}}
+
+
+@pytest.mark.parametrize("optim", list(CHUNK_OPTIM))
 def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, optim):
-    sections = dict(method="full", optim={"name": optim, "lr": 1e-2, "max_grad_norm": 0.0})
+    sections = dict(method="full", optim=CHUNK_OPTIM[optim])
     whole = _run(tmp_path, 3, train={"loss_chunk_tokens": 0, "micro_batch_size": 4}, **sections)
     chunked = _run(tmp_path, 3, train={"loss_chunk_tokens": 16, "micro_batch_size": 4}, **sections)
-    assert chunked["losses"] == pytest.approx(whole["losses"], rel=1e-5)
-    for name in whole["weights"]:
-        torch.testing.assert_close(chunked["weights"][name], whole["weights"][name], rtol=1e-4, atol=1e-5)
+    # The head's gradient sums the chunks' contributions in another order (tests.helpers.parity_atol).
+    assert chunked["losses"] == pytest.approx(whole["losses"], rel=LOSS_RTOL, abs=0)
+    atol = parity_atol(CHUNK_OPTIM[optim], 3, max(whole["grad_norms"] + chunked["grad_norms"]))
+    assert_weights_close(chunked["weights"], whole["weights"], atol)
 
 
 def test_split_layers_shards_attention_and_mlp_separately_with_the_same_numbers(tmp_path):
     whole = _run(tmp_path, 4, engine={"split_layers": False})
     split = _run(tmp_path, 4, engine={"split_layers": True})
     assert split["units"] == whole["units"] + 2 * 8  # attention and MLP of each of the 8 layers
-    assert split["losses"] == pytest.approx(whole["losses"], rel=1e-6)
-    for name in whole["weights"]:
-        torch.testing.assert_close(split["weights"][name], whole["weights"][name], rtol=1e-5, atol=1e-6)
+    # Smaller units gather and reduce the same values: equal to the last bit.
+    assert split["losses"] == whole["losses"]
+    assert all(torch.equal(split["weights"][n], whole["weights"][n]) for n in whole["weights"])

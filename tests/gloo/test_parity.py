@@ -8,12 +8,12 @@ import transformers
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
 from lisa_dist.sampler import sample_active_layers
-from tests.helpers import (assert_weights_close, full_weights, run_distributed, start_trainer, tiny_config,
-                           tiny_start_weights)
+from tests.helpers import (LOSS_RTOL, PARITY_EPS, assert_weights_close, full_weights, parity_atol, run_distributed,
+                           start_trainer, tiny_config, tiny_start_weights)
 
 STEPS, GAMMA, INTERVAL = 7, 2, 3
 OVERRIDES = dict(max_steps=STEPS, lisa={"gamma": GAMMA, "interval": INTERVAL},
-                 optim={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "max_grad_norm": 1.0})
+                 optim={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "max_grad_norm": 1.0, "eps": PARITY_EPS})
 
 
 def _train_worker(rank: int, world_size: int, output_dir: str, micro_batch_size: int) -> dict:
@@ -21,7 +21,7 @@ def _train_worker(rank: int, world_size: int, output_dir: str, micro_batch_size:
     trainer = start_trainer(config)
     records = [trainer.train_step(step) for step in range(STEPS)]
     return {"weights": full_weights(trainer), "losses": [r["loss"] for r in records],
-            "active": [r["active_layers"] for r in records]}
+            "active": [r["active_layers"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
 
 
 def reference_lisa(config) -> dict:
@@ -72,23 +72,23 @@ def runs(tmp_path_factory):
 START = tiny_start_weights()
 
 
-def _assert_weights_close(a: dict, b: dict) -> None:
-    assert_weights_close(a, b, START)
+def _assert_weights_close(a: dict, b: dict, grad_norms: list[float]) -> None:
+    assert_weights_close(a, b, parity_atol(OVERRIDES["optim"], STEPS, max(grad_norms)))
 
 
 def test_two_ranks_match_the_single_process_reference_lisa(runs):
     ref, dist_run = runs["reference"], runs["two_ranks"][0]
     assert dist_run["active"] == ref["active"]
     assert len({tuple(a) for a in ref["active"]}) > 1, "the run must cross a layer switch"
-    torch.testing.assert_close(torch.tensor(dist_run["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-5)
-    _assert_weights_close(dist_run["weights"], ref["weights"])
+    torch.testing.assert_close(torch.tensor(dist_run["losses"]), torch.tensor(ref["losses"]), rtol=LOSS_RTOL, atol=0)
+    _assert_weights_close(dist_run["weights"], ref["weights"], dist_run["grad_norms"])
 
 
 def test_one_rank_equals_two_ranks(runs):
     one, two = runs["one_rank"], runs["two_ranks"]
-    _assert_weights_close(two[0]["weights"], two[1]["weights"])
-    torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(two[0]["losses"]), rtol=1e-5, atol=1e-5)
-    _assert_weights_close(one["weights"], two[0]["weights"])
+    assert all(torch.equal(two[0]["weights"][n], two[1]["weights"][n]) for n in two[0]["weights"])  # all-gathered
+    torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(two[0]["losses"]), rtol=LOSS_RTOL, atol=0)
+    _assert_weights_close(one["weights"], two[0]["weights"], one["grad_norms"] + two[0]["grad_norms"])
 
 
 def test_training_moves_the_weights(runs):
@@ -109,7 +109,10 @@ def test_bf16_accumulated_micro_batches_give_the_whole_batch_gradient(tmp_path):
     split = run_distributed(_bf16_accumulation_worker, 2, output_dir=str(tmp_path), micro_batch_size=1)[0]
     whole = run_distributed(_bf16_accumulation_worker, 2, output_dir=str(tmp_path), micro_batch_size=4)[0]
     assert (split["accumulation"], whole["accumulation"]) == (4, 1)
-    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=2e-3)
+    # Each micro-batch's gradient element is rounded to bf16 (unit roundoff 2^-9) before the fp32 sum, the
+    # whole batch's once: at most 2 * 2^-9 relative per element, so for the norm; twice that for the bf16
+    # activations and logits they come from, whose products run over other shapes.
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=4 * 2.0 ** -9, abs=0)
 
 
 def _offload_worker(rank: int, world_size: int, output_dir: str, use_offload: bool, engine: str) -> dict:

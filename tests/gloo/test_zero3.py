@@ -8,23 +8,19 @@ import torch
 import torch.distributed as dist
 
 from lisa_dist.memory import StorageTracker
-from tests.helpers import assert_weights_close, full_weights, run_distributed, start_trainer, tiny_config, tiny_start_weights
+from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, engine_weights, full_weights, parity_atol,
+                           run_distributed, start_trainer, tiny_config)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 STEPS = 5
 PAIRS = {
-    "lisa+adamw": dict(method="lisa", optim={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "max_grad_norm": 1.0}),
+    "lisa+adamw": dict(method="lisa", optim={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "max_grad_norm": 1.0,
+                                             "eps": PARITY_EPS}),
     "full+lomo": dict(method="full", optim={"name": "lomo", "lr": 0.05, "max_grad_norm": 0.0},
                       train={"micro_batch_size": 4}),
-    "lisa+adalomo": dict(method="lisa", optim={"name": "adalomo", "lr": 0.01, "max_grad_norm": 0.0}),
+    "lisa+adalomo": dict(method="lisa", optim={"name": "adalomo", "lr": 0.01, "max_grad_norm": 0.0,
+                                               "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}),
 }
-
-
-def _weights(trainer) -> dict[str, torch.Tensor] | None:
-    if trainer.engine.name == "fsdp2":
-        return full_weights(trainer)
-    state = trainer.engine.full_state_dict()
-    return None if state is None else {k: v.float() for k, v in state.items()}
 
 
 def _pairs_worker(rank: int, world_size: int, output_dir: str, engine: str) -> dict:
@@ -33,8 +29,8 @@ def _pairs_worker(rank: int, world_size: int, output_dir: str, engine: str) -> d
         config = tiny_config(output_dir, lisa={"gamma": 2, "interval": 2}, engine={"name": engine}, **sections)
         trainer = start_trainer(config)
         records = [trainer.train_step(s) for s in range(STEPS)]
-        out[key] = {"weights": _weights(trainer), "losses": [r["loss"] for r in records],
-                    "active": [r["active_layers"] for r in records]}
+        out[key] = {"weights": engine_weights(trainer), "losses": [r["loss"] for r in records],
+                    "active": [r["active_layers"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
         trainer.stepper.hooks.remove()
     return out
 
@@ -49,8 +45,9 @@ def engines(tmp_path_factory):
 def test_zero3_matches_fsdp2(engines, pair):
     zero3, fsdp2 = engines["zero3"][pair], engines["fsdp2"][pair]
     assert zero3["active"] == fsdp2["active"]
-    assert zero3["losses"] == pytest.approx(fsdp2["losses"], rel=1e-5)
-    assert_weights_close(zero3["weights"], fsdp2["weights"], tiny_start_weights())
+    assert zero3["losses"] == pytest.approx(fsdp2["losses"], rel=LOSS_RTOL, abs=0)
+    grad_scale = max(zero3["grad_norms"] + fsdp2["grad_norms"])
+    assert_weights_close(zero3["weights"], fsdp2["weights"], parity_atol(PAIRS[pair]["optim"], STEPS, grad_scale))
 
 
 def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
@@ -149,6 +146,30 @@ def _checkpointing_worker(rank: int, world_size: int, output_dir: str) -> dict:
 
 def test_zero3_activation_checkpointing_with_frozen_layers_and_lomo_gradient_lifetime(tmp_path):
     obs = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path))[0]
-    assert obs[True] == pytest.approx(obs[False], rel=1e-6)
+    assert obs[True] == obs[False]  # the recomputed forward is the same arithmetic
     # fused LOMO on ZeRO-3: one parameter's gradient partition alive at a time, none after backward
     assert max(obs["live"]) == 1 and obs["left"] == 0
+
+
+def _fresh_build_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    import sys
+
+    from lisa_dist.distributed import init_distributed
+    from lisa_dist.engines.zero3 import Zero3Engine
+    from lisa_dist.env import read_launch_env
+    from lisa_dist.models import resolve_model_source
+
+    config = tiny_config(output_dir, engine={"name": "zero3"}, model={"path": None, "preset": "tiny"})
+    imported_before = "transformers.modeling_utils" in sys.modules
+    source = resolve_model_source(config)
+    runtime = init_distributed(read_launch_env(), config.engine.timeout_s)
+    model, parts = Zero3Engine(config, runtime).build(source)
+    return {"imported_before": imported_before, "layers": parts.num_layers}
+
+
+def test_zero3_builds_in_a_process_that_never_imported_the_model_code(tmp_path):
+    """transformers.modeling_utils (and torch._dynamo with it) first imported inside deepspeed.zero.Init fails on
+    the patched tensor constructors; the engine imports the model code before entering it."""
+    (obs,) = run_distributed(_fresh_build_worker, 1, output_dir=str(tmp_path))
+    assert obs["imported_before"] is False  # the situation the test is about
+    assert obs["layers"] == 8

@@ -41,3 +41,42 @@ def test_model_without_a_decoder_stack_is_a_clear_error():
 
     with pytest.raises(UnsupportedModelError, match="cannot find the decoder stack of NoStack"):
         find_parts(NoStack())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox"])
+def test_every_family_has_its_stack_norm_and_head_found(family):
+    from tests.families import LAYERS, hf_config
+
+    model = build_meta_model(hf_config(family), torch.float32, "eager")
+    parts = find_parts(model)
+    assert parts.num_layers == LAYERS and parts.head is model.get_output_embeddings()
+    assert parts.norm is not None and parts.norm not in list(parts.layers[-1].modules())
+    assert parts.tied_embeddings == (family in ("qwen2", "gemma2", "gpt2"))
+
+
+def test_checkpoint_keys_map_through_the_renamings_from_pretrained_applies():
+    from lisa_dist.models.keys import map_checkpoint_keys
+    from tests.families import hf_config
+
+    model = build_meta_model(hf_config("gpt_neox"), torch.float32, "eager")
+    names = [n for n, _ in model.named_parameters()]
+    stored = [("embed_out.weight" if n == "lm_head.weight" else n) for n in names]
+    keys = map_checkpoint_keys(model, stored)
+    assert keys.stored["lm_head.weight"] == "embed_out.weight"
+    assert all(keys.stored[n] == n for n in names if n != "lm_head.weight")
+    # a base model's checkpoint (no `gpt_neox.` prefix) maps too, as from_pretrained loads it
+    base = map_checkpoint_keys(model, [n.removeprefix("gpt_neox.") for n in names])
+    assert base.stored["gpt_neox.layers.0.attention.dense.weight"] == "layers.0.attention.dense.weight"
+
+
+@pytest.mark.parametrize("model_type, spec, message", [
+    ("mixtral", {"num_local_experts": 4}, "MixtralForCausalLM is a mixture-of-experts model"),
+    ("qwen2_moe", {}, "Qwen2MoeForCausalLM is a mixture-of-experts model"),
+    ("llava", {}, "is a multimodal model"),
+    ("t5", {}, "is not a causal language model"),
+])
+def test_unsupported_architectures_are_named_before_start(model_type, spec, message):
+    from lisa_dist.models.build import check_architecture
+
+    with pytest.raises(UnsupportedModelError, match=message):
+        check_architecture(transformers.AutoConfig.for_model(model_type, **spec))

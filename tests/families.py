@@ -1,0 +1,68 @@
+"""Random-weight Hugging Face directories, written by `save_pretrained`, for the decoder families users bring.
+
+Small shapes (4 layers, width 32, the bundled tokenizer's 512 tokens) with what makes each family itself:
+sliding windows, tied embeddings, q/k norms, soft-capping, fused projections, Conv1D and learned positions, and
+a checkpoint that keeps its head under the legacy key `from_pretrained` renames."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from lisa_dist.assets import TINY_MODEL_DIR
+
+LAYERS = 4
+_COMMON: dict[str, Any] = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", **_COMMON),
+    "mistral": dict(model_type="mistral", sliding_window=16, **_COMMON),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, **_COMMON),
+    "qwen3": dict(model_type="qwen3", head_dim=8, tie_word_embeddings=False, **_COMMON),
+    "gemma2": dict(model_type="gemma2", head_dim=8, query_pre_attn_scalar=8, sliding_window=16,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **_COMMON),
+    "phi3": dict(model_type="phi3", pad_token_id=0, **_COMMON),
+    "gpt2": dict(model_type="gpt2", vocab_size=512, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=512, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=64,
+                     hidden_dropout=0.0, attention_dropout=0.0),
+}
+# What the family's attention needs from lisa_dist's model.attn_implementation (sdpa unless listed).
+ATTENTION = {"gemma2": "eager"}
+# Stored keys as the family's public checkpoints have them, where transformers renames them on load.
+LEGACY_KEYS = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
+
+
+def hf_config(family: str) -> transformers.PretrainedConfig:
+    spec = dict(FAMILIES[family])
+    return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def write_family(family: str, directory: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """`save_pretrained` of a randomly initialized model of `family`, with the bundled tokenizer."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family), dtype=dtype)
+    model.save_pretrained(directory)
+    for name in TINY_MODEL_DIR.glob("tokenizer*"):
+        shutil.copy(name, directory / name.name)
+    renames = LEGACY_KEYS.get(family)
+    if renames:
+        path = directory / "model.safetensors"
+        tensors = load_file(path)
+        save_file({renames.get(k, k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return directory
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter name belongs to (`...layers.3.` or GPT-2's `...h.3.`), else None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None

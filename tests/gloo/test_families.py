@@ -1,0 +1,138 @@
+"""Every common decoder family, from a `save_pretrained` directory, trains with LISA on 2 gloo ranks on FSDP2 and
+on ZeRO-3: frozen layers stay bit-identical, trained ones move, and `final/` reloads with `from_pretrained` to
+the logits the trained shards give."""
+
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from tests.families import ATTENTION, FAMILIES, LEGACY_KEYS, layer_index, write_family
+from tests.helpers import run_distributed, start_trainer, tiny_config
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+STEPS = 4
+ENGINES = ("fsdp2", "zero3")
+
+
+def _probe(vocab_size: int) -> torch.Tensor:
+    return torch.arange(2 * 24).reshape(2, 24) * 7 % vocab_size
+
+
+def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: str, output_dir: str) -> dict:
+    out = {}
+    for family, directory in dirs.items():
+        config = tiny_config(f"{output_dir}/{engine}/{family}", engine={"name": engine}, lisa={"gamma": 1, "interval": 2},
+                             model={"path": directory, "attn_implementation": ATTENTION.get(family, "sdpa")},
+                             optim={"name": "adamw", "lr": 1e-2, "max_grad_norm": 1.0})
+        trainer = start_trainer(config)
+        records = [trainer.train_step(step) for step in range(STEPS)]
+        trainer.model.eval()
+        with torch.no_grad():
+            logits = trainer.model(input_ids=_probe(trainer.source.hf_config.vocab_size)).logits.float()
+        trainer.save_final()
+        out[family] = {"losses": [r["loss"] for r in records], "active": sorted({i for r in records for i in r["active_layers"]}),
+                       "logits": logits, "tied": trainer.parts.tied_embeddings, "final": trainer.output_dir / "final"}
+        trainer.stepper.hooks.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    dirs = {family: str(write_family(family, root / "models" / family)) for family in FAMILIES}
+    return dirs, {engine: run_distributed(_families_worker, 2, dirs=dirs, engine=engine, output_dir=str(root))[0]
+                  for engine in ENGINES}
+
+
+def test_the_legacy_head_key_is_a_directory_from_pretrained_loads(trained):
+    dirs, _ = trained
+    for family, renames in LEGACY_KEYS.items():
+        stored = load_file(f"{dirs[family]}/model.safetensors")
+        assert set(renames.values()) <= stored.keys() and not set(renames) & stored.keys()
+        model = transformers.AutoModelForCausalLM.from_pretrained(dirs[family])
+        for module_key, stored_key in renames.items():
+            assert torch.equal(model.state_dict()[module_key], stored[stored_key])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_with_lisa_and_final_reloads_to_the_same_logits(trained, family, engine):
+    dirs, runs = trained
+    obs = runs[engine][family]
+    assert all(torch.isfinite(torch.tensor(obs["losses"]))), obs["losses"]
+    before = transformers.AutoModelForCausalLM.from_pretrained(dirs[family]).state_dict()
+    model = transformers.AutoModelForCausalLM.from_pretrained(obs["final"], attn_implementation=ATTENTION.get(family, "sdpa"))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    frozen = [i for i in range(FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer"))) if i not in obs["active"]]
+    assert frozen and obs["active"], (frozen, obs["active"])
+    for name, tensor in before.items():
+        layer = layer_index(name)
+        if layer in frozen:
+            assert torch.equal(after[name], tensor), f"{name}: a frozen layer changed"
+        elif layer is not None and name.endswith("weight") and tensor.dim() == 2:
+            assert not torch.equal(after[name], tensor), f"{name}: an active layer did not train"
+    assert obs["tied"] == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=_probe(model.config.vocab_size)).logits.float()
+    # The same weights and the same unsharded computation in one process: equal to the last bit.
+    assert torch.equal(logits, obs["logits"])
+
+
+# Checkpoint layouts users have, each loaded on both engines: (stored dtype, train.dtype, sharded with an index).
+LAYOUTS = {"bf16_sharded_fp32": (torch.bfloat16, "fp32", True), "fp16_as_bf16": (torch.float16, "bf16", False),
+           "fp32_as_bf16": (torch.float32, "bf16", False)}
+GENERATION = {"temperature": 0.3, "top_p": 0.7, "do_sample": True}
+
+
+def _write_layout(directory, stored: torch.dtype, sharded: bool):
+    import json
+
+    write_family("llama", directory, dtype=stored)
+    if sharded:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=stored)
+        (directory / "model.safetensors").unlink()
+        model.save_pretrained(directory, max_shard_size="40KB")
+        assert (directory / "model.safetensors.index.json").is_file()
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token")  # as many base models ship: padding falls back to the eos token
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (directory / "generation_config.json").write_text(json.dumps(GENERATION))
+    return str(directory)
+
+
+def _layouts_worker(rank: int, world_size: int, dirs: dict[str, str], engine: str, output_dir: str) -> dict:
+    from tests.helpers import engine_weights
+
+    out = {}
+    for name, directory in dirs.items():
+        config = tiny_config(f"{output_dir}/{engine}/{name}", engine={"name": engine}, model={"path": directory},
+                             train={"dtype": LAYOUTS[name][1]}, max_steps=1)
+        trainer = start_trainer(config)
+        loaded = engine_weights(trainer)
+        loss = trainer.train_step(0)["loss"]
+        trainer.save_final()
+        out[name] = {"loaded": loaded, "loss": loss, "final": trainer.output_dir / "final"}
+        trainer.stepper.hooks.remove()
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_checkpoint_layouts_load_in_any_stored_dtype_and_carry_the_generation_config(tmp_path, engine):
+    import json
+
+    from lisa_dist.models.build import DTYPES
+
+    dirs = {name: _write_layout(tmp_path / name, stored, sharded) for name, (stored, _, sharded) in LAYOUTS.items()}
+    ranks = run_distributed(_layouts_worker, 2, dirs=dirs, engine=engine, output_dir=str(tmp_path))
+    for name, obs in ranks[0].items():
+        stored = transformers.AutoModelForCausalLM.from_pretrained(dirs[name], dtype=LAYOUTS[name][0]).state_dict()
+        train_dtype = DTYPES[LAYOUTS[name][1]]
+        for key, tensor in obs["loaded"].items():  # stored values, rounded once to train.dtype
+            assert torch.equal(tensor, stored[key].to(train_dtype).float()), f"{name}: {key}"
+        assert torch.isfinite(torch.tensor(obs["loss"])), name
+        assert json.loads((obs["final"] / "generation_config.json").read_text()).items() >= GENERATION.items()
