@@ -38,9 +38,9 @@ def prepare(config: Config, world_size: int, check_output: bool = True,
     check_world_size(config, world_size)
     engine_class(config.engine.name).check_config(config, world_size)
     source = resolve_model_source(config)
-    check_against_model(config, source.hf_config)
+    meta_model = check_against_model(config, source.hf_config)
     if not shapes_only:
-        check_weights(source)
+        check_weights(source, meta_model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
     if len(tokenizer) > source.hf_config.vocab_size:
         raise ConfigError(f"tokenizer in {source.tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "

@@ -40,43 +40,6 @@ def tiny_config(output_dir: Path | str, **sections: Any) -> Config:
     return config
 
 
-def bf16_gemm_slowdown() -> float:
-    """How many times slower a bf16 matrix product runs than an fp32 one on this CPU, one thread. CPUs without
-    AVX-512 (AVX2 only) have no bf16 GEMM kernel in torch's CPU build: measured 30x to 150x slower."""
-    import time
-
-    def seconds(dtype: torch.dtype) -> float:
-        a, b = torch.ones(256, 512, dtype=dtype), torch.ones(512, 512, dtype=dtype)
-        a @ b
-        start = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        return time.perf_counter() - start
-
-    with _one_thread():
-        return seconds(torch.bfloat16) / seconds(torch.float32)
-
-
-class _one_thread:
-    def __enter__(self) -> None:
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.threads)
-
-
-def needs_bf16_compute():
-    """Skip mark for memory measurements of real bf16 runs at sizes where compute counts (preset `small`,
-    7B shapes): where bf16 GEMM is emulated they take 20 minutes and more each, so they run where bf16
-    products are within 10x of fp32 (AVX-512 and newer) and are reported skipped elsewhere."""
-    import pytest
-
-    slowdown = bf16_gemm_slowdown()
-    return pytest.mark.skipif(slowdown > 10, reason=f"this CPU has no native bf16 GEMM (bf16 products {slowdown:.0f}x "
-                                                    "slower than fp32): these real bf16 runs would take over 20 minutes")
-
-
 def accelerate_variant(out_dir: Path, name: str, **changes: Any) -> Path:
     """configs/accelerate/NAME with `section__key=value` (or top-level `key=value`) changes, written to out_dir."""
     raw = yaml.safe_load((REPO / "configs" / "accelerate" / name).read_text())

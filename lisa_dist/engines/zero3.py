@@ -70,7 +70,7 @@ class Zero3Engine(Engine):
                 model.tie_weights()  # from_config leaves the head its own parameter; the checkpoint stores one
         self._restore_buffers(model, reference)
         with torch.no_grad():
-            self._materialize(model, source)
+            self._materialize(model, source, reference)
         return self._install(model)
 
     def adopt(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
@@ -111,8 +111,8 @@ class Zero3Engine(Engine):
         start = rank * size
         return start, max(0, min(size, param.ds_numel - start))
 
-    def _materialize(self, model: nn.Module, source: ModelSource) -> None:
-        reader = open_weights(source)
+    def _materialize(self, model: nn.Module, source: ModelSource, reference: nn.Module) -> None:
+        reader = open_weights(source, reference)
         std = float(getattr(source.hf_config, "initializer_range", 0.02))
         for name, param in model.named_parameters():
             shape = tuple(param.ds_shape)

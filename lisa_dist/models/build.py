@@ -84,8 +84,9 @@ def num_decoder_layers(hf_config: transformers.PretrainedConfig) -> int:
     raise ConfigError(f"cannot tell the number of decoder layers of model type {hf_config.model_type!r}")
 
 
-def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> None:
-    """Config checks that need the architecture but no weights and no process group."""
+def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> nn.Module:
+    """Config checks that need the architecture but no weights and no process group; returns the fp32
+    meta-device model they were made on (for `check_weights`)."""
     check_architecture(hf_config)
     num_layers = num_decoder_layers(hf_config)
     if c.method == "lisa" and c.lisa.gamma > num_layers:
@@ -105,6 +106,7 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
         if found != c.engine.layer_class:
             raise ConfigError(f"engine.layer_class={c.engine.layer_class!r} (accelerate's "
                               f"fsdp_transformer_layer_cls_to_wrap) but the model's decoder layers are {found}")
+    return model
 
 
 # Config keys that mark a mixture-of-experts model (each expert would need its own sampling and sharding).
@@ -130,13 +132,12 @@ def check_architecture(hf_config: transformers.PretrainedConfig) -> None:
                                     "model transformers can build with AutoModelForCausalLM")
 
 
-def check_weights(source: ModelSource) -> None:
-    """Every weight the model needs is stored, in floating point and in its shape: read from the
-    safetensors headers before any process group exists, so a bad checkpoint costs no start-up."""
-    if source.weights_dir is None:
+def check_weights(source: ModelSource, model: nn.Module) -> None:
+    """Every weight `model` (a meta-device copy) needs is stored, in floating point and in its shape: read
+    from the safetensors headers before any process group exists, so a bad checkpoint costs no start-up."""
+    reader = open_weights(source, model)
+    if reader is None:
         return
-    model = build_meta_model(source.hf_config, torch.float32, "eager")
-    reader = SafetensorsReader(source.weights_dir, model)
     try:
         for name, param in model.named_parameters():
             reader.check(name, list(param.shape))
@@ -144,11 +145,15 @@ def check_weights(source: ModelSource) -> None:
         reader.close()
 
 
-def open_weights(source: ModelSource) -> SafetensorsReader | None:
-    """A reader of `source`'s stored weights by module parameter name; None for random initialization."""
+def open_weights(source: ModelSource, model: nn.Module | None = None) -> SafetensorsReader | None:
+    """A reader of `source`'s stored weights by module parameter name; None for random initialization.
+    `model`, an unwrapped copy of the architecture (meta device is enough), gives the key renamings; one
+    is built when it is not given."""
     if source.weights_dir is None:
         return None
-    return SafetensorsReader(source.weights_dir, build_meta_model(source.hf_config, torch.float32, "eager"))
+    if model is None:
+        model = build_meta_model(source.hf_config, torch.float32, "eager")
+    return SafetensorsReader(source.weights_dir, model)
 
 
 def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:

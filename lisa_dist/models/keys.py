@@ -34,7 +34,7 @@ class KeyMap:
 
 def map_checkpoint_keys(model: nn.Module, stored_keys: list[str]) -> KeyMap:
     """Which stored key holds each of `model`'s state-dict entries, as `from_pretrained` would load it."""
-    transforms = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     expected = model.state_dict()

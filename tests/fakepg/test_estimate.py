@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.cli.test_train_cli import ENV, REPO
-from tests.helpers import needs_bf16_compute, run_distributed, start_trainer, tiny_config
+from tests.helpers import run_distributed, start_trainer, tiny_config
 
 TINY = ["model.path=" + str(REPO / "lisa_dist" / "assets" / "tiny-llama"), "data.seq_len=64",
         "train.global_batch_size=16", "train.micro_batch_size=4", "lisa.interval=5"]
@@ -49,7 +49,7 @@ def test_estimate_matches_the_measured_peak_of_the_same_run(tmp_path, method, op
 
 
 @pytest.mark.slow
-@needs_bf16_compute()
+@pytest.mark.usefixtures("bf16_compute")
 @pytest.mark.parametrize("method, optim", [("lisa", "adamw"), ("full", "lomo")])
 def test_estimate_matches_the_measured_peak_of_a_shallow_7b(tmp_path, method, optim):
     result = estimate(*TINY, *SHALLOW_7B, f"method={method}", f"optim.name={optim}", "optim.lr=1e-3",

@@ -13,7 +13,7 @@ from lisa_dist.estimate import run_estimate
 from lisa_dist.memory import GIB
 from lisa_dist.plan import ModelShape, plan_memory, run_plan
 from tests.cli.test_train_cli import ENV, REPO
-from tests.helpers import needs_bf16_compute, run_distributed, start_trainer, tiny_config
+from tests.helpers import run_distributed, start_trainer, tiny_config
 
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 SHAPES = ["model.path=null", "model.num_layers=4", "data.seq_len=2048", "train.global_batch_size=8",
@@ -57,7 +57,7 @@ _ZERO3_CHECKPOINTING_GAP = pytest.mark.xfail(
                         "72 MiB (27-36 %) above the plan at 512 tokens per micro-batch; not yet explained")
 
 
-@needs_bf16_compute()
+@pytest.mark.usefixtures("bf16_compute")
 @pytest.mark.parametrize("engine, checkpointing", [
     ("fsdp2", False), ("fsdp2", True), ("zero3", False),
     pytest.param("zero3", True, marks=_ZERO3_CHECKPOINTING_GAP)])
