@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from copy import deepcopy
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -68,9 +70,21 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
             "steps": _schedule(config)}
 
 
+class PeakTracker(FSDPMemTracker):
+    """torch's FSDP2 tracker keeping only the device-wide peak. Its own update also records a peak per
+    module, walking every tracked module after each op: at 70B that walk was 71 % of the estimate's time,
+    for per-module figures `estimate` never reads. The device-wide peak is computed exactly as there."""
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        for device, snapshot in self._curr_mem_snap.items():
+            if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                self._peak_mem_snap[device] = deepcopy(snapshot)
+
+
 def _tracked_peak(trainer: Trainer, steps: list[int]) -> tuple[dict[Any, int], int]:
     """Rank 0's device peak by category, and the peak bytes it keeps in host memory."""
-    tracker = FSDPMemTracker(trainer.model)
+    tracker = PeakTracker(trainer.model)
     with tracker:
         for step in steps:
             trainer._maybe_switch(step)  # before the step: new optimizer state is then filed as such
