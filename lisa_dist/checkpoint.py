@@ -14,13 +14,11 @@ import torch.distributed as dist
 import transformers
 from accelerate import init_empty_weights
 
+from lisa_dist.errors import CheckpointError
+
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 HF_CONFIG_DIR = "hf"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or does not match the run."""
 
 
 def step_dir(output_dir: Path, step: int) -> Path:

@@ -62,20 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
-    from lisa_dist.checkpoint import CheckpointError
-    from lisa_dist.config import ConfigError, load_config
-    from lisa_dist.data import DataError
-    from lisa_dist.models.parts import UnsupportedModelError
-    from lisa_dist.models.weights import WeightsError
+    from lisa_dist.config import load_config
+    from lisa_dist.errors import LisaDistError
 
-    from lisa_dist.distributed import PeerFailureError, RankDisagreementError, process_group_started
-    from lisa_dist.optim.precision import LossScaleError
-    from lisa_dist.steps import NonFiniteStepsError
-
-    from lisa_dist.report import ReportError
-
-    user_errors = (ConfigError, DataError, CheckpointError, UnsupportedModelError, WeightsError, ReportError)
-    run_errors = (RankDisagreementError, LossScaleError, NonFiniteStepsError, PeerFailureError)
     try:
         if args.command == "train":
             from lisa_dist.accelerate_config import read_accelerate_settings
@@ -110,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
             export_checkpoint(Path(args.checkpoint_dir), Path(args.out_dir))
             print(f"lisa-dist: exported {args.checkpoint_dir} to {args.out_dir}", file=sys.stderr)
-    except (*user_errors, *run_errors) as e:
+    except LisaDistError as e:
         print(f"lisa-dist: error: {e}", file=sys.stderr)
-        code = 2 if isinstance(e, user_errors) else 1
+        from lisa_dist.distributed import process_group_started
+
         if process_group_started():
-            _exit_now(code)
-        return code
+            _exit_now(e.exit_code)
+        return e.exit_code
     return 0

@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; the message names the key."""
+from lisa_dist.errors import ConfigError
 
 
 @dataclass(kw_only=True, slots=True)

@@ -11,16 +11,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from lisa_dist.errors import CheckpointError, ConfigError, DataError
+
 IGNORE_INDEX = -100
 FORMATS = ("auto", "alpaca", "chat")
 ROLES = ("system", "user", "assistant")
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message starts with `path:line: `."""
 
 
 class Tokenizer(Protocol):
@@ -324,7 +322,7 @@ class GlobalBatches:
                       for key, value in current.items() if state.get(key) != value
                       and not (key == "fingerprint" and key not in state)]  # checkpoints from before it existed
         if mismatched:
-            raise ValueError("cannot resume data order; the checkpoint was made with different data or "
+            raise CheckpointError("cannot resume data order; the checkpoint was made with different data or "
                              f"batching ({'; '.join(mismatched)})")
 
     def _permutation(self, epoch: int) -> Tensor:
@@ -342,10 +340,10 @@ class GlobalBatches:
 def _validate_batch_sizes(num_sequences: int, global_batch_size: int, micro_batch_size: int,
                           world_size: int) -> None:
     if global_batch_size < 1 or micro_batch_size < 1 or world_size < 1:
-        raise ValueError(f"train.global_batch_size ({global_batch_size}), train.micro_batch_size "
+        raise ConfigError(f"train.global_batch_size ({global_batch_size}), train.micro_batch_size "
                          f"({micro_batch_size}) and the world size ({world_size}) must be positive")
     if global_batch_size % (micro_batch_size * world_size):
-        raise ValueError(f"train.global_batch_size ({global_batch_size}) must be divisible by "
+        raise ConfigError(f"train.global_batch_size ({global_batch_size}) must be divisible by "
                          f"train.micro_batch_size ({micro_batch_size}) x world size ({world_size}) "
                          f"= {micro_batch_size * world_size}")
     if num_sequences < global_batch_size:

@@ -12,15 +12,8 @@ import torch
 import torch.distributed as dist
 
 from lisa_dist.env import LaunchEnv
+from lisa_dist.errors import LaunchError, PeerFailureError, RankDisagreementError
 from lisa_dist.scalars import items
-
-
-class RankDisagreementError(RuntimeError):
-    """Ranks hold different values for something they must agree on."""
-
-
-class PeerFailureError(RuntimeError):
-    """A collective failed because another rank died or stopped answering."""
 
 
 # How gloo and NCCL word a dead or silent peer (gloo raises plain RuntimeErrors).
@@ -83,7 +76,7 @@ def init_distributed(env: LaunchEnv, timeout_s: int) -> Runtime:
     if not dist.is_initialized():
         if env.is_distributed:
             if env.master_addr is None:
-                raise ValueError(f"{env.launcher} launch without MASTER_ADDR: cannot reach the rendezvous")
+                raise LaunchError(f"{env.launcher} launch without MASTER_ADDR: cannot reach the rendezvous")
             dist.init_process_group(backend, store=_rendezvous_store(env, timeout), rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
         else:

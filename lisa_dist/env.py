@@ -7,6 +7,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lisa_dist.errors import LaunchError
+
 
 ACCELERATE_PREFIXES = ("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_")
 
@@ -43,12 +45,12 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         value = env.get(key)
         if value is None:
             if default is None:
-                raise ValueError(f"launcher environment is missing {key}")
+                raise LaunchError(f"launcher environment is missing {key}")
             return default
         try:
             return int(value)
         except ValueError:
-            raise ValueError(f"launcher environment variable {key}={value!r} is not an integer") from None
+            raise LaunchError(f"launcher environment variable {key}={value!r} is not an integer") from None
 
     # `accelerate launch` always passes the mixed-precision setting; it starts ranks through torchrun.
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env

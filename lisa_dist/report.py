@@ -10,11 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lisa_dist.errors import ReportError
 from lisa_dist.rundir import METRICS
-
-
-class ReportError(ValueError):
-    """The run directory has no usable metrics."""
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:

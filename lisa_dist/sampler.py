@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lisa_dist.errors import CheckpointError, ConfigError
 from lisa_dist.scalars import real_tensors
 
 
@@ -28,7 +29,7 @@ def sample_active_layers(
 ) -> tuple[int, ...]:
     """Choose `gamma` of `num_layers` layers without replacement, proportionally to `weights`."""
     if not 1 <= gamma <= num_layers:
-        raise ValueError(f"lisa.gamma must be between 1 and the number of decoder layers ({num_layers}), got {gamma}")
+        raise ConfigError(f"lisa.gamma must be between 1 and the number of decoder layers ({num_layers}), got {gamma}")
     with real_tensors():
         return _sample(seed, interval_index, num_layers, gamma, weights)
 
@@ -38,10 +39,10 @@ def _sample(seed: int, interval_index: int, num_layers: int, gamma: int, weights
         probs = torch.ones(num_layers, dtype=torch.float64)
     else:
         if len(weights) != num_layers:
-            raise ValueError(f"lisa.layer_weights has {len(weights)} entries but the model has {num_layers} decoder layers")
+            raise ConfigError(f"lisa.layer_weights has {len(weights)} entries but the model has {num_layers} decoder layers")
         probs = torch.tensor(weights, dtype=torch.float64)
         if (probs < 0).any() or int((probs > 0).sum()) < gamma:
-            raise ValueError(f"lisa.layer_weights needs at least gamma={gamma} positive weights, got {weights}")
+            raise ConfigError(f"lisa.layer_weights needs at least gamma={gamma} positive weights, got {weights}")
     generator = torch.Generator().manual_seed(_interval_seed(seed, interval_index))
     chosen = torch.multinomial(probs, gamma, replacement=False, generator=generator)
     return tuple(sorted(chosen.tolist()))
@@ -60,7 +61,7 @@ class LayerSampler:
         method: str = "lisa",
     ) -> None:
         if interval < 1:
-            raise ValueError(f"lisa.interval must be >= 1, got {interval}")
+            raise ConfigError(f"lisa.interval must be >= 1, got {interval}")
         self.num_layers = num_layers
         self.gamma = num_layers if method == "full" else gamma
         self.interval = interval
@@ -95,9 +96,9 @@ class LayerSampler:
         mine = self.state_dict()
         for key in ("method", "seed", "num_layers", "gamma", "interval", "weights"):
             if state[key] != mine[key]:
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint was written with sampler {key}={state[key]!r} but this run has {mine[key]!r}; "
                     "resuming would change the layer schedule")
         self.step = int(state["step"])
         if list(self.active_layers(self.step)) != list(state["active_layers"]):
-            raise ValueError("checkpoint's active layers do not match the recomputed schedule")
+            raise CheckpointError("checkpoint's active layers do not match the recomputed schedule")

@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import is_fake
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, all_reduce_sum
 from lisa_dist.engines.base import Engine
+from lisa_dist.errors import NonFiniteStepsError
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
@@ -20,10 +21,6 @@ from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.sharded import UpdateOptions
 from lisa_dist.scalars import item
-
-
-class NonFiniteStepsError(RuntimeError):
-    """Too many steps in a row were skipped for non-finite values; the run cannot make progress."""
 
 
 @dataclass(slots=True)

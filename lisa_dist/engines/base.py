@@ -13,9 +13,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from lisa_dist.checkpoint import CheckpointError
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
+from lisa_dist.errors import CheckpointError, ConfigError
 from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.optim.shard import ShardInfo
 
@@ -161,7 +161,7 @@ def engine_class(name: str) -> type[Engine]:
         from lisa_dist.engines.zero3 import Zero3Engine
 
         return Zero3Engine
-    raise ValueError(f"engine.name must be one of 'fsdp2', 'zero3', got {name!r}")
+    raise ConfigError(f"engine.name must be one of 'fsdp2', 'zero3', got {name!r}")
 
 
 def create_engine(config: Config, runtime: Runtime) -> Engine:

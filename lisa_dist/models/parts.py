@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """The model's decoder stack or heads cannot be located."""
+from lisa_dist.errors import UnsupportedModelError
 
 
 # model_type -> dotted path of the final norm, where the structural search would be ambiguous.

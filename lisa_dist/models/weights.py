@@ -11,11 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from lisa_dist.errors import WeightsError
 from lisa_dist.models.keys import map_checkpoint_keys
-
-
-class WeightsError(ValueError):
-    """The checkpoint directory does not hold what the model needs."""
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

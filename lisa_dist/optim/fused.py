@@ -15,11 +15,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lisa_dist.errors import FusedPathError
 from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions
-
-
-class FusedPathError(RuntimeError):
-    """The in-backward update did not run for some trainable parameter (something bypassed the hooks)."""
 
 
 GradHookRegistrar = Callable[[nn.Parameter, Callable[[nn.Parameter], None]], RemovableHandle]

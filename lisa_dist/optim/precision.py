@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lisa_dist.errors import LossScaleError
+
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Round fp32 `x` to bf16 up or down with probability proportional to the distance (unbiased).
@@ -23,10 +25,6 @@ def rounding_generator(seed: int, step: int, rank: int, device: torch.device) ->
     """Fresh per step, so a resumed run draws the same noise without saving generator state."""
     digest = hashlib.sha256(f"lisa_dist/rounding/{seed}/{step}/{rank}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-class LossScaleError(RuntimeError):
-    """fp16 overflows kept pushing the loss scale down past its floor."""
 
 
 class DynamicLossScaler:

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from lisa_dist.config import OptimConfig
+from lisa_dist.errors import ConfigError
 from lisa_dist.optim.shard import ShardInfo, outer_slice, row_col_sums
 
 
@@ -140,4 +141,4 @@ def make_rule(c: OptimConfig) -> UpdateRule:
     if c.name == "adalomo":
         return AdaLomo((c.adalomo_eps[0], c.adalomo_eps[1]), c.adalomo_decay_rate, c.adalomo_clip_threshold,
                        c.weight_decay)
-    raise ValueError(f"optim.name must be one of 'adamw', 'sgd', 'lomo', 'adalomo', got {c.name!r}")
+    raise ConfigError(f"optim.name must be one of 'adamw', 'sgd', 'lomo', 'adalomo', got {c.name!r}")

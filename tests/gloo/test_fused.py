@@ -9,7 +9,7 @@ import transformers
 
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
-from lisa_dist.optim.fused import FusedPathError
+from lisa_dist.errors import FusedPathError
 from tests.helpers import (PARITY_ADALOMO_EPS1, REDUCTION_ROUNDING, assert_weights_close, full_weights, parity_atol, run_distributed,
                            start_trainer, tiny_config)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lisa_dist.distributed import RankDisagreementError
+from lisa_dist.errors import RankDisagreementError
 from lisa_dist.memory import StorageTracker
 from tests.helpers import run_distributed, start_trainer, tiny_config
 

@@ -11,8 +11,7 @@ import torch
 
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.assets import TINY_ALPACA
-from lisa_dist.distributed import RankDisagreementError
-from lisa_dist.steps import NonFiniteStepsError
+from lisa_dist.errors import NonFiniteStepsError, RankDisagreementError
 from tests.helpers import full_weights, run_distributed, start_trainer, tiny_config
 
 POISON_FROM = 3  # step index: steps 4, 5, 6 (1-based) meet non-finite values

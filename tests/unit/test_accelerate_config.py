@@ -9,8 +9,9 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from lisa_dist.accelerate_config import read_accelerate_settings
-from lisa_dist.config import ConfigError, load_config
+from lisa_dist.config import load_config
 from lisa_dist.env import read_launch_env
+from lisa_dist.errors import ConfigError
 from tests.helpers import accelerate_variant
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
-from lisa_dist.config import ConfigError, check_world_size, load_config
+from lisa_dist.config import check_world_size, load_config
+from lisa_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

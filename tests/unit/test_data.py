@@ -8,8 +8,9 @@ import torch
 from transformers import AutoTokenizer
 
 from lisa_dist.assets import TINY_ALPACA, TINY_CHAT, TINY_MODEL_DIR
-from lisa_dist.data import (IGNORE_INDEX, DataError, GlobalBatches, SequenceSet, TokenizedExample,
+from lisa_dist.data import (IGNORE_INDEX, GlobalBatches, SequenceSet, TokenizedExample,
                             build_sequences, load_examples)
+from lisa_dist.errors import CheckpointError, ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +221,12 @@ def test_order_is_deterministic_and_ignores_global_rng(sequences):
 
 
 def test_batch_size_validation(sequences):
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ConfigError) as error:
         GlobalBatches(sequences, 6, 2, rank=0, world_size=4, seed=0)
     message = str(error.value)
     assert "train.global_batch_size (6)" in message and "train.micro_batch_size (2)" in message
     assert "world size (4)" in message
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(DataError, match="fewer than one global batch"):
         GlobalBatches(sequences, 64, 2, rank=0, world_size=1, seed=0)
 
 
@@ -234,7 +235,7 @@ def test_state_dict_round_trip_and_mismatch(sequences):
     resumed = GlobalBatches(sequences, 8, 4, rank=1, world_size=2, seed=1)
     resumed.load_state_dict(batches.state_dict())
     smaller = SequenceSet(sequences.input_ids[:40], sequences.labels[:40], sequences.attention_mask[:40], 0)
-    with pytest.raises(ValueError, match="num_sequences: checkpoint 50 vs now 40"):
+    with pytest.raises(CheckpointError, match="num_sequences: checkpoint 50 vs now 40"):
         GlobalBatches(smaller, 8, 2, rank=0, world_size=2, seed=1).load_state_dict(batches.state_dict())
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from lisa_dist.config import ConfigError
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
+from lisa_dist.errors import ConfigError
 from tests.helpers import tiny_config
 
 

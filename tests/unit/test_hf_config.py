@@ -6,8 +6,8 @@ import torch
 import transformers
 
 from lisa_dist.assets import TINY_MODEL_DIR
-from lisa_dist.config import ConfigError
 from lisa_dist.env import read_launch_env
+from lisa_dist.errors import ConfigError
 from lisa_dist.hf import trainer_config
 
 ZERO3_LAUNCH = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "true",

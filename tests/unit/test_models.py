@@ -4,7 +4,7 @@ import transformers
 from torch import nn
 
 from lisa_dist.models import build_meta_model, find_parts
-from lisa_dist.models.parts import UnsupportedModelError
+from lisa_dist.errors import UnsupportedModelError
 
 SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=32)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from lisa_dist.report import ReportError, active_matrix, load_metrics, num_layers, write_report
+from lisa_dist.errors import ReportError
+from lisa_dist.report import active_matrix, load_metrics, num_layers, write_report
 
 
 def _write_run(run, records, layers=None):

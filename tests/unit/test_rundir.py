@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lisa_dist.checkpoint import CheckpointError
+from lisa_dist.errors import CheckpointError
 from lisa_dist.rundir import MetricsWriter, check_resume_compatible
 from tests.helpers import tiny_config
 

@@ -3,6 +3,7 @@ from collections import Counter
 import pytest
 import torch
 
+from lisa_dist.errors import CheckpointError, ConfigError
 from lisa_dist.sampler import LayerSampler, sample_active_layers
 
 
@@ -46,12 +47,12 @@ def test_weights_bias_the_choice_and_zero_weight_is_never_chosen():
 
 @pytest.mark.parametrize("gamma", [0, 9])
 def test_gamma_out_of_range_is_an_error(gamma):
-    with pytest.raises(ValueError, match="lisa.gamma"):
+    with pytest.raises(ConfigError, match="lisa.gamma"):
         sample_active_layers(0, 0, 8, gamma)
 
 
 def test_weights_of_wrong_length_are_an_error():
-    with pytest.raises(ValueError, match="layer_weights"):
+    with pytest.raises(ConfigError, match="layer_weights"):
         sample_active_layers(0, 0, 8, 2, [1.0] * 7)
 
 
@@ -70,5 +71,5 @@ def test_state_dict_round_trip_and_mismatch_error():
     other = LayerSampler(num_layers=8, gamma=2, interval=5, seed=0)
     other.load_state_dict(state)
     assert other.step == 12 and other.active_layers(12) == sampler.active_layers(12)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(CheckpointError, match="seed"):
         LayerSampler(num_layers=8, gamma=2, interval=5, seed=1).load_state_dict(state)
