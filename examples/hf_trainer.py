@@ -3,6 +3,7 @@
     accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/hf_trainer.py --out runs/hf_lisa
     accelerate launch --config_file configs/accelerate/zero3.yaml examples/hf_trainer.py --optim adalomo
     torchrun --nproc_per_node 2 examples/hf_trainer.py --method full --optim lomo
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --save-steps 5 --resume runs/hf_trainer/checkpoint-5
 
 `--record FILE` writes, per optimizer step, the active layers, the parameters holding optimizer state and
 the number of in-backward (fused) updates: what the tests check.
@@ -25,12 +26,13 @@ class Record(transformers.TrainerCallback):
         self.trainer, self.path = trainer, path
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.engine.runtime.is_main:
+        core = self.trainer.core
+        if core.runtime.is_main:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step + 1, "active_layers": sorted(self.trainer.active_layers),
-                                    "optim_state": sorted(self.trainer.sharded.names),
-                                    "fused_updates": self.trainer.fused_updates,
-                                    "grad_norm": self.trainer._measure()}) + "\n")
+                f.write(json.dumps({"step": state.global_step + 1, "active_layers": sorted(core.active_layers),
+                                    "optim_state": sorted(core.optimizer.names),
+                                    "fused_updates": len(core.stepper.hooks.seen),
+                                    "grad_norm": self.trainer.last_result.grad_norm}) + "\n")
 
 
 def main() -> None:
@@ -43,6 +45,10 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=4, help="sequences per step over all ranks")
     parser.add_argument("--adam-epsilon", type=float, default=1e-8, help="TrainingArguments.adam_epsilon (adamw)")
     parser.add_argument("--adalomo-eps1", type=float, default=1e-30, help="lisa_dist optim.adalomo_eps[0]")
+    parser.add_argument("--engine", default=None, choices=["fsdp2", "zero3"],
+                        help="lisa_dist engine.name (default: from the accelerate config file, else fsdp2)")
+    parser.add_argument("--save-steps", type=int, default=0, help="write checkpoint-N/ every this many steps")
+    parser.add_argument("--resume", default=None, help="a checkpoint-N/ directory to continue from, exactly")
     parser.add_argument("--record", default=None)
     cli = parser.parse_args()
 
@@ -55,14 +61,17 @@ def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = transformers.TrainingArguments(
         output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size, learning_rate=cli.lr,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], seed=0, data_seed=0,
+        lr_scheduler_type="constant", logging_steps=1, report_to=[],
+        save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, seed=0, data_seed=0,
         max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
     trainer = LisaDistTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2}, "optim": {"name": cli.optim, "adalomo_eps": [cli.adalomo_eps1, 1e-3]}})
+        lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2},
+                   "optim": {"name": cli.optim, "adalomo_eps": [cli.adalomo_eps1, 1e-3]},
+                   **({"engine": {"name": cli.engine}} if cli.engine else {})})
     if cli.record:
         trainer.add_callback(Record(trainer, cli.record))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=cli.resume)
     trainer.save_model(cli.out)
 
 

@@ -1,4 +1,6 @@
-"""Step checkpoints (sharded, atomic), the final HF directory, and export of any step checkpoint."""
+"""Checkpointing in one place: step checkpoints (sharded, atomic) that are saved, found, checked against
+the run (resume compatibility), loaded and pruned by `Checkpointer`; the final HF directory; and export of
+any step checkpoint to one."""
 
 from __future__ import annotations
 
@@ -7,14 +9,21 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import transformers
 from accelerate import init_empty_weights
+from torch.distributed.tensor import DTensor
 
+from lisa_dist.config import Config
+from lisa_dist.engines.base import Engine, engine_class
 from lisa_dist.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from lisa_dist.core import TrainingCore
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -94,8 +103,8 @@ def _copy_generation_config(model_dir: Path | None, target: Path) -> None:
         shutil.copyfile(model_dir / GENERATION_CONFIG, target / GENERATION_CONFIG)
 
 
-def begin_save(output_dir: Path, step: int, is_main: bool) -> Path:
-    tmp = step_dir(output_dir, step).with_name(f"step_{step}.tmp")
+def begin_save(final: Path, is_main: bool) -> Path:
+    tmp = final.with_name(final.name + ".tmp")
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -169,10 +178,6 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.P
 
 def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     """Turn a sharded step checkpoint into an HF model directory, in one process, without a process group."""
-    import torch.distributed.checkpoint as dcp
-
-    from lisa_dist.engines.base import engine_class
-
     engine = engine_class(read_state(checkpoint_dir)["engine"])
     meta = checkpoint_dir / HF_CONFIG_DIR
     hf_config = transformers.AutoConfig.from_pretrained(meta)
@@ -187,3 +192,140 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     dcp.load(template, checkpoint_id=str(checkpoint_dir), no_dist=True)
     state = {k: v.reshape(shapes[k]) for k, v in template["model"].items()}
     save_hf_model(state, hf_config, meta, out_dir, meta)
+
+
+# Keys that may change between a run and its resume; anything else would change what is trained.
+# The engine, its options and the micro-batch split decide where tensors live and how sums are ordered, not
+# what is trained: a checkpoint resumes on another engine or world size (equal up to rounding).
+RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "save_total_limit", "progress_bar", "overwrite",
+                     "max_steps", "train.max_consecutive_skips", "train.micro_batch_size", "optim.offload_state",
+                     "engine.name", "engine.deepspeed_config", "engine.reshard_after_forward", "engine.split_layers",
+                     "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s"}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_compatible(saved: dict[str, Any], config: Config) -> None:
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise CheckpointError(f"the checkpoint was written with a different configuration ({details}); "
+                              "resuming would not continue the same run")
+    if old["max_steps"] != new["max_steps"] and (config.optim.schedule != "constant"):
+        raise CheckpointError(f"max_steps changed from {old['max_steps']} to {new['max_steps']} with the "
+                              f"{config.optim.schedule} schedule, which depends on it")
+
+
+OptimState = dict[str, dict[str, torch.Tensor]]
+
+
+def save_shards(engine: Engine, directory: Path, optim_state: OptimState) -> None:
+    """Model shards and the optimizer's local state, as a resharding-capable DCP checkpoint."""
+    dcp.save(engine.checkpoint_state(optim_state), checkpoint_id=str(directory))
+
+
+def load_shards(engine: Engine, directory: Path, optim_state: OptimState, written_by: str) -> None:
+    """Fill the model shards and `optim_state` (local tensors allocated by the caller) in place.
+
+    DCP reshards a checkpoint in this engine's layout to any world size; another engine's layout is read
+    tensor by tensor and sliced (`_load_other_layout`)."""
+    if written_by == engine.name:
+        state = engine.checkpoint_state(optim_state)
+        dcp.load(state, checkpoint_id=str(directory))
+        # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
+        for name, entries in state["optim"].items():
+            for key, value in entries.items():
+                if not isinstance(value, DTensor):
+                    optim_state[name][key].copy_(value)
+    else:
+        _load_other_layout(engine, directory, optim_state)
+    engine.after_load()
+
+
+@torch.no_grad()
+def _load_other_layout(engine: Engine, directory: Path, optim_state: OptimState) -> None:
+    """Another engine stores tensors in its own shapes (ZeRO-3 flat, FSDP2 as the parameter), which DCP cannot
+    map onto ours. Every layout is a row-major flat range per rank, so read one parameter's tensors whole
+    (host memory for one parameter at a time) and keep this rank's range of each."""
+    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    for name, param in engine.model.named_parameters():
+        info = engine.shard_info(param)
+        targets = {f"model.{name}": engine.local_shard(param)}
+        targets |= {f"optim.{name}.{key}": t for key, t in optim_state.get(name, {}).items()}
+        missing = [key for key in targets if key not in stored]
+        if missing:
+            raise CheckpointError(f"{directory} holds no {missing[0]}; it was not written for this model and method")
+        whole = {key: torch.empty(stored[key].size, dtype=stored[key].properties.dtype) for key in targets}
+        dcp.load(whole, checkpoint_id=str(directory), no_dist=True)
+        for key, target in targets.items():
+            flat = whole[key].reshape(-1)
+            if target.numel() == info.numel and flat.numel() == info.global_numel:
+                target.copy_(flat[info.flat_start:info.flat_start + info.numel].view_as(target))
+            elif target.numel() == flat.numel():
+                target.copy_(flat.view_as(target))
+            else:
+                raise CheckpointError(f"{directory}: {key} holds {flat.numel()} values where this run's shard "
+                                      f"needs {target.numel()} of {info.global_numel}")
+
+
+class Stateful(Protocol):
+    """torch's `Stateful` protocol: what must survive a restart."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Step checkpoints of one run: the core's model and optimizer shards, its own state (sampler, loss
+    scaler, step counters) and any further `states` (the CLI's data position), saved atomically and loaded
+    only into a run they continue.
+
+    `write_meta(tmp)` (rank 0) adds files beside the shards: the CLI's HF config and tokenizer."""
+
+    def __init__(self, core: TrainingCore, config: Config, states: dict[str, Stateful] | None = None,
+                 write_meta: Any = None) -> None:
+        self.core = core
+        self.config = config
+        self.states = states or {}
+        self.write_meta = write_meta
+        self.is_main = core.runtime.is_main
+
+    def save(self, final: Path, step: int) -> Path:
+        """Write the checkpoint of the run after `step` optimizer steps to `final`, atomically."""
+        tmp = begin_save(final, self.is_main)
+        if self.is_main and self.write_meta is not None:
+            self.write_meta(tmp)
+        core = self.core
+        save_shards(core.engine, tmp, core.optimizer.state_dict())
+        state = {"step": step, "world_size": core.runtime.world_size, "engine": core.engine.name,
+                 "config": self.config.to_dict(), "optim_params": core.optimizer.names, **core.state_dict(),
+                 **{name: s.state_dict() for name, s in self.states.items()}}
+        finish_save(tmp, final, state, self.is_main)
+        return final
+
+    def load(self, directory: Path) -> int:
+        """Continue from `directory`; returns its step. Everything is checked before any shard is read."""
+        state = read_state(directory)
+        check_resume_compatible(state["config"], self.config)
+        core = self.core
+        try:
+            core.load_state_dict(state)
+            for name, stateful in self.states.items():
+                stateful.load_state_dict(state[name])
+        except (CheckpointError, KeyError) as e:
+            raise CheckpointError(f"{directory}: {e}") from None
+        if sorted(core.optimizer.names) != sorted(state["optim_params"]):
+            raise CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
+        load_shards(core.engine, directory, core.optimizer.state_dict(), written_by=state["engine"])
+        core.optimizer.after_load()
+        return int(state["step"])

@@ -338,11 +338,27 @@ def validate_training(c: Config) -> None:
     """The checks of the method, engine, batch, precision and optimizer (also for runs whose model and data
     come from elsewhere: the Hugging Face Trainer integration)."""
     _at_least("engine.timeout_s", c.engine.timeout_s, 1)
-    _require(not c.engine.offload_params or c.engine.name == "fsdp2",
-             f"engine.offload_params applies to engine.name=fsdp2, not {c.engine.name}")
+    _validate_engine(c.engine)
     _validate_lisa(c.lisa)
     _validate_train(c.train)
     _validate_optim(c.optim, c.train)
+
+
+# Engine options only one engine has, with the value the other engine always behaves as.
+_FSDP2_ONLY = {"offload_params": False, "split_layers": False, "backward_prefetch": True, "reshard_after_forward": True}
+
+
+def _validate_engine(e: EngineConfig) -> None:
+    """An option the chosen engine does not have is refused, never ignored."""
+    if e.name == "zero3":
+        for key, behaviour in _FSDP2_ONLY.items():
+            value = getattr(e, key)
+            _require(value == behaviour, f"engine.{key}={str(value).lower()} applies to engine.name=fsdp2; ZeRO-3 "
+                                         f"always runs as engine.{key}={str(behaviour).lower()} (prefetching and "
+                                         "partitioning follow the DeepSpeed config)")
+    else:
+        _require(e.deepspeed_config is None, f"engine.deepspeed_config={e.deepspeed_config} applies to "
+                                             f"engine.name=zero3, not {e.name}")
 
 
 def _validate_lisa(lisa: LisaConfig) -> None:

@@ -20,10 +20,11 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from lisa_dist.config import Config, ConfigError
+from lisa_dist.config import Config
+from lisa_dist.core import TrainingCore
 from lisa_dist.distributed import Runtime
-from lisa_dist.engines.base import create_engine
 from lisa_dist.env import LaunchEnv
+from lisa_dist.errors import ConfigError
 from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.train import Trainer, prepare
 
@@ -55,10 +56,10 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
         # The fake CPU device stands for the GPU; host memory (offloaded state and activations) is the meta
         # device, so the tracker counts it apart.
         runtime = Runtime(env=env, device=torch.device("cpu"), host_device=torch.device("meta"))
-        engine = create_engine(config, runtime)
-        engine.mesh = init_device_mesh("cpu", (world_size,))  # a DeviceMesh cannot be built on fake tensors
+        mesh = init_device_mesh("cpu", (world_size,))  # a DeviceMesh cannot be built on fake tensors
         with FakeTensorMode(allow_non_fake_inputs=True):
-            trainer = Trainer(config, runtime, source, sequences, engine=engine)
+            core = TrainingCore.build(config, runtime, source, mesh=mesh, shapes_only=True)
+            trainer = Trainer(config, runtime, source, sequences, core=core)
             peak, host_peak = _tracked_peak(trainer, _schedule(config))
     finally:
         dist.destroy_process_group()
@@ -84,11 +85,11 @@ class PeakTracker(FSDPMemTracker):
 
 def _tracked_peak(trainer: Trainer, steps: list[int]) -> tuple[dict[Any, int], int]:
     """Rank 0's device peak by category, and the peak bytes it keeps in host memory."""
-    tracker = PeakTracker(trainer.model)
+    tracker = PeakTracker(trainer.core.model)
     with tracker:
         for step in steps:
-            trainer._maybe_switch(step)  # before the step: new optimizer state is then filed as such
-            for state in trainer.optimizer.state_dict().values():
+            trainer.core.switch(step)  # before the step: new optimizer state is then filed as such
+            for state in trainer.core.optimizer.state_dict().values():
                 for tensor in state.values():
                     tracker._update_and_maybe_create_winfos(tensor, _FSDPRefType.OPT)
             trainer.train_step(step)

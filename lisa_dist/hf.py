@@ -17,26 +17,28 @@ learning-rate schedule (TrainingArguments), logging, callbacks and saving the mo
 from __future__ import annotations
 
 import copy
-import math
-import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 
+from lisa_dist import checkpoint as ckpt
 from lisa_dist.accelerate_config import read_accelerate_settings
-from lisa_dist.config import Config, ConfigError, apply_implied, from_dict, validate_training
-from lisa_dist.distributed import all_reduce_sum, init_distributed, verify_same_across_ranks
-from lisa_dist.engines.base import create_engine, trainable_named_parameters
+from lisa_dist.config import Config, apply_implied, from_dict, validate_training
+from lisa_dist.core import StepResult, TrainingCore
+from lisa_dist.distributed import init_distributed
 from lisa_dist.env import LaunchEnv, read_launch_env
-from lisa_dist.models import set_trainable_layers
-from lisa_dist.optim import ShardedOptimizer, make_rule
-from lisa_dist.optim.fused import GradHooks
-from lisa_dist.optim.sharded import UpdateOptions
-from lisa_dist.sampler import LayerSampler
+from lisa_dist.errors import CheckpointError, ConfigError, DataError
+from lisa_dist.loss import loss_sum as token_loss_sum
+from lisa_dist.steps import LossFn
 
+STATE_DIR = "lisa_dist"
+"""Where a Trainer checkpoint (`checkpoint-N/`) holds lisa_dist's sharded state."""
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Run settings the TrainingArguments own; the same keys in `lisa_dist=` would be a second, ignored source.
 OWNED_BY_ARGS = {"seed": "seed", "optim.lr": "learning_rate", "optim.weight_decay": "weight_decay",
@@ -84,14 +86,13 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
 
 class LisaDistOptimizer(torch.optim.Optimizer):
     """What the Trainer and its learning-rate scheduler see: one parameter group whose `lr` the scheduler
-    sets. `step` applies lisa_dist's update after backward, or checks that the fused one ran inside it."""
+    sets. The update itself is the core's, run in `LisaDistTrainer.training_step`."""
 
     def __init__(self, trainer: LisaDistTrainer) -> None:
         super().__init__(list(trainer.model.parameters()), {"lr": trainer.lisa_config.optim.lr})
-        self.trainer = trainer
 
     def step(self, closure: Any = None) -> None:
-        self.trainer._optimizer_step()
+        """The step already ran with the last micro-batch (its result is `LisaDistTrainer.last_result`)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Gradients are released by the step itself (fused: inside backward)."""
@@ -102,25 +103,27 @@ class LisaDistTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         env = read_launch_env()
         self.lisa_config = trainer_config(self.args, lisa_dist or {}, self.model, env)
-        c = self.lisa_config
-        runtime = init_distributed(env, c.engine.timeout_s)
-        self.engine = create_engine(c, runtime)
-        self.model, self.parts = self.engine.adopt(self.model)
-        self.model_wrapped = self.model
+        self._custom_loss = (type(self).compute_loss is not transformers.Trainer.compute_loss
+                             or self.compute_loss_func is not None or self.args.label_smoothing_factor > 0)
+        if self._custom_loss and self.lisa_config.train.loss_chunk_tokens:
+            raise ConfigError("train.loss_chunk_tokens computes lisa_dist's own token loss, but this Trainer "
+                              "computes its own (compute_loss override, compute_loss_func or label smoothing); "
+                              "unset one of them")
+        runtime = init_distributed(env, self.lisa_config.engine.timeout_s)
+        self.core = TrainingCore.adopt(self.lisa_config, runtime, self.model,
+                                       last_checkpoint=lambda: self._last_checkpoint())
+        self.checkpointer = ckpt.Checkpointer(self.core, self.lisa_config)
+        self.model = self.model_wrapped = self.core.model
         # lisa_dist shards and reduces; accelerate must not wrap the model in DDP, FSDP or DeepSpeed as well.
         self.is_deepspeed_enabled = self.is_fsdp_enabled = False
-        self.sampler = LayerSampler(self.parts.num_layers, c.lisa.gamma, c.lisa.interval, c.seed,
-                                    c.lisa.layer_weights, c.method)
-        self.sharded = ShardedOptimizer(make_rule(c.optim), self.engine,
-                                        host=runtime.host_device if c.optim.offload_state else None)
-        self.hooks = GradHooks(self.sharded, dict(self.model.named_parameters()), self.engine.register_grad_hook)
-        self.active_layers: tuple[int, ...] | None = None
-        self.last_grad_norm: float | None = None
-        self.step_grad_norm: float | None = None
-        """This step's norm, measured after its last backward."""
-        self.fused_updates = 0
-        """Parameters updated inside the last step's backward (fused optimizers)."""
-        self._pass_open = False
+        self.last_result: StepResult | None = None
+        """The last optimizer step's outcome (loss, grad norm, active layers, skipped)."""
+        self._micro_batches: list[dict[str, Any]] = []
+
+    def _last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -128,89 +131,64 @@ class LisaDistTrainer(transformers.Trainer):
         return self.optimizer
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
-        if resume_from_checkpoint is not None:
-            raise ConfigError("resume_from_checkpoint: LisaDistTrainer saves model weights only; exact resume "
-                              "(optimizer state, layer schedule) is `lisa-dist train ... resume=auto`")
+        """The Trainer's preparation without accelerate's wrapping: lisa_dist already sharded the model.
+        On resume, `_load_from_checkpoint` has restored lisa_dist's state; here the scheduler follows."""
         self.create_optimizer()
         self.create_scheduler(num_training_steps=max_steps)
+        if resume_from_checkpoint is not None:
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(self.callback_handler, attr, getattr(self, attr))
         self.callback_handler.train_dataloader = train_dataloader
         return self.model, train_dataloader
 
-    def _switch_layers(self, step: int) -> None:
-        if self.active_layers is not None and not self.sampler.is_switch(step):
-            return
-        active = self.sampler.active_layers(step)
-        verify_same_across_ranks(f"the active layers for step {step}", list(active))
-        lisa = self.lisa_config.lisa
-        set_trainable_layers(self.parts, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
-        self.sharded.set_trainable(trainable_named_parameters(self.model))
-        self.active_layers = active
-
-    def _options(self, clip_norm: float | None) -> UpdateOptions:
-        max_norm = self.lisa_config.optim.max_grad_norm
-        scale = 1.0
-        if max_norm > 0 and clip_norm is not None and math.isfinite(clip_norm):
-            scale = min(1.0, max_norm / (clip_norm + 1e-6))
-        return UpdateOptions(lr=self.optimizer.param_groups[0]["lr"], grad_scale=scale,
-                             clip_value=self.lisa_config.optim.clip_grad_value)
-
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        if not self._pass_open:  # the first micro-batch of an optimizer step
-            self._switch_layers(self.state.global_step)
-            fused = self.sharded.rule.fused
-            # Fused: clipping by global norm uses the previous step's norm, as in `lisa-dist train`.
-            self.hooks.begin_pass("apply" if fused else "accumulate",
-                                  self._options(self.last_grad_norm) if fused else UpdateOptions(lr=0.0), guard=fused)
-            self._pass_open = True
-        self.hooks.final_micro_batch = self.accelerator.sync_gradients
-        model.train()
-        inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        if not scaled and self.compute_loss_func is None:
-            loss = loss / self.current_gradient_accumulation_steps
-        self.engine.backward(loss)
-        return loss.detach()
+        """Collects the micro-batches of one optimizer step; with the last, the core runs the whole step
+        (switching, forward/backward, update, clipping, non-finite handling) as `lisa-dist train` does.
+        Returns the step's mean token loss on the last micro-batch and 0 before it, so the Trainer's
+        logged loss (summed over micro-batches) is the step's."""
+        if "labels" not in inputs:
+            raise DataError("LisaDistTrainer: a training batch has no 'labels' (the collator must give them)")
+        self._micro_batches.append(inputs)
+        if not self.accelerator.sync_gradients:
+            return torch.zeros((), device=self.args.device)
+        micro_batches, self._micro_batches = self._micro_batches, []
+        step = self.state.global_step
+        self.last_result = self.core.step(step, micro_batches, self.optimizer.param_groups[0]["lr"], self._loss_fn())
+        self.core.raise_if_stalled(step)
+        return torch.tensor(self.last_result.loss, device=self.args.device)
 
-    def _measure(self) -> float:
-        """The step's global gradient norm, once per step (the Trainer asks before it calls `step`)."""
-        if self.step_grad_norm is None:
-            if self.sharded.rule.fused:
-                sq, _ = self.hooks.end_pass(self.model)  # raises if a trainable parameter missed its update
-                self.fused_updates = len(self.hooks.seen)
-            else:
-                sq = self.sharded.grad_sq_sum()
-            (total_sq,) = all_reduce_sum([float(sq)], self.engine.runtime.device)
-            self.step_grad_norm = math.sqrt(total_sq)
-        return self.step_grad_norm
+    def _loss_fn(self) -> LossFn:
+        """The Trainer's own loss when the script customizes it; otherwise lisa_dist's (which honours
+        train.loss_chunk_tokens), given every model input the collator produced."""
+        core = self.core
+        if not self._custom_loss:
+            chunk = self.lisa_config.train.loss_chunk_tokens
+            return lambda batch, _: token_loss_sum(core.model, core.parts.head, batch, chunk, core.runtime.device,
+                                                   model_inputs=tuple(k for k in batch if k != "labels"))
 
-    def _optimizer_step(self) -> None:
-        norm = self._measure()
-        if self.sharded.rule.fused:
-            if math.isfinite(norm):
-                self.last_grad_norm = norm
-        else:
-            if math.isfinite(norm):
-                self.sharded.step(self._options(norm))
-            self.sharded.zero_grad(self.model)
-        self._pass_open = False
-        self.step_grad_norm = None
+        def trainer_loss(batch: dict[str, Any], global_targets: float) -> torch.Tensor:
+            device = core.runtime.device
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with self.compute_loss_context_manager():
+                # Normalized by the global count of labelled tokens, as the Trainer does; back to a sum.
+                mean = self.compute_loss(core.model, inputs, num_items_in_batch=torch.tensor(global_targets))
+            return mean * global_targets
+
+        return trainer_loss
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
-        """Clipping is part of lisa_dist's step (the Trainer's would see no gradients under ZeRO-3 or fused)."""
+        """Clipping is part of the core's step (the Trainer's would see no gradients under ZeRO-3 or fused)."""
         return None
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> float:
-        return self._measure()
+        return self.last_result.grad_norm
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """A Hugging Face model directory from the full weights (gathered from every rank's shards)."""
         output_dir = output_dir or self.args.output_dir
-        state = self.engine.full_state_dict()
-        if self.engine.runtime.is_main:
+        state = self.core.engine.full_state_dict()
+        if self.core.runtime.is_main:
             unwrapped = self.accelerator.unwrap_model(self.model)
             transformers.PreTrainedModel.save_pretrained(unwrapped, output_dir, state_dict=state)
             if self.processing_class is not None:
@@ -218,9 +196,21 @@ class LisaDistTrainer(transformers.Trainer):
         torch.distributed.barrier()
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.engine.runtime.is_main:
-            print("lisa-dist: Trainer checkpoints hold the model weights only; optimizer state and the layer "
-                  "schedule are not saved (exact resume: `lisa-dist train ... resume=auto`)", file=sys.stderr)
+        """Beside the Trainer's scheduler (and the optimizer's one learning rate): lisa_dist's sharded state,
+        model and optimizer shards, sampler, loss scaler, under `checkpoint-N/lisa_dist/`."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        self.checkpointer.save(Path(output_dir) / STATE_DIR, self.state.global_step)
 
-    def _save_rng_state(self, output_dir: str) -> None:
-        """Not saved: a Trainer checkpoint of this class cannot be resumed (see `_prepare_for_training`)."""
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """`trainer.train(resume_from_checkpoint=...)`: the shards, optimizer state and layer schedule of
+        the step the checkpoint was written at, so the run continues exactly."""
+        directory = Path(resume_from_checkpoint)
+        state_dir = directory / STATE_DIR
+        if not ckpt.is_complete(state_dir):
+            raise CheckpointError(f"{directory} holds no lisa_dist state ({STATE_DIR}/): it was written with "
+                                  "save_only_model=True, by another Trainer, or was cut short; resume from a "
+                                  "checkpoint LisaDistTrainer saved, or start anew")
+        step = self.checkpointer.load(state_dir)
+        recorded = TrainerState.load_from_json(str(directory / TRAINER_STATE_NAME)).global_step
+        if step != recorded:
+            raise CheckpointError(f"{directory}: lisa_dist state is of step {step}, the Trainer's of step {recorded}")

@@ -15,19 +15,20 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int,
-             device: torch.device) -> torch.Tensor:
+             device: torch.device, model_inputs: tuple[str, ...] = ("input_ids",)) -> torch.Tensor:
     """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one).
 
-    No attention mask is passed: sequences are right-padded and attention is causal, so no real token ever
-    attends to padding, and padded positions carry no label. Without a mask, SDPA runs its causal
-    flash/memory-efficient kernels instead of materializing seq_len x seq_len scores per head."""
-    input_ids = batch["input_ids"].to(device)
+    By default no attention mask is passed (`lisa-dist train`): its sequences are right-padded and attention
+    is causal, so no real token ever attends to padding, and padded positions carry no label. Without a mask,
+    SDPA runs its causal flash/memory-efficient kernels instead of materializing seq_len x seq_len scores per
+    head. `model_inputs` names the batch entries the model gets (a Trainer script's collator may pad left)."""
+    inputs = {key: batch[key].to(device) for key in model_inputs if key in batch}
     labels = batch["labels"].to(device)[:, 1:]
     if chunk_tokens <= 0:
-        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                reduction="sum")
-    hidden = model.base_model(input_ids=input_ids, use_cache=False)[0][:, :-1]
+    hidden = model.base_model(**inputs, use_cache=False)[0][:, :-1]
     return _ChunkedHeadLoss(head, chunk_tokens)(hidden, labels)
 
 

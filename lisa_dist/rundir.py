@@ -9,16 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from lisa_dist import checkpoint as ckpt
-from lisa_dist.config import Config, ConfigError
+from lisa_dist.config import Config
+from lisa_dist.errors import ConfigError
 
 METRICS = "metrics.jsonl"
-# Keys that may change between a run and its resume; anything else would change what is trained.
-# The engine, its options and the micro-batch split decide where tensors live and how sums are ordered, not
-# what is trained: a checkpoint resumes on another engine or world size (equal up to rounding).
-RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "save_total_limit", "progress_bar", "overwrite",
-                     "max_steps", "train.max_consecutive_skips", "train.micro_batch_size", "optim.offload_state",
-                     "engine.name", "engine.deepspeed_config", "engine.reshard_after_forward", "engine.split_layers",
-                     "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s"}
 
 
 def holds_run(out: Path) -> bool:
@@ -52,28 +46,6 @@ def clear_previous_run(config: Config) -> None:
         for name in ("checkpoints", "final"):
             if (out / name).exists():
                 shutil.rmtree(out / name)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_compatible(saved: dict[str, Any], config: Config) -> None:
-    old, new = _flatten(saved), _flatten(config.to_dict())
-    changed = sorted(k for k in old.keys() | new.keys() if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise ckpt.CheckpointError(f"the checkpoint was written with a different configuration ({details}); "
-                                   "resuming would not continue the same run")
-    if old["max_steps"] != new["max_steps"] and (config.optim.schedule != "constant"):
-        raise ckpt.CheckpointError(f"max_steps changed from {old['max_steps']} to {new['max_steps']} with the "
-                                   f"{config.optim.schedule} schedule, which depends on it")
 
 
 class MetricsWriter:

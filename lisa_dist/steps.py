@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, all_reduce_sum
 from lisa_dist.engines.base import Engine
-from lisa_dist.errors import NonFiniteStepsError
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
@@ -21,6 +20,12 @@ from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.sharded import UpdateOptions
 from lisa_dist.scalars import item
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[Batch, float], torch.Tensor]
+"""`loss_fn(micro_batch, global_targets)`: the micro-batch's summed token loss, a scalar tensor to
+backpropagate (`global_targets`, the labelled tokens of the whole global batch, is for losses that
+normalize themselves, such as a Trainer's `compute_loss`)."""
 
 
 @dataclass(slots=True)
@@ -38,8 +43,11 @@ class StepOutcome:
 
 class StepRunner:
     def __init__(self, config: Config, runtime: Runtime, engine: Engine, model: nn.Module,
-                 optimizer: ShardedOptimizer, hooks: GradHooks) -> None:
+                 optimizer: ShardedOptimizer, hooks: GradHooks, shapes_only: bool = False) -> None:
         self.hooks = hooks
+        self.shapes_only = shapes_only
+        self.last_grad_norm: float | None = None
+        """The previous step's norm, by which a one-pass fused step clips."""
         self.config = config
         self.runtime = runtime
         self.engine = engine
@@ -55,34 +63,33 @@ class StepRunner:
         return UpdateOptions(lr=lr, grad_scale=clip / self.scaler.scale, clip_value=self.config.optim.clip_grad_value,
                              generator=generator)
 
-    def _set_final(self, final: bool) -> None:
-        self.hooks.final_micro_batch = final
-
     def _clip_factor(self, grad_norm: float | None) -> float:
         max_norm = self.config.optim.max_grad_norm
         if max_norm <= 0 or grad_norm is None or not math.isfinite(grad_norm):
             return 1.0
         return min(1.0, max_norm / (grad_norm + 1e-6))
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
-                         check_loss: bool, before_backward=None) -> tuple[float, bool]:
+    def _token_loss(self, batch: Batch, global_targets: float) -> torch.Tensor:
+        return token_loss_sum(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
+                              self.runtime.device)
+
+    def forward_backward(self, micro_batches: list[Batch], global_targets: float, check_loss: bool,
+                         loss_fn: LossFn | None = None) -> tuple[float, bool]:
         """Returns (local loss sum, whether every micro-batch's loss was finite on every rank)."""
-        device = self.runtime.device
+        loss_fn = loss_fn or self._token_loss
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         total = 0.0
         for i, batch in enumerate(micro_batches):
             with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload):
-                loss_sum = token_loss_sum(self.model, self.engine.parts.head, batch,
-                                          self.config.train.loss_chunk_tokens, device)
+                loss_sum = loss_fn(batch, global_targets)
             value = item(loss_sum.detach())
             # A fake loss (`lisa-dist estimate`) has no value to check; the collective would also keep
             # the step's activations referenced under the fake process group.
-            if check_loss and not is_fake(loss_sum):
-                (bad,) = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], device)
+            if check_loss and not self.shapes_only:
+                (bad,) = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], self.runtime.device)
                 if bad:
                     return math.nan, False
-            if before_backward is not None:
-                before_backward(i == len(micro_batches) - 1)
+            self.hooks.final_micro_batch = i == len(micro_batches) - 1
             # Reduce-scatter averages over ranks; scaling by world size gives the per-token mean over the
             # whole global batch, whatever the world size and micro-batch split.
             self.engine.backward(loss_sum * scale)
@@ -95,11 +102,10 @@ class StepRunner:
 
 
 class PostBackwardStep(StepRunner):
-    def run(self, step: int, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
-            lr: float) -> StepOutcome:
+    def run(self, step: int, micro_batches: list[Batch], global_targets: float, lr: float,
+            loss_fn: LossFn | None = None) -> StepOutcome:
         self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False)
-        loss_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False,
-                                            before_backward=self._set_final)
+        loss_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
         grad_norm, _ = self._global(self.optimizer.grad_sq_sum())
         skipped = not math.isfinite(grad_norm)
         if not skipped:
@@ -119,12 +125,11 @@ class FusedStep(StepRunner):
         super().__init__(*args, **kwargs)
         precheck = self.config.optim.fused_precheck
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
-        self.last_grad_norm: float | None = None
 
-    def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches, global_targets):
+    def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
+              global_targets: float, loss_fn: LossFn | None) -> tuple[float, bool, float, int]:
         self.hooks.begin_pass(mode, options, guard)
-        loss_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
-                                                 before_backward=self._set_final)
+        loss_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True, loss_fn=loss_fn)
         if not finite:
             self.optimizer.zero_grad(self.model)
             return loss_sum, False, math.nan, 0
@@ -132,20 +137,21 @@ class FusedStep(StepRunner):
         grad_norm, nonfinite = self._global(sq, bad)
         return loss_sum, True, grad_norm, nonfinite
 
-    def run(self, step: int, micro_batches: list[dict[str, torch.Tensor]], global_targets: float,
-            lr: float) -> StepOutcome:
+    def run(self, step: int, micro_batches: list[Batch], global_targets: float, lr: float,
+            loss_fn: LossFn | None = None) -> StepOutcome:
         if self.precheck:
             loss_sum, finite, grad_norm, nonfinite = self._pass("check", UpdateOptions(lr=lr), False,
-                                                                micro_batches, global_targets)
+                                                                micro_batches, global_targets, loss_fn)
             if not finite or nonfinite or not math.isfinite(grad_norm):
                 self.scaler.update(overflow=True)
                 return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=True, backward_passes=1)
             options = self._options(step, lr, self._clip_factor(grad_norm))
-            self._pass("apply", options, False, micro_batches, global_targets)
+            self._pass("apply", options, False, micro_batches, global_targets, loss_fn)
             self.scaler.update(overflow=False)
             return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, backward_passes=2)
         options = self._options(step, lr, self._clip_factor(self.last_grad_norm))
-        loss_sum, finite, grad_norm, nonfinite = self._pass("apply", options, True, micro_batches, global_targets)
+        loss_sum, finite, grad_norm, nonfinite = self._pass("apply", options, True, micro_batches, global_targets,
+                                                            loss_fn)
         if finite and math.isfinite(grad_norm):
             self.last_grad_norm = grad_norm
         return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=not finite, nonfinite_shards=nonfinite)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +11,19 @@ import transformers
 
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.accelerate_config import AccelerateSettings
-from lisa_dist.config import Config, ConfigError, check_world_size
+from lisa_dist.config import Config, check_world_size
+from lisa_dist.core import TrainingCore
 from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
-from lisa_dist.distributed import (Runtime, all_gather_floats, all_reduce_sum, as_peer_failure, init_distributed,
-                                   shutdown, verify_same_across_ranks)
-from lisa_dist.engines.base import Engine, create_engine, engine_class, trainable_named_parameters
+from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, init_distributed, shutdown,
+                                   verify_same_across_ranks)
+from lisa_dist.engines.base import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
+from lisa_dist.errors import ConfigError
 from lisa_dist.memory import GIB, StorageTracker
-from lisa_dist.models import set_trainable_layers
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
-from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
-from lisa_dist.optim.fused import GradHooks
-from lisa_dist.rundir import MetricsWriter, check_output_dir, check_resume_compatible, clear_previous_run
-from lisa_dist.sampler import LayerSampler
-from lisa_dist.scalars import item, real_tensors
-from lisa_dist.steps import FusedStep, NonFiniteStepsError, PostBackwardStep
+from lisa_dist.optim import lr_at
+from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
+from lisa_dist.scalars import real_tensors
 
 
 def prepare(config: Config, world_size: int, check_output: bool = True,
@@ -60,124 +57,54 @@ def prepare(config: Config, world_size: int, check_output: bool = True,
 
 
 class Trainer:
+    """`lisa-dist train`'s loop around the training core: the data order, metrics, step checkpoints, resume."""
+
     def __init__(self, config: Config, runtime: Runtime, source: ModelSource, sequences: SequenceSet,
-                 engine: Engine | None = None) -> None:
+                 core: TrainingCore | None = None) -> None:
+        """`core`: one built elsewhere (`estimate` builds it on fake tensors)."""
         self.config = config
         self.runtime = runtime
         self.source = source
         self.output_dir = Path(config.output_dir)
-        self.engine = engine or create_engine(config, runtime)
-        self.model, self.parts = self.engine.build(source)
-        self.model.train()
-        self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
-                                    config.lisa.layer_weights, config.method)
-        self.optimizer = ShardedOptimizer(make_rule(config.optim), self.engine,
-                                          host=runtime.host_device if config.optim.offload_state else None)
-        self.stepper = self._make_stepper()
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        self.core = core or TrainingCore.build(config, runtime, source,
+                                               last_checkpoint=lambda: ckpt.latest_checkpoint(self.output_dir))
         self.batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size,
                                      runtime.rank, runtime.world_size, config.seed)
-        self.active_layers: tuple[int, ...] | None = None
         self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
-
-    def _make_stepper(self) -> PostBackwardStep | FusedStep:
-        hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), self.engine.register_grad_hook)
-        args = (self.config, self.runtime, self.engine, self.model, self.optimizer, hooks)
-        return FusedStep(*args) if self.optimizer.rule.fused else PostBackwardStep(*args)
-
-    def set_active_layers(self, active: tuple[int, ...]) -> None:
-        """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""
-        lisa = self.config.lisa
-        set_trainable_layers(self.parts, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
-        self.optimizer.set_trainable(trainable_named_parameters(self.model))
-        self.active_layers = active
-
-    def _maybe_switch(self, step: int) -> None:
-        if self.active_layers is not None and not self.sampler.is_switch(step):
-            return
-        active = self.sampler.active_layers(step)
-        verify_same_across_ranks(f"the active layers for step {step}", list(active))
-        if active != self.active_layers:
-            self.set_active_layers(active)
+        self.checkpointer = ckpt.Checkpointer(self.core, config, states={"data": self.batches},
+                                              write_meta=self._write_meta)
 
     def train_step(self, step: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        self._maybe_switch(step)
         with real_tensors():
             micro_batches = self.batches.micro_batches(step)
-        local_targets = sum(item((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        local_tokens = sum(item(b["attention_mask"].sum()) for b in micro_batches)
-        global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
         lr = lr_at(self.config.optim, step, self.config.max_steps)
-        outcome = self.stepper.run(step, micro_batches, max(global_targets, 1.0), lr)
-        self.skipped_steps += int(outcome.skipped)
-        (total_loss,) = all_reduce_sum([outcome.loss_sum], self.runtime.device)
-        elapsed = time.perf_counter() - start
-        record = {"step": step + 1, "loss": total_loss / max(global_targets, 1.0), "lr": lr, "active_layers": sorted(self.active_layers),
-                  "grad_norm": outcome.grad_norm, "tokens": int(global_tokens), "tokens_per_s": global_tokens / elapsed,
-                  "step_time_s": elapsed, "skipped": outcome.skipped, "skipped_steps": self.skipped_steps,
-                  "nonfinite_grad_shards": outcome.nonfinite_shards, "backward_passes": outcome.backward_passes}
-        if self.config.train.dtype == "fp16":
-            record["loss_scale"] = self.stepper.scaler.scale
+        record = self.core.step(step, micro_batches, lr).record()
+        record["skipped_steps"] = self.core.skipped_steps
         return record
 
     def _measured_step(self, step: int) -> dict[str, Any]:
-        self.engine.reset_peak_memory()
+        engine = self.core.engine
+        engine.reset_peak_memory()
         if self.tracker is None:
             record = self.train_step(step)
-            peak = self.engine.peak_memory_bytes() or 0
+            peak = engine.peak_memory_bytes() or 0
         else:
-            self.tracker.track(self.engine.resident_tensors())
-            self.tracker.track(t for s in self.optimizer.state_dict().values() for t in s.values())
+            self.tracker.track(self.core.memory_tensors())
             self.tracker.reset_peak()
             with self.tracker:
                 record = self.train_step(step)
             peak = self.tracker.peak
-        per_rank = all_gather_floats([peak, self.optimizer.state_bytes()], self.runtime.device)
+        per_rank = all_gather_floats([peak, self.core.optimizer.state_bytes()], self.runtime.device)
         record["peak_mem_gib"] = max(p for p, _ in per_rank) / GIB
         record["peak_mem_gib_per_rank"] = [p / GIB for p, _ in per_rank]
         record["optim_state_gib"] = max(s for _, s in per_rank) / GIB
         return record
 
-    def trainer_state(self, step: int) -> dict[str, Any]:
-        self.sampler.step = step
-        return {"step": step, "sampler": self.sampler.state_dict(),
-                "data": self.batches.state_dict(), "world_size": self.runtime.world_size,
-                "engine": self.engine.name, "config": self.config.to_dict(),
-                "optim_params": self.optimizer.names, "loss_scaler": self.stepper.scaler.state_dict(),
-                "last_grad_norm": getattr(self.stepper, "last_grad_norm", None), "skipped_steps": self.skipped_steps,
-                "consecutive_skips": self.consecutive_skips}
-
     def save(self, step: int) -> Path:
-        final = ckpt.step_dir(self.output_dir, step)
-        tmp = ckpt.begin_save(self.output_dir, step, self.runtime.is_main)
-        if self.runtime.is_main:
-            ckpt.write_hf_meta(tmp, self._export_config(), self.source.tokenizer_dir, self.source.weights_dir)
-        self.engine.save(tmp, self.optimizer.state_dict())
-        ckpt.finish_save(tmp, final, self.trainer_state(step), self.runtime.is_main)
-        return final
+        return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step)
 
-    def resume_from(self, directory: Path) -> int:
-        state = ckpt.read_state(directory)
-        check_resume_compatible(state["config"], self.config)
-        step = int(state["step"])
-        try:
-            self.sampler.load_state_dict(state["sampler"])
-            self.batches.load_state_dict(state["data"])
-        except ValueError as e:
-            raise ckpt.CheckpointError(f"{directory}: {e}") from None
-        self.set_active_layers(self.sampler.active_layers(step))
-        if sorted(self.optimizer.names) != sorted(state["optim_params"]):
-            raise ckpt.CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
-        self.engine.load(directory, self.optimizer.state_dict(), written_by=state["engine"])
-        self.optimizer.after_load()
-        self.stepper.scaler.load_state_dict(state["loss_scaler"])
-        if isinstance(self.stepper, FusedStep):
-            self.stepper.last_grad_norm = state["last_grad_norm"]
-        self.skipped_steps = int(state["skipped_steps"])
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        return step
+    def _write_meta(self, directory: Path) -> None:
+        ckpt.write_hf_meta(directory, self._export_config(), self.source.tokenizer_dir, self.source.weights_dir)
 
     def _export_config(self) -> transformers.PretrainedConfig:
         hf_config = self.source.hf_config.__class__.from_dict(self.source.hf_config.to_dict())
@@ -185,7 +112,7 @@ class Trainer:
         return hf_config
 
     def save_final(self) -> Path:
-        state_dict = self.engine.full_state_dict()
+        state_dict = self.core.engine.full_state_dict()
         out = self.output_dir / "final"
         if self.runtime.is_main:
             ckpt.save_hf_model(state_dict, self._export_config(), self.source.tokenizer_dir, out,
@@ -209,7 +136,7 @@ class Trainer:
                 if progress is not None:
                     progress.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"][:8])
                     progress.update(1)
-            self._count_nonfinite(step, record["skipped"] or record["nonfinite_grad_shards"] > 0)
+            self.core.raise_if_stalled(step)
             done = step + 1
             if self.config.save_every and done % self.config.save_every == 0:
                 self.save(done)
@@ -228,20 +155,7 @@ class Trainer:
         if resume is not None:
             directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
         verify_same_across_ranks("the checkpoint to resume from", directory and str(directory))
-        return self.resume_from(directory) if directory is not None else 0
-
-    def _count_nonfinite(self, step: int, nonfinite: bool) -> None:
-        """Stop once `train.max_consecutive_skips` steps in a row met a non-finite loss or gradient."""
-        self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
-        limit = self.config.train.max_consecutive_skips
-        if not limit or self.consecutive_skips < limit:
-            return
-        last = ckpt.latest_checkpoint(self.output_dir)
-        kept = f"the last checkpoint, {last}, is intact" if last else "no step checkpoint had been written"
-        raise NonFiniteStepsError(
-            f"steps {step + 2 - self.consecutive_skips} to {step + 1}: {self.consecutive_skips} steps in a row "
-            f"met a non-finite loss or gradient (train.max_consecutive_skips={limit}); their non-finite values "
-            f"changed no weight and {kept}. Lower optim.lr, check the data, or train in bf16/fp32 rather than fp16")
+        return self.checkpointer.load(directory) if directory is not None else 0
 
     def _progress(self, start_step: int) -> Any:
         if not (self.runtime.is_main and self.config.progress_bar and self.runtime.env.is_tty):

@@ -96,9 +96,9 @@ def start_trainer(config: Config):
 
 def engine_weights(trainer) -> dict[str, torch.Tensor] | None:
     """Unsharded fp32 weights from either engine (ZeRO-3: on rank 0 only, None elsewhere)."""
-    if trainer.engine.name == "fsdp2":
+    if trainer.core.engine.name == "fsdp2":
         return full_weights(trainer)
-    state = trainer.engine.full_state_dict()
+    state = trainer.core.engine.full_state_dict()
     return None if state is None else {k: v.float() for k, v in state.items()}
 
 
@@ -107,7 +107,7 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     out = {}
-    for name, p in trainer.model.named_parameters():
+    for name, p in trainer.core.model.named_parameters():
         out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone()
     return out
 

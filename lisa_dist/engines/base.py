@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
-from lisa_dist.errors import CheckpointError, ConfigError
+from lisa_dist.errors import ConfigError
 from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.optim.shard import ShardInfo
 
@@ -23,9 +21,14 @@ from lisa_dist.optim.shard import ShardInfo
 class Engine(ABC):
     name: str
 
-    def __init__(self, config: Config, runtime: Runtime) -> None:
+    def __init__(self, config: Config, runtime: Runtime, mesh: DeviceMesh | None = None,
+                 shapes_only: bool = False) -> None:
+        """`mesh`: the ranks to shard over (default: the whole world, built when sharding starts).
+        `shapes_only` (`lisa-dist estimate`): the model is built on fake tensors and no weights are read."""
         self.config = config
         self.runtime = runtime
+        self.mesh = mesh
+        self.shapes_only = shapes_only
         self.model: nn.Module | None = None
         self.parts: ModelParts | None = None
 
@@ -86,55 +89,8 @@ class Engine(ABC):
         """Shape of each model tensor as `checkpoint_state` stores it, for a single-process export."""
         return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
 
-    def save(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Write model shards and the optimizer's local state as a resharding-capable checkpoint."""
-        dcp.save(self.checkpoint_state(optim_state), checkpoint_id=str(directory))
-
-    def load(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]], written_by: str) -> None:
-        """Fill the model shards and `optim_state` (local tensors allocated by the caller) in place.
-
-        DCP reshards a checkpoint in this engine's layout to any world size; another engine's layout is
-        read tensor by tensor and sliced (`_load_other_layout`)."""
-        if written_by == self.name:
-            state = self.checkpoint_state(optim_state)
-            dcp.load(state, checkpoint_id=str(directory))
-            # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
-            for name, entries in state["optim"].items():
-                for key, value in entries.items():
-                    if not isinstance(value, DTensor):
-                        optim_state[name][key].copy_(value)
-        else:
-            self._load_other_layout(directory, optim_state)
-        self._after_load()
-
-    def _after_load(self) -> None:
-        """Drop anything derived from the shards before they were loaded."""
-
-    @torch.no_grad()
-    def _load_other_layout(self, directory: Path, optim_state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Another engine stores tensors in its own shapes (ZeRO-3 flat, FSDP2 as the parameter), which DCP
-        cannot map onto ours. Every layout is a row-major flat range per rank, so read one parameter's tensors
-        whole (host memory for one parameter at a time) and keep this rank's range of each."""
-        stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-        for name, param in self.model.named_parameters():
-            info = self.shard_info(param)
-            targets = {f"model.{name}": self.local_shard(param)}
-            targets |= {f"optim.{name}.{key}": t for key, t in optim_state.get(name, {}).items()}
-            missing = [key for key in targets if key not in stored]
-            if missing:
-                raise CheckpointError(f"{directory} holds no {missing[0]}; it was not written for this model "
-                                      "and method")
-            whole = {key: torch.empty(stored[key].size, dtype=stored[key].properties.dtype) for key in targets}
-            dcp.load(whole, checkpoint_id=str(directory), no_dist=True)
-            for key, target in targets.items():
-                flat = whole[key].reshape(-1)
-                if target.numel() == info.numel and flat.numel() == info.global_numel:
-                    target.copy_(flat[info.flat_start:info.flat_start + info.numel].view_as(target))
-                elif target.numel() == flat.numel():
-                    target.copy_(flat.view_as(target))
-                else:
-                    raise CheckpointError(f"{directory}: {key} holds {flat.numel()} values where this run's "
-                                          f"shard needs {target.numel()} of {info.global_numel}")
+    def after_load(self) -> None:
+        """Drop anything derived from the shards before a checkpoint was loaded into them."""
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -164,8 +120,9 @@ def engine_class(name: str) -> type[Engine]:
     raise ConfigError(f"engine.name must be one of 'fsdp2', 'zero3', got {name!r}")
 
 
-def create_engine(config: Config, runtime: Runtime) -> Engine:
-    return engine_class(config.engine.name)(config, runtime)
+def create_engine(config: Config, runtime: Runtime, mesh: DeviceMesh | None = None,
+                  shapes_only: bool = False) -> Engine:
+    return engine_class(config.engine.name)(config, runtime, mesh=mesh, shapes_only=shapes_only)
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.engines.base import Engine
@@ -53,7 +52,7 @@ class FSDP2Engine(Engine):
         c = self.config
         dtype = DTYPES[c.train.dtype]
         parts = self._find_parts(model)
-        if getattr(self, "mesh", None) is None:  # `estimate` builds it before entering FakeTensorMode
+        if self.mesh is None:
             self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         reduce_dtype = torch.float32 if c.train.reduce_dtype == "fp32" else dtype
@@ -103,8 +102,8 @@ class FSDP2Engine(Engine):
         return units
 
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
-        if any(is_fake(p) for p in model.parameters()):
-            return  # `lisa-dist estimate`: shapes only, no weights
+        if self.shapes_only:
+            return
         reader = open_weights(source)
         std = float(getattr(source.hf_config, "initializer_range", 0.02))
         for name, param in model.named_parameters():

@@ -90,7 +90,8 @@ class Zero3Engine(Engine):
             max_live_parameters=zero.max_live_parameters, param_persistence_threshold=zero.param_persistence_threshold,
             model_persistence_threshold=zero.model_persistence_threshold, dp_process_group=None,
             offload_param_config=zero.offload_param, mpu=None)
-        self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
+        if self.mesh is None:
+            self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._user_hooks: dict[nn.Parameter, dict[int, Callable[[nn.Parameter], None]]] = defaultdict(OrderedDict)
         self._handles = [p.register_post_accumulate_grad_hook(self._reduce_scatter) for p in model.parameters()]
@@ -201,7 +202,7 @@ class Zero3Engine(Engine):
     def checkpoint_shapes(cls, skeleton: nn.Module) -> dict[str, tuple[int, ...]]:
         return {name: (p.numel(),) for name, p in skeleton.named_parameters()}
 
-    def _after_load(self) -> None:
+    def after_load(self) -> None:
         self.coordinator.partition_all_parameters()  # no gathered copy may predate the loaded partitions
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -18,16 +18,20 @@ from tests.helpers import (PARITY_ADALOMO_EPS1, PARITY_EPS, REDUCTION_ROUNDING, 
 EXAMPLE = str(REPO / "examples" / "hf_trainer.py")
 CASES = {"fsdp2-adamw": ("fsdp2.yaml", "adamw"), "zero3-adalomo": ("zero3.yaml", "adalomo")}
 STEPS, LR = 4, 1e-3  # examples/hf_trainer.py's --steps and --lr defaults
+SAVE_STEPS = 2  # checkpoint-2 ends the first LISA interval (lisa.interval=2)
 # Settings under which another reduction order's rounding stays small (tests.helpers.parity_atol).
 PARITY = ["--adam-epsilon", str(PARITY_EPS), "--adalomo-eps1", str(PARITY_ADALOMO_EPS1)]
 OPTIM = {"adamw": {"name": "adamw", "lr": LR, "eps": PARITY_EPS, "max_grad_norm": 1.0},
          "adalomo": {"name": "adalomo", "lr": LR, "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3], "max_grad_norm": 1.0}}
 
 
-def run_example(out, *args: str, accelerate_file: str | None = None) -> list[dict]:
+def run_example(out, *args: str, accelerate_file: str | None = None, nproc: int = 1) -> list[dict]:
     record = out / "record.jsonl"
-    if accelerate_file is None:  # one plain process: the reference
+    if accelerate_file is None and nproc == 1:  # one plain process: the reference
         cmd = [sys.executable, EXAMPLE]
+    elif accelerate_file is None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", EXAMPLE]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / accelerate_file), "--mixed_precision", "no",
@@ -43,7 +47,8 @@ def run_example(out, *args: str, accelerate_file: str | None = None) -> list[dic
 def case(request, tmp_path_factory):
     accelerate_file, optim = CASES[request.param]
     out = tmp_path_factory.mktemp("hf") / request.param
-    return out, optim, run_example(out, "--optim", optim, accelerate_file=accelerate_file)
+    return out, optim, run_example(out, "--optim", optim, "--save-steps", str(SAVE_STEPS),
+                                   accelerate_file=accelerate_file)
 
 
 def layer_of(name: str) -> int | None:
@@ -91,3 +96,20 @@ def test_two_ranks_train_like_one_process(case, tmp_path):
     final, reference = load_file(out / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     grad_scale = max(r["grad_norm"] for r in records + single)
     assert_weights_close(final, reference, parity_atol(OPTIM[optim], STEPS, grad_scale))
+
+
+def test_a_trainer_checkpoint_resumes_exactly_under_another_launcher(case, tmp_path):
+    """`trainer.train(resume_from_checkpoint=".../checkpoint-2")` under torchrun, from a checkpoint that
+    `accelerate launch` wrote: shards, optimizer state, layer schedule, scheduler and data position come
+    back, so the last two steps and the final weights are the uninterrupted run's, bit for bit (fp32 on
+    CPU is deterministic for the same world size)."""
+    out, optim, records = case
+    engine = "zero3" if "zero3" in out.name else "fsdp2"
+    resumed = run_example(tmp_path, "--optim", optim, "--engine", engine, "--save-steps", str(SAVE_STEPS),
+                          "--resume", str(out / f"checkpoint-{SAVE_STEPS}"), nproc=2)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed == records[SAVE_STEPS:]
+    final, straight = load_file(tmp_path / "model.safetensors"), load_file(out / "model.safetensors")
+    assert final.keys() == straight.keys()
+    for name in final:
+        assert torch.equal(final[name], straight[name]), name

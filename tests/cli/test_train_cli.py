@@ -92,9 +92,12 @@ def test_export_of_the_last_checkpoint_equals_final(run, tmp_path):
         assert torch.equal(exported[name], final[name]), name
 
 
-def test_resume_continues_exactly(run, tmp_path):
+def test_resume_at_the_end_of_an_interval_continues_exactly(run, tmp_path):
+    """Stopped after step 4, the last of an interval (lisa.interval=2): the checkpoint's optimizer state is
+    for the layers of steps 3-4, and the resumed run switches at step 5 as the uninterrupted one did.
+    (test_adalomo_resume_with_lagged_clipping_continues_exactly resumes in the middle of one.)"""
     out = tmp_path / "resumed"
-    first = torchrun(f"output_dir={out}", "max_steps=3", "save_every=3", "train.dtype=fp32")
+    first = torchrun(f"output_dir={out}", "max_steps=4", "save_every=4", "train.dtype=fp32")
     assert first.returncode == 0, first.stderr[-3000:]
     second = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32", "resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]

@@ -29,13 +29,13 @@ def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: s
                              optim={"name": "adamw", "lr": 1e-2, "max_grad_norm": 1.0})
         trainer = start_trainer(config)
         records = [trainer.train_step(step) for step in range(STEPS)]
-        trainer.model.eval()
+        trainer.core.model.eval()
         with torch.no_grad():
-            logits = trainer.model(input_ids=_probe(trainer.source.hf_config.vocab_size)).logits.float()
+            logits = trainer.core.model(input_ids=_probe(trainer.source.hf_config.vocab_size)).logits.float()
         trainer.save_final()
         out[family] = {"losses": [r["loss"] for r in records], "active": sorted({i for r in records for i in r["active_layers"]}),
-                       "logits": logits, "tied": trainer.parts.tied_embeddings, "final": trainer.output_dir / "final"}
-        trainer.stepper.hooks.remove()
+                       "logits": logits, "tied": trainer.core.parts.tied_embeddings, "final": trainer.output_dir / "final"}
+        trainer.core.stepper.hooks.remove()
     return out
 
 
@@ -117,7 +117,7 @@ def _layouts_worker(rank: int, world_size: int, dirs: dict[str, str], engine: st
         loss = trainer.train_step(0)["loss"]
         trainer.save_final()
         out[name] = {"loaded": loaded, "loss": loss, "final": trainer.output_dir / "final"}
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
     return out
 
 

@@ -38,8 +38,8 @@ def _pairs_worker(rank: int, world_size: int, output_dir: str) -> dict:
         trainer, records = _run(tiny_config(output_dir, method="full", train={"micro_batch_size": micro},
                                             optim=optim))
         out[key] = {"weights": full_weights(trainer), "losses": [r["loss"] for r in records], "optim": optim,
-                    "state_bytes": trainer.optimizer.state_bytes(), "grad_norms": [r["grad_norm"] for r in records]}
-        trainer.stepper.hooks.remove()
+                    "state_bytes": trainer.core.optimizer.state_bytes(), "grad_norms": [r["grad_norm"] for r in records]}
+        trainer.core.stepper.hooks.remove()
     return out
 
 
@@ -139,7 +139,7 @@ def _guard_worker(rank: int, world_size: int, output_dir: str) -> dict:
         trainer = start_trainer(config)
         trainer.train_step(0)
         before = full_weights(trainer)
-        layer = trainer.parts.layers[max(trainer.active_layers)]
+        layer = trainer.core.parts.layers[max(trainer.core.active_layers)]
 
         def poison(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -180,14 +180,14 @@ def test_planted_inf_gradient_in_one_pass_never_reaches_a_weight(guarded):
 
 def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
     trainer = start_trainer(tiny_config(output_dir, **FULL, optim={"name": "lomo", "lr": 0.01}))
-    updater = trainer.stepper.hooks
+    updater = trainer.core.stepper.hooks
     original = updater._on_grad
     live = []
 
     def measuring(name, param):
         storages = {}
-        for p in trainer.model.parameters():
-            g = trainer.engine.local_grad(p)
+        for p in trainer.core.model.parameters():
+            g = trainer.core.engine.local_grad(p)
             if g is not None:
                 storages[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
         live.append(sum(storages.values()))
@@ -195,14 +195,14 @@ def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
 
     for handle in updater.handles:
         handle.remove()
-    updater.handles = [trainer.engine.register_grad_hook(p, lambda p, n=n: measuring(n, p))
-                       for n, p in trainer.model.named_parameters()]
+    updater.handles = [trainer.core.engine.register_grad_hook(p, lambda p, n=n: measuring(n, p))
+                       for n, p in trainer.core.model.named_parameters()]
     trainer.train_step(0)
-    parts = trainer.parts
+    parts = trainer.core.parts
     units = [list(layer.parameters()) for layer in parts.layers]
     units.append([p for m in parts.embeddings for p in m.parameters()])
     units.append([*parts.norm.parameters(), *parts.head.parameters()])
-    unit_bytes = [sum(trainer.engine.local_shard(p).numel() * 4 for p in unit) for unit in units]
+    unit_bytes = [sum(trainer.core.engine.local_shard(p).numel() * 4 for p in unit) for unit in units]
     bypassed = None
     updater.remove()
     try:
@@ -260,7 +260,7 @@ def _every_pair_worker(rank: int, world_size: int, output_dir: str) -> dict:
                              optim={"name": optim, "lr": LR[optim], "max_grad_norm": 1.0})
         trainer, records = _run(config, steps=12)
         out[f"{method}+{optim}"] = [r["loss"] for r in records]
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
     return out
 
 
@@ -288,7 +288,7 @@ def _fp16_worker(rank: int, world_size: int, output_dir: str) -> dict:
             steps.append({"skipped": record["skipped"], "scale": record["loss_scale"], "unchanged": unchanged,
                           "finite": all(torch.isfinite(w).all() for w in after.values())})
         out[optim] = steps
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
     return out
 
 

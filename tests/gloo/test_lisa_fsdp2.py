@@ -14,14 +14,14 @@ GAMMA, INTERVAL = 2, 3
 
 
 def _layer_shards(trainer) -> list[list[torch.Tensor]]:
-    return [[trainer.engine.local_shard(p).detach().clone() for p in layer.parameters()]
-            for layer in trainer.parts.layers]
+    return [[trainer.core.engine.local_shard(p).detach().clone() for p in layer.parameters()]
+            for layer in trainer.core.parts.layers]
 
 
 def _expected_state_bytes(trainer) -> int:
     per_element = 4 + 4 + 4  # fp32 master, exp_avg, exp_avg_sq
-    return sum(trainer.engine.local_shard(p).numel() * per_element
-               for p in trainer.model.parameters() if p.requires_grad)
+    return sum(trainer.core.engine.local_shard(p).numel() * per_element
+               for p in trainer.core.model.parameters() if p.requires_grad)
 
 
 def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
@@ -44,49 +44,49 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
         obs["reduce_scatters"].append(len(calls))
     obs["reduce_dtypes"] = set(calls)
     end = _layer_shards(trainer)
-    obs["active_0"] = trainer.active_layers
+    obs["active_0"] = trainer.core.active_layers
     obs["unchanged"] = [all(torch.equal(a, b) for a, b in zip(s, e)) for s, e in zip(start, end)]
     obs["all_changed"] = [all(not torch.equal(a, b) for a, b in zip(s, e) if a.numel()) for s, e in zip(start, end)]
-    obs["state_bytes_0"] = trainer.optimizer.state_bytes()
+    obs["state_bytes_0"] = trainer.core.optimizer.state_bytes()
     obs["expected_bytes_0"] = _expected_state_bytes(trainer)
-    obs["param_dtypes"] = {trainer.engine.local_shard(p).dtype for p in trainer.model.parameters()}
-    obs["master_dtypes"] = {s.master.dtype for s in trainer.optimizer.slots.values() if s.shard.numel()}
-    obs["optim_names_0"] = trainer.optimizer.names
+    obs["param_dtypes"] = {trainer.core.engine.local_shard(p).dtype for p in trainer.core.model.parameters()}
+    obs["master_dtypes"] = {s.master.dtype for s in trainer.core.optimizer.slots.values() if s.shard.numel()}
+    obs["optim_names_0"] = trainer.core.optimizer.names
 
     # the switch at the next interval, measured by storage accounting
-    always_on = {n: s.state["exp_avg"] for n, s in trainer.optimizer.slots.items() if not n.startswith("model.layers.")}
-    always_steps = {n: int(s.step) for n, s in trainer.optimizer.slots.items() if not n.startswith("model.layers.")}
-    next_active = trainer.sampler.active_layers(INTERVAL)
+    always_on = {n: s.state["exp_avg"] for n, s in trainer.core.optimizer.slots.items() if not n.startswith("model.layers.")}
+    always_steps = {n: int(s.step) for n, s in trainer.core.optimizer.slots.items() if not n.startswith("model.layers.")}
+    next_active = trainer.core.sampler.active_layers(INTERVAL)
     leaving = [f"model.layers.{i}." for i in obs["active_0"] if i not in next_active]
-    leaving_refs = [weakref.ref(t) for n, s in trainer.optimizer.slots.items() if n.startswith(tuple(leaving))
+    leaving_refs = [weakref.ref(t) for n, s in trainer.core.optimizer.slots.items() if n.startswith(tuple(leaving))
                     for t in list(s.state.values()) + [s.master]]
     obs["num_leaving_tensors"] = len(leaving_refs)
     tracker = StorageTracker()
-    tracker.track(trainer.model.parameters())
-    tracker.track(t for s in trainer.optimizer.state_dict().values() for t in s.values())
+    tracker.track(trainer.core.model.parameters())
+    tracker.track(t for s in trainer.core.optimizer.state_dict().values() for t in s.values())
     before = tracker.live
     with tracker:
-        trainer.set_active_layers(next_active)
-    obs["active_1"] = trainer.active_layers
+        trainer.core.set_active_layers(next_active)
+    obs["active_1"] = trainer.core.active_layers
     obs["tracked_delta"] = tracker.live - before
     obs["switch_peak_over_end"] = tracker.peak - max(before, tracker.live)
-    obs["state_bytes_1"] = trainer.optimizer.state_bytes()
+    obs["state_bytes_1"] = trainer.core.optimizer.state_bytes()
     obs["expected_bytes_1"] = _expected_state_bytes(trainer)
-    kept = {n: trainer.optimizer.slots[n].state["exp_avg"] for n in always_on}
+    kept = {n: trainer.core.optimizer.slots[n].state["exp_avg"] for n in always_on}
     obs["always_on_kept"] = all(kept[n] is always_on[n] for n in always_on) and all(
-        int(trainer.optimizer.slots[n].step) == always_steps[n] for n in always_on)
+        int(trainer.core.optimizer.slots[n].step) == always_steps[n] for n in always_on)
     obs["leaving_freed"] = all(r() is None for r in leaving_refs)
     left_layers = [i for i in obs["active_0"] if i not in next_active]
-    before_step = {i: [trainer.engine.local_shard(p).clone() for p in trainer.parts.layers[i].parameters()]
+    before_step = {i: [trainer.core.engine.local_shard(p).clone() for p in trainer.core.parts.layers[i].parameters()]
                    for i in left_layers}
     calls.clear()
     trainer.train_step(INTERVAL)
     obs["reduce_dtypes_after_switch"] = set(calls)
     obs["left_layers_unchanged"] = all(
-        torch.equal(a, trainer.engine.local_shard(p)) for i in left_layers
-        for a, p in zip(before_step[i], trainer.parts.layers[i].parameters()))
+        torch.equal(a, trainer.core.engine.local_shard(p)) for i in left_layers
+        for a, p in zip(before_step[i], trainer.core.parts.layers[i].parameters()))
     dist.reduce_scatter_single = original
-    obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters()) for layer in trainer.parts.layers]
+    obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters()) for layer in trainer.core.parts.layers]
     return obs
 
 
@@ -153,9 +153,9 @@ def test_switch_frees_leaving_state_and_keeps_always_on_state(lisa_run):
 def _desync_worker(rank: int, world_size: int, output_dir: str) -> str:
     trainer = start_trainer(tiny_config(output_dir))
     if rank == 1:
-        trainer.sampler.seed = 12345
+        trainer.core.sampler.seed = 12345
     try:
-        trainer._maybe_switch(0)
+        trainer.core.switch(0)
     except RankDisagreementError as e:
         return str(e)
     return "no error"

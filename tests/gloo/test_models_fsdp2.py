@@ -29,7 +29,7 @@ def _reads_worker(rank: int, world_size: int, output_dir: str) -> dict:
 
     SafetensorsReader.read_rows = logged
     trainer = start_trainer(tiny_config(output_dir))
-    return {"reads": reads, "shapes": {n: tuple(p.shape) for n, p in trainer.model.named_parameters()},
+    return {"reads": reads, "shapes": {n: tuple(p.shape) for n, p in trainer.core.model.named_parameters()},
             "weights": full_weights(trainer)}
 
 
@@ -71,9 +71,9 @@ def _architectures_worker(rank: int, world_size: int, output_dir: str) -> dict:
         trainer = start_trainer(tiny_config(directory + "/run", model={"path": None, "config": f"{directory}/config_rank{rank}"},
                                             lisa={"gamma": 1, "interval": 1}))
         losses = [trainer.train_step(step)["loss"] for step in range(3)]
-        head = trainer.parts.head.weight
-        out[name] = {"losses": losses, "tied": trainer.parts.tied_embeddings,
-                     "tied_after": head is trainer.parts.embeddings[0].weight}
+        head = trainer.core.parts.head.weight
+        out[name] = {"losses": losses, "tied": trainer.core.parts.tied_embeddings,
+                     "tied_after": head is trainer.core.parts.embeddings[0].weight}
         trainer.save_final()
     return out
 
@@ -93,7 +93,7 @@ def _run_worker(rank: int, world_size: int, output_dir: str, steps: int, **secti
     """Train the tiny model with `sections` overriding the test config; losses, weights and FSDP units."""
     trainer = start_trainer(tiny_config(output_dir, **sections))
     records = [trainer.train_step(step) for step in range(steps)]
-    units = sum(1 for m in trainer.model.modules() if type(m).__name__.startswith("FSDP"))
+    units = sum(1 for m in trainer.core.model.modules() if type(m).__name__.startswith("FSDP"))
     return {"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
             "weights": full_weights(trainer), "units": units}
 

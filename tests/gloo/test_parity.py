@@ -129,7 +129,7 @@ def _offload_worker(rank: int, world_size: int, output_dir: str, use_offload: bo
                          optim={**OVERRIDES["optim"], "offload_state": use_offload})
     trainer = start_trainer(config)
     records = [trainer.train_step(step) for step in range(STEPS)]
-    weights = full_weights(trainer) if engine == "fsdp2" else trainer.engine.full_state_dict()
+    weights = full_weights(trainer) if engine == "fsdp2" else trainer.core.engine.full_state_dict()
     return {"weights": weights, "losses": [r["loss"] for r in records], "copies": len(copies)}
 
 

@@ -29,9 +29,9 @@ NONFINITE = {  # (optimizer, where the non-finite values appear, engine)
 
 def _weights(trainer) -> dict[str, torch.Tensor] | None:
     """Whole weights: on every rank for FSDP2, on rank 0 (None elsewhere) for ZeRO-3."""
-    if trainer.engine.name == "fsdp2":
+    if trainer.core.engine.name == "fsdp2":
         return full_weights(trainer)
-    state = trainer.engine.full_state_dict()
+    state = trainer.core.engine.full_state_dict()
     return None if state is None else {k: v.float() for k, v in state.items()}
 
 
@@ -49,7 +49,7 @@ def _poison(trainer, where: str) -> dict:
         output.register_hook(lambda g: g * math.inf)
         return output
 
-    trainer.parts.head.register_forward_hook(logits_hook)
+    trainer.core.parts.head.register_forward_hook(logits_hook)
     train_step = trainer.train_step
 
     def step(s: int) -> dict:
@@ -73,7 +73,7 @@ def _nonfinite(output_dir: Path, optim: dict, where: str, engine: str) -> dict:
         error = None
     except NonFiniteStepsError as e:
         error = str(e)
-    trainer.stepper.hooks.remove()
+    trainer.core.stepper.hooks.remove()
     after, before = _weights(trainer), seen["weights"]
     changed = [] if after is None else [n for n in after if not torch.equal(after[n], before[n])]
     return {"error": error, "changed": changed, "weights": before}
@@ -90,7 +90,7 @@ def _retention(output_dir: Path) -> dict[str, list[str]]:
         if key == "branched":
             old_step_5 = ckpt.step_dir(output_dir, 5).stat().st_ino
         trainer.fit()
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
         out[key] = sorted(p.name for p in (output_dir / "checkpoints").iterdir())
     out["abandoned"] = [p.stat().st_ino == old_step_5 for p in (output_dir / "checkpoints" / "abandoned").iterdir()]
     out["latest"] = ckpt.latest_checkpoint(output_dir).stat().st_ino != old_step_5
@@ -114,7 +114,7 @@ def _disagreement(output_dir: Path, rank: int, what: str) -> str:
     except RankDisagreementError as e:
         return str(e)
     finally:
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
     return "no error"
 
 

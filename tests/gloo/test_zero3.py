@@ -31,7 +31,7 @@ def _pairs_worker(rank: int, world_size: int, output_dir: str, engine: str) -> d
         records = [trainer.train_step(s) for s in range(STEPS)]
         out[key] = {"weights": engine_weights(trainer), "losses": [r["loss"] for r in records],
                     "active": [r["active_layers"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
     return out
 
 
@@ -53,7 +53,7 @@ def test_zero3_matches_fsdp2(engines, pair):
 def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
     trainer = start_trainer(tiny_config(output_dir, engine={"name": "zero3"}, train={"dtype": "bf16"},
                                         lisa={"gamma": 2, "interval": 3}))
-    engine, layers = trainer.engine, trainer.parts.layers
+    engine, layers = trainer.core.engine, trainer.core.parts.layers
     calls = []
     original = dist.reduce_scatter_single
 
@@ -70,25 +70,25 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
         counts.append(len(calls))
     dist.reduce_scatter_single = original
     end = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
-    active = trainer.active_layers
-    obs = {"active": active, "counts": counts, "trainable": len(trainer.optimizer.names),
+    active = trainer.core.active_layers
+    obs = {"active": active, "counts": counts, "trainable": len(trainer.core.optimizer.names),
            "micro_batches": trainer.batches.accumulation_steps,
            "unchanged": [all(torch.equal(a, b) for a, b in zip(s, e)) for s, e in zip(start, end)],
-           "state_bytes": trainer.optimizer.state_bytes(),
-           "expected_bytes": sum(engine.local_shard(p).numel() * 12 for p in trainer.model.parameters()
+           "state_bytes": trainer.core.optimizer.state_bytes(),
+           "expected_bytes": sum(engine.local_shard(p).numel() * 12 for p in trainer.core.model.parameters()
                                  if p.requires_grad)}
-    next_active = trainer.sampler.active_layers(3)
+    next_active = trainer.core.sampler.active_layers(3)
     leaving = [i for i in active if i not in next_active]
-    refs = [weakref.ref(t) for n, s in trainer.optimizer.slots.items()
+    refs = [weakref.ref(t) for n, s in trainer.core.optimizer.slots.items()
             if any(n.startswith(f"model.layers.{i}.") for i in leaving) for t in [*s.state.values(), s.master]]
     tracker = StorageTracker()
     tracker.track(engine.resident_tensors())
-    tracker.track(t for s in trainer.optimizer.state_dict().values() for t in s.values())
-    before, state_before = tracker.live, trainer.optimizer.state_bytes()
+    tracker.track(t for s in trainer.core.optimizer.state_dict().values() for t in s.values())
+    before, state_before = tracker.live, trainer.core.optimizer.state_bytes()
     with tracker:
-        trainer.set_active_layers(next_active)
+        trainer.core.set_active_layers(next_active)
     obs["delta"] = tracker.live - before
-    obs["state_delta"] = trainer.optimizer.state_bytes() - state_before
+    obs["state_delta"] = trainer.core.optimizer.state_bytes() - state_before
     obs["leaving_freed"] = bool(refs) and all(r() is None for r in refs)
     return obs
 
@@ -123,24 +123,24 @@ def _checkpointing_worker(rank: int, world_size: int, output_dir: str) -> dict:
                              model={"activation_checkpointing": ac})
         trainer = start_trainer(config)
         out[ac] = [trainer.train_step(s)["loss"] for s in range(4)]
-        trainer.stepper.hooks.remove()
+        trainer.core.stepper.hooks.remove()
     config = tiny_config(output_dir, engine={"name": "zero3"}, method="full", train={"micro_batch_size": 4},
                          optim={"name": "lomo", "lr": 0.05})
     trainer = start_trainer(config)
     live = []
-    original = trainer.stepper.hooks._on_grad
+    original = trainer.core.stepper.hooks._on_grad
 
     def measuring(name, param):
-        live.append(len(trainer.engine._grads))
+        live.append(len(trainer.core.engine._grads))
         original(name, param)
 
-    for handle in trainer.stepper.hooks.handles:
+    for handle in trainer.core.stepper.hooks.handles:
         handle.remove()
-    for name, param in trainer.model.named_parameters():
-        trainer.engine.register_grad_hook(param, lambda p, n=name: measuring(n, p))
+    for name, param in trainer.core.model.named_parameters():
+        trainer.core.engine.register_grad_hook(param, lambda p, n=name: measuring(n, p))
     trainer.train_step(0)
     out["live"] = live
-    out["left"] = len(trainer.engine._grads)
+    out["left"] = len(trainer.core.engine._grads)
     return out
 
 

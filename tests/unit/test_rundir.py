@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from lisa_dist.checkpoint import check_resume_compatible
 from lisa_dist.errors import CheckpointError
-from lisa_dist.rundir import MetricsWriter, check_resume_compatible
+from lisa_dist.rundir import MetricsWriter
 from tests.helpers import tiny_config
 
 

@@ -1,0 +1,181 @@
+"""The training core: one object behind every entry point (`lisa-dist train`, `LisaDistTrainer`, `estimate`).
+
+It owns the engine and its sharded model, the layer sampler, the sharded optimizer with its gradient
+hooks, and the step runner (loss scaling, clipping, non-finite handling). Callers bring micro-batches and
+a learning rate; the core switches the active layers, runs the step and says what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lisa_dist.config import Config
+from lisa_dist.distributed import Runtime, all_reduce_sum, verify_same_across_ranks
+from lisa_dist.engines.base import Engine, create_engine, trainable_named_parameters
+from lisa_dist.errors import NonFiniteStepsError
+from lisa_dist.models import ModelSource, set_trainable_layers
+from lisa_dist.optim import ShardedOptimizer, make_rule
+from lisa_dist.optim.fused import GradHooks
+from lisa_dist.sampler import LayerSampler
+from lisa_dist.scalars import item
+from lisa_dist.steps import Batch, FusedStep, LossFn, PostBackwardStep
+
+__all__ = ["Batch", "LossFn", "StepResult", "TrainingCore"]
+
+
+@dataclass(slots=True)
+class StepResult:
+    step: int
+    """The optimizer step just run, counted from 1."""
+    loss: float
+    """Mean token loss over the global batch (NaN when a non-finite loss stopped the step)."""
+    lr: float
+    active_layers: list[int]
+    grad_norm: float
+    """Global gradient norm before clipping, unscaled."""
+    tokens: int
+    """Non-padding tokens of the global batch."""
+    step_time_s: float
+    skipped: bool
+    """No weight changed: a non-finite loss or gradient (or an fp16 overflow) was found first."""
+    nonfinite_grad_shards: int
+    backward_passes: int
+    loss_scale: float | None
+    """fp16: the dynamic loss scale after this step."""
+
+    def record(self) -> dict[str, Any]:
+        """The metrics.jsonl fields of this step."""
+        out = {"step": self.step, "loss": self.loss, "lr": self.lr, "active_layers": self.active_layers,
+               "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.tokens / self.step_time_s,
+               "step_time_s": self.step_time_s, "skipped": self.skipped,
+               "nonfinite_grad_shards": self.nonfinite_grad_shards, "backward_passes": self.backward_passes}
+        if self.loss_scale is not None:
+            out["loss_scale"] = self.loss_scale
+        return out
+
+
+class TrainingCore:
+    """`shapes_only` (`lisa-dist estimate`): the model holds fake tensors, so no weights are read and no
+    value is checked; everything else runs as in training."""
+
+    def __init__(self, config: Config, runtime: Runtime, engine: Engine, shapes_only: bool = False,
+                 last_checkpoint: Callable[[], Path | None] = lambda: None) -> None:
+        assert engine.model is not None and engine.parts is not None, "build or adopt the model first"
+        self.config = config
+        self.runtime = runtime
+        self.engine = engine
+        self.model: nn.Module = engine.model
+        self.parts = engine.parts
+        self.shapes_only = shapes_only
+        self.last_checkpoint = last_checkpoint
+        self.model.train()
+        self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
+                                    config.lisa.layer_weights, config.method)
+        self.optimizer = ShardedOptimizer(make_rule(config.optim), engine,
+                                          host=runtime.host_device if config.optim.offload_state else None)
+        hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook)
+        runner = FusedStep if self.optimizer.rule.fused else PostBackwardStep
+        self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks, shapes_only)
+        self.active_layers: tuple[int, ...] | None = None
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    @classmethod
+    def build(cls, config: Config, runtime: Runtime, source: ModelSource, mesh: DeviceMesh | None = None,
+              shapes_only: bool = False, **kwargs: Any) -> TrainingCore:
+        """The model built by the engine from `source` (its weights, or random ones, or fake tensors)."""
+        engine = create_engine(config, runtime, mesh=mesh, shapes_only=shapes_only)
+        engine.build(source)
+        return cls(config, runtime, engine, shapes_only=shapes_only, **kwargs)
+
+    @classmethod
+    def adopt(cls, config: Config, runtime: Runtime, model: nn.Module, **kwargs: Any) -> TrainingCore:
+        """A model someone else built with real weights (a Hugging Face Trainer script's), sharded in place."""
+        engine = create_engine(config, runtime)
+        engine.adopt(model)
+        return cls(config, runtime, engine, **kwargs)
+
+    def set_active_layers(self, active: tuple[int, ...]) -> None:
+        """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""
+        lisa = self.config.lisa
+        set_trainable_layers(self.parts, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
+        self.optimizer.set_trainable(trainable_named_parameters(self.model))
+        self.active_layers = active
+
+    def switch(self, step: int) -> None:
+        """Before `step`: on the first step of an interval (or the first step run), the sampled layers,
+        checked identical on every rank, become the trainable ones."""
+        if self.active_layers is not None and not self.sampler.is_switch(step):
+            return
+        active = self.sampler.active_layers(step)
+        verify_same_across_ranks(f"the active layers for step {step}", list(active))
+        if active != self.active_layers:
+            self.set_active_layers(active)
+
+    def step(self, step: int, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None) -> StepResult:
+        """One optimizer step (counted from 0) over this rank's micro-batches of the global batch.
+
+        `loss_fn` gives a micro-batch's summed token loss (`steps.LossFn`); by default lisa_dist's own
+        (honouring train.loss_chunk_tokens). Call `raise_if_stalled` once the result is recorded."""
+        start = time.perf_counter()
+        self.model.train()
+        self.switch(step)
+        local_targets = sum(item((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_tokens = sum(item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                           for b in micro_batches)
+        global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
+        outcome = self.stepper.run(step, micro_batches, max(global_targets, 1.0), lr, loss_fn)
+        self.skipped_steps += int(outcome.skipped)
+        self.sampler.step = step + 1
+        (total_loss,) = all_reduce_sum([outcome.loss_sum], self.runtime.device)
+        result = StepResult(
+            step=step + 1, loss=total_loss / max(global_targets, 1.0), lr=lr, active_layers=sorted(self.active_layers),
+            grad_norm=outcome.grad_norm, tokens=int(global_tokens), step_time_s=time.perf_counter() - start,
+            skipped=outcome.skipped, nonfinite_grad_shards=outcome.nonfinite_shards,
+            backward_passes=outcome.backward_passes,
+            loss_scale=self.stepper.scaler.scale if self.config.train.dtype == "fp16" else None)
+        nonfinite = outcome.skipped or outcome.nonfinite_shards > 0
+        self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
+        return result
+
+    def raise_if_stalled(self, step: int) -> None:
+        """After `step` was recorded: stop once `train.max_consecutive_skips` steps in a row met a
+        non-finite loss or gradient."""
+        limit = self.config.train.max_consecutive_skips
+        if not limit or self.consecutive_skips < limit:
+            return
+        last = self.last_checkpoint()
+        kept = f"the last checkpoint, {last}, is intact" if last else "no step checkpoint had been written"
+        raise NonFiniteStepsError(
+            f"steps {step + 2 - self.consecutive_skips} to {step + 1}: {self.consecutive_skips} steps in a row "
+            f"met a non-finite loss or gradient (train.max_consecutive_skips={limit}); their non-finite values "
+            f"changed no weight and {kept}. Lower optim.lr, check the data, or train in bf16/fp32 rather than fp16")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs besides the model and optimizer shards (torch's `Stateful` protocol)."""
+        return {"sampler": self.sampler.state_dict(), "loss_scaler": self.stepper.scaler.state_dict(),
+                "last_grad_norm": self.stepper.last_grad_norm, "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The sampler's position first: the layers of the last step run are made trainable, so optimizer
+        state is allocated for exactly the shards the checkpoint holds. A checkpoint written at the end of
+        an interval switches at the next step, as the uninterrupted run does."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.set_active_layers(self.sampler.active_layers(max(self.sampler.step - 1, 0)))
+        self.stepper.scaler.load_state_dict(state["loss_scaler"])
+        self.stepper.last_grad_norm = state["last_grad_norm"]
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+    def memory_tensors(self) -> list[torch.Tensor]:
+        """Long-lived tensors of this rank (shards, gradients kept, optimizer state), for CPU accounting."""
+        return [*self.engine.resident_tensors(), *(t for s in self.optimizer.state_dict().values() for t in s.values())]
