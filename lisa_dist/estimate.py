@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from copy import deepcopy
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPRefType
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 from torch.distributed.device_mesh import init_device_mesh
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from lisa_dist._compat import FSDP_CATEGORY, FakeTensorMode, fake_process_group, peak_tracker
 from lisa_dist.config import Config
 from lisa_dist.core import TrainingCore
 from lisa_dist.distributed import Runtime
@@ -29,13 +25,24 @@ from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.train import Trainer, prepare
 
 
+C = FSDP_CATEGORY
 CATEGORIES = {
-    _FSDPRefType.SHARDED_PARAM: "sharded_params", _FSDPRefType.UNSHARDED_PARAM: "unsharded_params",
-    _FSDPRefType.SHARDED_GRAD: "sharded_grads", _FSDPRefType.UNSHARDED_GRAD: "unsharded_grads",
-    _FSDPRefType.ACT: "activations", _FSDPRefType.TEMP: "temporaries", _FSDPRefType.ALL_GATHER: "all_gather_buffers",
-    _FSDPRefType.REDUCE_SCATTER: "reduce_scatter_buffers", _FSDPRefType.OPT: "optimizer_state",
-    _FSDPRefType.BUFFER: "buffers", _FSDPRefType.INP: "inputs",
+    C.SHARDED_PARAM: "sharded_params", C.UNSHARDED_PARAM: "unsharded_params", C.SHARDED_GRAD: "sharded_grads",
+    C.UNSHARDED_GRAD: "unsharded_grads", C.ACT: "activations", C.TEMP: "temporaries",
+    C.ALL_GATHER: "all_gather_buffers", C.REDUCE_SCATTER: "reduce_scatter_buffers", C.OPT: "optimizer_state",
+    C.BUFFER: "buffers", C.INP: "inputs",
 }
+
+
+NOT_MODELLED = {
+    "output_dir": "estimate writes nothing", "overwrite": "estimate writes nothing",
+    "save_every": "checkpoints are written between steps, outside the step's peak",
+    "save_total_limit": "checkpoints are not modelled", "resume": "a resumed step is the same step",
+    "progress_bar": "no bar is drawn", "max_steps": "the estimate runs the steps of one interval switch",
+    "engine.timeout_s": "no collective waits under the fake process group",
+    "train.max_consecutive_skips": "fake values are never non-finite",
+}
+"""Keys that do not change a step's peak; `estimate` reports which of them a config sets."""
 
 
 def _schedule(config: Config) -> list[int]:
@@ -46,10 +53,9 @@ def _schedule(config: Config) -> list[int]:
 def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
     if config.engine.name != "fsdp2":
         raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
-    config = dataclasses.replace(config, progress_bar=False)
     source, sequences = prepare(config, world_size, check_output=False, shapes_only=True)
     source = dataclasses.replace(source, weights_dir=None)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    fake_process_group(world_size)
     try:
         env = LaunchEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=min(8, world_size),
                         launcher="estimate")
@@ -68,30 +74,30 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
     return {"peak_gib": total, "fits": total <= gpu_mem_gib - reserve_gib, "world_size": world_size,
             "gpu_mem_gib": gpu_mem_gib, "reserve_gib": reserve_gib, "budget_gib": gpu_mem_gib - reserve_gib,
             "host_offload_gib": host_peak / GIB, "categories": categories, "method": config.method, "optim": config.optim.name,
-            "steps": _schedule(config)}
+            "steps": _schedule(config), "not_modelled": _not_modelled(config)}
 
 
-class PeakTracker(FSDPMemTracker):
-    """torch's FSDP2 tracker keeping only the device-wide peak. Its own update also records a peak per
-    module, walking every tracked module after each op: at 70B that walk was 71 % of the estimate's time,
-    for per-module figures `estimate` never reads. The device-wide peak is computed exactly as there."""
-
-    def _update_peak_stats(self, peak_state: Any) -> None:
-        for device, snapshot in self._curr_mem_snap.items():
-            if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
-                self._peak_mem[device] = snapshot[_TOTAL_KEY]
-                self._peak_mem_snap[device] = deepcopy(snapshot)
+def _not_modelled(config: Config) -> dict[str, str]:
+    """The keys of NOT_MODELLED this config sets to other than their defaults, with why they do not matter."""
+    default = Config()
+    out = {}
+    for key, why in NOT_MODELLED.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(config, section) if section else config, name)
+        if value != getattr(getattr(default, section) if section else default, name):
+            out[key] = why
+    return out
 
 
 def _tracked_peak(trainer: Trainer, steps: list[int]) -> tuple[dict[Any, int], int]:
     """Rank 0's device peak by category, and the peak bytes it keeps in host memory."""
-    tracker = PeakTracker(trainer.core.model)
+    tracker = peak_tracker(trainer.core.model)
     with tracker:
         for step in steps:
             trainer.core.switch(step)  # before the step: new optimizer state is then filed as such
             for state in trainer.core.optimizer.state_dict().values():
                 for tensor in state.values():
-                    tracker._update_and_maybe_create_winfos(tensor, _FSDPRefType.OPT)
+                    tracker.track_optimizer_state(tensor)
             trainer.train_step(step)
     snapshot = tracker.get_tracker_snapshot("peak")
     device_peak = snapshot.get(torch.device("cpu"), {"Total": 0})
@@ -106,6 +112,8 @@ def print_estimate(result: dict[str, Any], as_json: bool) -> None:
           f"{result['peak_gib']:.2f} GiB; budget {result['budget_gib']:.2f} GiB "
           f"({result['gpu_mem_gib']} GiB card - {result['reserve_gib']} GiB reserve): "
           f"{'fits' if result['fits'] else 'does NOT fit'}")
+    if result["not_modelled"]:
+        print(f"  not modelled (no effect on a step's peak): {', '.join(result['not_modelled'])}")
     if result["host_offload_gib"]:
         print(f"  offloaded to host memory: {result['host_offload_gib']:.2f} GiB at its peak")
     print_categories(result["categories"])

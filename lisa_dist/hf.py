@@ -35,16 +35,32 @@ from lisa_dist.distributed import init_distributed
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import CheckpointError, ConfigError, DataError
 from lisa_dist.loss import loss_sum as token_loss_sum
+from lisa_dist.models.build import check_architecture, check_model
 from lisa_dist.steps import LossFn
 
 STATE_DIR = "lisa_dist"
 """Where a Trainer checkpoint (`checkpoint-N/`) holds lisa_dist's sharded state."""
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-# Run settings the TrainingArguments own; the same keys in `lisa_dist=` would be a second, ignored source.
-OWNED_BY_ARGS = {"seed": "seed", "optim.lr": "learning_rate", "optim.weight_decay": "weight_decay",
-                 "optim.eps": "adam_epsilon", "optim.max_grad_norm": "max_grad_norm", "optim.betas": "adam_beta1/2",
-                 "optim.warmup_steps": "warmup_steps", "optim.schedule": "lr_scheduler_type",
-                 "train.global_batch_size": "per_device_train_batch_size", "max_steps": "max_steps"}
+# Run settings a Trainer script sets elsewhere (mostly TrainingArguments); the same keys in `lisa_dist=`
+# would be a second, ignored source, so they are refused by name.
+SET_BY_THE_SCRIPT = {
+    "seed": "TrainingArguments.seed", "max_steps": "TrainingArguments.max_steps",
+    "output_dir": "TrainingArguments.output_dir", "overwrite": "TrainingArguments.output_dir",
+    "save_every": "TrainingArguments.save_steps", "save_total_limit": "TrainingArguments.save_total_limit",
+    "resume": "trainer.train(resume_from_checkpoint=...)", "progress_bar": "TrainingArguments.disable_tqdm",
+    "optim.lr": "TrainingArguments.learning_rate", "optim.weight_decay": "TrainingArguments.weight_decay",
+    "optim.eps": "TrainingArguments.adam_epsilon", "optim.max_grad_norm": "TrainingArguments.max_grad_norm",
+    "optim.betas": "TrainingArguments.adam_beta1/adam_beta2", "optim.warmup_steps": "TrainingArguments.warmup_steps",
+    "optim.schedule": "TrainingArguments.lr_scheduler_type",
+    "optim.min_lr_ratio": "TrainingArguments.lr_scheduler_kwargs",
+    "train.global_batch_size": "TrainingArguments.per_device_train_batch_size x gradient_accumulation_steps x ranks",
+    "train.micro_batch_size": "TrainingArguments.per_device_train_batch_size",
+    "data": "the Trainer's train_dataset and data_collator",
+    "model.path": "the model the script passes to the Trainer", "model.preset": "the model the script passes",
+    "model.config": "the model the script passes", "model.num_layers": "the model the script passes",
+    "model.tokenizer": "the Trainer's processing_class",
+    "model.attn_implementation": "from_pretrained(..., attn_implementation=...) in the script",
+}
 
 
 def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, Any], model: nn.Module,
@@ -52,11 +68,11 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     """lisa_dist's configuration for a Trainer run: `settings` (config sections), the TrainingArguments,
     and the accelerate config file the script was launched with. Raises ConfigError on contradictions."""
     raw = copy.deepcopy(dict(settings))
-    for key, arg in OWNED_BY_ARGS.items():
+    for key, where in SET_BY_THE_SCRIPT.items():
         section, _, name = key.rpartition(".")
         scope = raw.get(section) if section else raw
         if isinstance(scope, dict) and name in scope:
-            raise ConfigError(f"lisa_dist={{...}} sets {key}: with the Trainer it comes from TrainingArguments.{arg}")
+            raise ConfigError(f"lisa_dist={{...}} sets {key}: with the Trainer it comes from {where}")
     if args.fp16 or args.bf16:
         raise ConfigError("TrainingArguments fp16/bf16 (autocast) is not used with lisa_dist: set "
                           "lisa_dist={'train': {'dtype': 'bf16'}} or mixed_precision in the accelerate file")
@@ -78,6 +94,8 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     raw.setdefault("train", {}).setdefault("dtype", stored)
     config = from_dict(raw)
     validate_training(config)
+    check_architecture(model.config)
+    check_model(config, model)
     if config.engine.name == "zero3" and config.train.dtype != stored:
         raise ConfigError(f"engine zero3 trains the parameters in their stored dtype: the model is {stored} but "
                           f"train.dtype is {config.train.dtype}; load the model with that dtype")

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
+
+from lisa_dist._compat import TorchDispatchMode, tree_flatten
 
 GIB = float(1 << 30)
 CARD_24GB_GIB = 22.35

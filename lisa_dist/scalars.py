@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from lisa_dist._compat import is_fake, unset_fake_temporarily
 
 real_tensors = unset_fake_temporarily
 """Context in which tensors are real even inside `estimate`'s FakeTensorMode (data order, layer schedule)."""

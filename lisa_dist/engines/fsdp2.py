@@ -12,9 +12,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.hooks import RemovableHandle
 
+from lisa_dist._compat import compute_local_shape_and_global_offset, lazy_init_fsdp
 from lisa_dist.engines.base import Engine
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
@@ -73,7 +73,7 @@ class FSDP2Engine(Engine):
         # FSDP2 fixes each unit's reduce dtype at lazy init from the parameters trainable at that moment;
         # initialize with everything trainable, or layers that LISA activates later would reduce in bf16.
         model.requires_grad_(True)
-        model._get_fsdp_state()._lazy_init()
+        lazy_init_fsdp(model)
         self.model, self.parts = model, parts
         return model, parts
 

@@ -19,14 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from deepspeed.runtime.config import DeepSpeedConfig
-from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
 from torch import nn
-from transformers.initialization import no_init_weights
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.hooks import RemovableHandle
 
+from lisa_dist._compat import no_init_weights, set_attn_implementation, zero3_coordinator
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
@@ -55,7 +53,7 @@ class Zero3Engine(Engine):
         c = self.config
         self._start_deepspeed()
         hf_config = source.hf_config.__class__.from_dict(source.hf_config.to_dict())
-        hf_config._attn_implementation = c.model.attn_implementation
+        set_attn_implementation(hf_config, c.model.attn_implementation)
         # Built before zero.Init, and not only for its buffers: the model's modules (transformers.modeling_utils,
         # which imports torch._dynamo) must be imported outside zero.Init, whose patched tensor constructors
         # break dynamo's registration of its polyfills (TypeError: Signature mismatch ... new_tensor).
@@ -83,13 +81,7 @@ class Zero3Engine(Engine):
     def _install(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
         """DeepSpeed's gather/release coordinator, and lisa_dist's reduce-scatter hook on every parameter."""
         parts = self._find_parts(model)
-        zero = DeepSpeedConfig(self.ds_config).zero_config
-        self.coordinator = DeepSpeedZeRoOffload(
-            module=model, timers=None, ds_config=self.ds_config, overlap_comm=zero.overlap_comm,
-            prefetch_bucket_size=zero.prefetch_bucket_size, max_reuse_distance=zero.max_reuse_distance,
-            max_live_parameters=zero.max_live_parameters, param_persistence_threshold=zero.param_persistence_threshold,
-            model_persistence_threshold=zero.model_persistence_threshold, dp_process_group=None,
-            offload_param_config=zero.offload_param, mpu=None)
+        self.coordinator = zero3_coordinator(model, self.ds_config)
         if self.mesh is None:
             self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         self._grads: dict[nn.Parameter, torch.Tensor] = {}

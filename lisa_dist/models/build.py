@@ -10,6 +10,7 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 
+from lisa_dist._compat import set_attn_implementation
 from lisa_dist.config import Config, ConfigError
 from lisa_dist.models.parts import UnsupportedModelError, find_parts
 from lisa_dist.models.presets import PRESETS
@@ -88,25 +89,30 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
     """Config checks that need the architecture but no weights and no process group; returns the fp32
     meta-device model they were made on (for `check_weights`)."""
     check_architecture(hf_config)
-    num_layers = num_decoder_layers(hf_config)
-    if c.method == "lisa" and c.lisa.gamma > num_layers:
-        raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {num_layers} decoder layers")
-    if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != num_layers:
-        raise ConfigError(f"lisa.layer_weights has {len(c.lisa.layer_weights)} entries; the model has {num_layers} layers")
     max_positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if max_positions is not None and c.data.seq_len > max_positions:
         raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's {max_positions} positions")
     model = build_meta_model(hf_config, torch.float32, "eager")
-    parts = find_parts(model)
     if c.model.attn_implementation == "sdpa" and not getattr(model, "_supports_sdpa", True):
         raise ConfigError(f"{type(model).__name__} does not support model.attn_implementation=sdpa (transformers "
                           "has no scaled_dot_product_attention path for it); set model.attn_implementation=eager")
+    check_model(c, model)
+    return model
+
+
+def check_model(c: Config, model: nn.Module) -> None:
+    """The checks of the config against a built model (lisa_dist's meta model, or a Trainer script's)."""
+    num_layers = num_decoder_layers(model.config)
+    if c.method == "lisa" and c.lisa.gamma > num_layers:
+        raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {num_layers} decoder layers")
+    if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != num_layers:
+        raise ConfigError(f"lisa.layer_weights has {len(c.lisa.layer_weights)} entries; the model has {num_layers} layers")
+    parts = find_parts(model)
     if c.engine.layer_class is not None:
         found = type(parts.layers[0]).__name__
         if found != c.engine.layer_class:
             raise ConfigError(f"engine.layer_class={c.engine.layer_class!r} (accelerate's "
                               f"fsdp_transformer_layer_cls_to_wrap) but the model's decoder layers are {found}")
-    return model
 
 
 # Config keys that mark a mixture-of-experts model (each expert would need its own sampling and sharding).
@@ -159,7 +165,7 @@ def open_weights(source: ModelSource, model: nn.Module | None = None) -> Safeten
 def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """Parameters on the meta device in `dtype`; buffers (rotary tables) real, on CPU, in their own dtype."""
     hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
-    hf_config._attn_implementation = attn_implementation
+    set_attn_implementation(hf_config, attn_implementation)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
     for module in model.modules():

@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-# transformers' loading internals (5.x): the rename and conversion rules `from_pretrained` uses. They are
-# not public API; an upgrade that moves them fails here, naming the symbol.
-try:
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-except ImportError as e:  # pragma: no cover - exercised only by an incompatible transformers release
-    raise ImportError(f"lisa_dist needs transformers' checkpoint key mapping ({e}); install the transformers "
-                      "version in requirements/lock.txt") from e
+from lisa_dist._compat import WeightConverter, WeightRenaming, get_model_conversion_mapping, rename_source_key
 
 
 @dataclass(slots=True)

@@ -1,0 +1,153 @@
+"""The private parts of torch, DeepSpeed and transformers lisa_dist relies on, in one place.
+
+Each entry says why no public API serves. `tests/unit/test_compat.py` imports and exercises every one
+against the locked versions, so an upgrade that moves or changes one fails there, naming the symbol,
+before any training code does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class Private:
+    symbol: str
+    """`package.module:attribute.path`."""
+    reason: str
+
+
+PRIVATE = [
+    Private("torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
+            "DTensor exposes no public shard offset; FSDP2 shards are read from checkpoints by their row range"),
+    Private("torch.distributed.fsdp:FSDPModule._get_fsdp_state",
+            "FSDP2 fixes each unit's reduce dtype at lazy init; lisa_dist must run it while every layer is trainable"),
+    Private("torch._subclasses.fake_tensor:FakeTensorMode", "`estimate` runs the real step on fake tensors"),
+    Private("torch._subclasses.fake_tensor:is_fake", "values of fake tensors cannot be read"),
+    Private("torch._subclasses.fake_tensor:unset_fake_temporarily",
+            "the data order and layer schedule stay real inside `estimate`'s fake mode"),
+    Private("torch.testing._internal.distributed.fake_pg:FakeStore", "`estimate`'s process group of any world size"),
+    Private("torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker",
+            "attributes rank 0's live storages to FSDP2 categories at the peak"),
+    Private("torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType", "the tracker's category names"),
+    Private("torch.distributed._tools.mem_tracker:_TOTAL_KEY", "the tracker's total, for the peak-only update"),
+    Private("torch.distributed._tools.mem_tracker:MemTracker._update_peak_stats",
+            "replaced by a device-wide-only update (the per-module walk was most of a 70B estimate's time)"),
+    Private("torch.distributed._tools.mem_tracker:MemTracker._update_and_maybe_create_winfos",
+            "files optimizer state created outside the tracked modules as such"),
+    Private("torch.utils._python_dispatch:TorchDispatchMode", "CPU storage accounting sees every op's outputs"),
+    Private("torch.utils._pytree:tree_flatten", "the tensors among an op's outputs"),
+    Private("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload",
+            "ZeRO-3's gather/release coordinator without deepspeed.initialize, whose optimizer would fix the "
+            "trainable set at start (DeepSpeed issue 5639)"),
+    Private("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload.release_backward_leftovers",
+            "frees parameters below the persistence threshold that backward left gathered"),
+    Private("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload.partition_all_parameters",
+            "no gathered copy may outlive an update of its partition"),
+    Private("transformers.initialization:no_init_weights",
+            "ZeRO-3 builds the model partitioned and writes the weights itself, so transformers' init is skipped"),
+    Private("transformers.conversion_mapping:get_model_conversion_mapping",
+            "the checkpoint-to-module key renames from_pretrained applies, for reading each rank's rows"),
+    Private("transformers.core_model_loading:rename_source_key", "applies one of those renames"),
+    Private("transformers.core_model_loading:WeightRenaming", "a rename rule (rows can be read through it)"),
+    Private("transformers.core_model_loading:WeightConverter", "a conversion rule (refused: no row-wise reading)"),
+    Private("transformers:PretrainedConfig._attn_implementation",
+            "the attention kernel of a model built from a config (from_config takes no such argument for "
+            "every model class)"),
+    Private("transformers:Trainer._prepare_for_training",
+            "LisaDistTrainer keeps accelerate from wrapping a model lisa_dist already sharded"),
+    Private("transformers:Trainer._clip_grad_norm", "clipping is the core's (the Trainer would see no gradients)"),
+    Private("transformers:Trainer._get_grad_norm", "the grad norm the Trainer logs is the core's"),
+    Private("transformers:Trainer._load_from_checkpoint", "resume loads lisa_dist's shards, not a state dict"),
+    Private("transformers:Trainer._save_optimizer_and_scheduler", "checkpoint-N/ also holds lisa_dist's state"),
+    Private("transformers:Trainer._load_optimizer_and_scheduler", "the scheduler and learning rate of a resume"),
+]
+
+
+def resolve(symbol: str) -> Any:
+    """The object `symbol` names; an ImportError naming it and the installed version if it is gone."""
+    module_name, _, path = symbol.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for name in path.split("."):
+            target = getattr(target, name)
+    except (ImportError, AttributeError) as e:
+        package = module_name.split(".")[0]
+        version = getattr(importlib.import_module(package), "__version__", "?")
+        raise ImportError(f"lisa_dist needs {symbol}, which {package} {version} does not have ({e}); "
+                          "install the versions of requirements/lock.txt") from None
+    return target
+
+
+# What the package uses, from here.
+compute_local_shape_and_global_offset = resolve(PRIVATE[0].symbol)
+FakeTensorMode = resolve("torch._subclasses.fake_tensor:FakeTensorMode")
+is_fake = resolve("torch._subclasses.fake_tensor:is_fake")
+unset_fake_temporarily = resolve("torch._subclasses.fake_tensor:unset_fake_temporarily")
+TorchDispatchMode = resolve("torch.utils._python_dispatch:TorchDispatchMode")
+tree_flatten = resolve("torch.utils._pytree:tree_flatten")
+no_init_weights = resolve("transformers.initialization:no_init_weights")
+get_model_conversion_mapping = resolve("transformers.conversion_mapping:get_model_conversion_mapping")
+rename_source_key = resolve("transformers.core_model_loading:rename_source_key")
+WeightRenaming = resolve("transformers.core_model_loading:WeightRenaming")
+WeightConverter = resolve("transformers.core_model_loading:WeightConverter")
+
+
+def lazy_init_fsdp(model: nn.Module) -> None:
+    """Run FSDP2's lazy initialization of `model` (a `fully_shard`ed root) now."""
+    model._get_fsdp_state()._lazy_init()
+
+
+def set_attn_implementation(hf_config: Any, name: str) -> None:
+    hf_config._attn_implementation = name
+
+
+def zero3_coordinator(model: nn.Module, ds_config: dict[str, Any]) -> Any:
+    """DeepSpeed's ZeRO-3 gather/release coordinator for `model` (already partitioned by zero.Init)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    coordinator = resolve("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload")
+    zero = DeepSpeedConfig(ds_config).zero_config
+    return coordinator(
+        module=model, timers=None, ds_config=ds_config, overlap_comm=zero.overlap_comm,
+        prefetch_bucket_size=zero.prefetch_bucket_size, max_reuse_distance=zero.max_reuse_distance,
+        max_live_parameters=zero.max_live_parameters, param_persistence_threshold=zero.param_persistence_threshold,
+        model_persistence_threshold=zero.model_persistence_threshold, dp_process_group=None,
+        offload_param_config=zero.offload_param, mpu=None)
+
+
+def fake_process_group(world_size: int) -> None:
+    """A process group of `world_size` ranks in which this process is rank 0 and no collective moves data."""
+    import torch.distributed as dist
+
+    dist.init_process_group("fake", store=resolve("torch.testing._internal.distributed.fake_pg:FakeStore")(),
+                            rank=0, world_size=world_size)
+
+
+def peak_tracker(model: nn.Module) -> Any:
+    """torch's FSDP2 memory tracker keeping only the device-wide peak. Its own update also records a peak
+    per module, walking every tracked module after each op: at 70B that walk was 71 % of `estimate`'s
+    time, for per-module figures it never reads. The device-wide peak is computed as there."""
+    tracker_class = resolve("torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker")
+    total = resolve("torch.distributed._tools.mem_tracker:_TOTAL_KEY")
+
+    class PeakTracker(tracker_class):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot[total]:
+                    self._peak_mem[device] = snapshot[total]
+                    self._peak_mem_snap[device] = deepcopy(snapshot)
+
+        def track_optimizer_state(self, tensor: torch.Tensor) -> None:
+            self._update_and_maybe_create_winfos(tensor, FSDP_CATEGORY.OPT)
+
+    return PeakTracker(model)
+
+
+FSDP_CATEGORY = resolve("torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType")

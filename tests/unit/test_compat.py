@@ -1,0 +1,76 @@
+"""The private symbols of lisa_dist._compat exist in the locked versions and still do what lisa_dist uses
+them for; an upgrade that breaks one fails here, naming it."""
+
+import inspect
+import re
+
+import pytest
+import torch
+
+from lisa_dist import _compat
+from lisa_dist.config import load_config
+from tests.helpers import REPO
+
+
+@pytest.mark.parametrize("symbol", [p.symbol for p in _compat.PRIVATE])
+def test_every_private_symbol_resolves(symbol):
+    assert _compat.resolve(symbol) is not None
+
+
+def test_a_missing_symbol_is_an_import_error_naming_it_and_the_version():
+    expected = f"lisa_dist needs torch.nn:NoSuchModule, which torch {torch.__version__} does not have"
+    with pytest.raises(ImportError, match=re.escape(expected)):
+        _compat.resolve("torch.nn:NoSuchModule")
+
+
+def test_every_entry_says_why():
+    assert all(len(p.reason) > 20 for p in _compat.PRIVATE)
+    assert len({p.symbol for p in _compat.PRIVATE}) == len(_compat.PRIVATE)
+
+
+def test_the_torch_internals_estimate_uses_still_run_a_step():
+    """FakeTensorMode, the fake process group, FSDP2's lazy init and shard offsets, and the peak-only
+    memory tracker (with optimizer state filed as such) on the tiny model."""
+    from lisa_dist.estimate import run_estimate
+
+    config = load_config(REPO / "configs" / "tiny.yaml", ["data.seq_len=32", "optim.name=adamw"])
+    result = run_estimate(config, world_size=2, gpu_mem_gib=22.35)
+    assert result["peak_gib"] > 0 and result["categories"]["optimizer_state"] > 0
+    assert result["categories"]["sharded_params"] > 0
+
+
+def test_trainer_methods_lisa_dist_overrides_keep_their_signatures():
+    import transformers
+
+    from lisa_dist.hf import LisaDistTrainer
+
+    for private in _compat.PRIVATE:
+        module, _, path = private.symbol.partition(":")
+        if module != "transformers" or not path.startswith("Trainer."):
+            continue
+        name = path.split(".", 1)[1]
+        ours = LisaDistTrainer.__dict__.get(name)
+        theirs = getattr(transformers.Trainer, name)
+        if ours is not None:
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters), name
+
+
+def test_the_zero3_coordinator_takes_the_arguments_lisa_dist_passes():
+    coordinator = _compat.resolve("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload")
+    passed = {"module", "timers", "ds_config", "overlap_comm", "prefetch_bucket_size", "max_reuse_distance",
+              "max_live_parameters", "param_persistence_threshold", "model_persistence_threshold",
+              "dp_process_group", "offload_param_config", "mpu"}
+    assert passed <= set(inspect.signature(coordinator.__init__).parameters)
+
+
+def test_the_attention_kernel_of_a_model_built_from_a_config():
+    from lisa_dist.assets import TINY_MODEL_DIR
+    from lisa_dist.models.build import build_meta_model
+
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    model = build_meta_model(hf_config, torch.float32, "eager")
+    assert model.config._attn_implementation == "eager"
+    with _compat.no_init_weights():
+        assert transformers.AutoModelForCausalLM.from_config(hf_config) is not None
