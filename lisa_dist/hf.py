@@ -8,10 +8,10 @@
 
 Launch it as before: torchrun, or `accelerate launch --config_file configs/accelerate/{fsdp2,zero3}.yaml`,
 whose settings mean what they mean for `lisa-dist train`. lisa_dist, not accelerate, shards the model
-(FSDP2 or ZeRO-3), reduces gradients and owns the optimizer, so the guarantees of the CLI hold: optimizer
-state only for the active layers' shards, frozen layers never written, and a fused (LOMO/AdaLomo) step that
-raises if any trainable parameter's update did not run inside backward. The Trainer keeps the loop: data,
-learning-rate schedule (TrainingArguments), logging, callbacks and saving the model.
+(FSDP2 or ZeRO-3) and runs each optimizer step through the same training core as `lisa-dist train`
+(`lisa_dist.core.TrainingCore`), so the guarantees of the CLI hold. The Trainer keeps the loop: data,
+learning-rate schedule (TrainingArguments), logging, callbacks and saving; its checkpoints also hold
+lisa_dist's sharded state, and `trainer.train(resume_from_checkpoint=...)` continues exactly.
 """
 
 from __future__ import annotations

@@ -9,10 +9,14 @@ import sys
 
 import pytest
 
-from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics, torchrun
+from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics
+from tests.cli.test_zero3_cli import ZERO3
 from tests.helpers import free_port
 
-RUN = [*COMMON, "max_steps=4", "save_every=2", "train.dtype=fp32"]
+# The session's reference runs (tests/cli/conftest.py: `run`, and `zero3_run` under the deepspeed launcher)
+# are one node of 2 ranks with these settings; every multi-node run here must reproduce them.
+RUN = [*COMMON, "max_steps=6", "save_every=3", "train.dtype=fp32"]
+ENGINE = {"fsdp2": [], "zero3": ZERO3}
 TINY = str(REPO / "configs" / "tiny.yaml")
 NODE_ENV = {**ENV, "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
 
@@ -30,15 +34,9 @@ def _wait_all(commands: list[list[str]], env: dict[str, str]) -> list[subprocess
 
 
 @pytest.fixture(scope="module")
-def one_node(tmp_path_factory):
-    """The reference for each engine: one torchrun node of 2 ranks."""
-    runs = {}
-    for engine in ("fsdp2", "zero3"):
-        out = tmp_path_factory.mktemp("one_node") / engine
-        result = torchrun(*RUN[len(COMMON):], f"engine.name={engine}", f"output_dir={out}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[engine] = out
-    return runs
+def one_node(run, zero3_run):
+    """The reference for each engine: one node of 2 ranks."""
+    return {"fsdp2": run, "zero3": zero3_run}
 
 
 def assert_same_as_one_node(out, reference) -> None:
@@ -46,7 +44,7 @@ def assert_same_as_one_node(out, reference) -> None:
     assert [r["loss"] for r in two] == [r["loss"] for r in one]
     assert [r["active_layers"] for r in two] == [r["active_layers"] for r in one]
     assert len(two[0]["peak_mem_gib_per_rank"]) == 2
-    assert (out / "checkpoints" / "step_2" / "COMPLETE").is_file()
+    assert (out / "checkpoints" / "step_3" / "COMPLETE").is_file()
     assert_same_final(out, reference)
 
 
@@ -55,7 +53,7 @@ def test_two_torchrun_nodes_of_one_rank_equal_one_node_of_two(tmp_path, one_node
     endpoint = f"127.0.0.1:{free_port()}"
     out = tmp_path / "two_nodes"
     _wait_all([["bash", str(REPO / "launch" / "torchrun.sh"), "--nnodes", "2", "--node-rank", str(node), "--nproc",
-                "1", "--endpoint", endpoint, TINY, *RUN, f"engine.name={engine}", f"output_dir={out}"]
+                "1", "--endpoint", endpoint, TINY, *RUN, *ENGINE[engine], f"output_dir={out}"]
                for node in (0, 1)], {**NODE_ENV, "RDZV_ID": f"test_{engine}_{free_port()}"})
     assert_same_as_one_node(out, one_node[engine])
 
@@ -79,7 +77,7 @@ def test_the_deepspeed_launcher_with_a_hostfile_and_no_ssh(tmp_path, one_node):
     out, port = tmp_path / "deepspeed", str(free_port())
     _wait_all([[sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port, "--module",
-                "lisa_dist", "train", TINY, *RUN, "engine.name=zero3", f"output_dir={out}"] for node in (0, 1)],
+                "lisa_dist", "train", TINY, *RUN, *ZERO3, f"output_dir={out}"] for node in (0, 1)],
               NODE_ENV)
     assert_same_as_one_node(out, one_node["zero3"])
 
@@ -116,7 +114,7 @@ def test_two_nodes_in_separate_network_namespaces_equal_one_node(tmp_path, one_n
     commands = [["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={ifname}", "bash",
                  str(REPO / "launch" / "torchrun.sh"), "--nnodes", "2", "--node-rank", str(node), "--nproc", "1",
                  "--endpoint", endpoint, "--local-addr", addr, "--rdzv-conf", f"is_host={int(node == 0)}", TINY, *RUN,
-                 f"engine.name={engine}", f"output_dir={out}"]
+                 *ENGINE[engine], f"output_dir={out}"]
                 for node, (ns, ifname, addr) in enumerate(namespaces)]
     _wait_all(commands, {**NODE_ENV, "RDZV_ID": f"netns_{engine}_{port}"})
     assert_same_as_one_node(out, one_node[engine])

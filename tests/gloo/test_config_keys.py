@@ -33,8 +33,12 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+RECORDING = {"on": True}
+
+
 class Recorder:
-    """Stands for a Config (or one of its sections) and records the dotted key of every field read."""
+    """Stands for a Config (or one of its sections) and records the dotted key of every field read
+    (except inside the checks that only validate a key: reading it there honours nothing)."""
 
     def __init__(self, target: Any, reads: set[str], prefix: str = "") -> None:
         object.__setattr__(self, "_target", target)
@@ -47,8 +51,29 @@ class Recorder:
             return value
         if dataclasses.is_dataclass(value):
             return Recorder(value, self._reads, f"{self._prefix}{name}.")
-        self._reads.add(f"{self._prefix}{name}")
+        if RECORDING["on"]:
+            self._reads.add(f"{self._prefix}{name}")
         return value
+
+
+def _unrecorded(check: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        RECORDING["on"] = False
+        try:
+            return check(*args, **kwargs)
+        finally:
+            RECORDING["on"] = True
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def validation_reads_do_not_count(monkeypatch):
+    import lisa_dist.hf
+    import lisa_dist.train
+
+    for module, name in ((lisa_dist.train, "check_world_size"), (lisa_dist.hf, "validate_training")):
+        monkeypatch.setattr(module, name, _unrecorded(getattr(module, name)))
 
 
 # Variants that between them reach every optimizer, precision and option (each two steps in one process).
@@ -67,6 +92,7 @@ VARIANTS: list[dict[str, Any]] = [
      "engine": {"offload_params": True}},
     {"optim": {"name": "lomo"}},
 ]
+MODEL_SOURCES = [{"path": None, "preset": "tiny", "num_layers": 4}, {"path": None, "config": str(TINY_MODEL_DIR)}]
 ENV_ONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1, "launcher": "single"}
 
 
@@ -137,11 +163,15 @@ def _hf_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
 def _estimate_reads() -> set[str]:
     from lisa_dist.estimate import run_estimate
+    from lisa_dist.train import prepare
 
     reads: set[str] = set()
-    models = [{"path": None, "preset": "tiny", "num_layers": 4}, {"path": None, "config": str(TINY_MODEL_DIR)}]
-    for variant in [*VARIANTS, *({"model": model} for model in models)]:
-        run_estimate(Recorder(tiny_config("unused", max_steps=2, **variant), reads), world_size=1, gpu_mem_gib=22.35)
+    for variant in VARIANTS:
+        one_micro_batch = {**variant.get("train", {}), "global_batch_size": 2, "micro_batch_size": 2}
+        config = tiny_config("unused", max_steps=2, **{**variant, "train": one_micro_batch})
+        run_estimate(Recorder(config, reads), world_size=1, gpu_mem_gib=22.35)
+    for model in MODEL_SOURCES:  # read by the preparation estimate shares with `train`
+        prepare(Recorder(tiny_config("unused", model=model), reads), 1, check_output=False, shapes_only=True)
     return reads
 
 
@@ -156,7 +186,7 @@ def test_lisa_dist_train_reads_every_key(tmp_path):
     reads = _cli_reads(tmp_path)
     # The other model sources, and the ZeRO-3 engine's own file (read by its checks before any process
     # group): the preparation that reads them is the same for every run.
-    for model in ({"path": None, "preset": "tiny", "num_layers": 4}, {"path": None, "config": str(TINY_MODEL_DIR)}):
+    for model in MODEL_SOURCES:
         prepare(Recorder(tiny_config(tmp_path / "other", model=model, engine={"name": "zero3"}), reads), 1,
                 check_output=False)
     assert _missing(reads) == []
@@ -164,8 +194,16 @@ def test_lisa_dist_train_reads_every_key(tmp_path):
 
 def test_the_trainer_path_reads_every_key_a_trainer_script_does_not_set_elsewhere(tmp_path, monkeypatch):
     import lisa_dist.hf as hf
+    from lisa_dist.env import read_launch_env
 
-    assert _missing(_hf_reads(tmp_path, monkeypatch), set(hf.SET_BY_THE_SCRIPT)) == []
+    missing = _missing(_hf_reads(tmp_path, monkeypatch), set(hf.SET_BY_THE_SCRIPT))
+    # What the FSDP2 variants never read must be refused on them: the ZeRO-3 engine's file.
+    assert missing == ["engine.deepspeed_config"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ConfigError, match="engine.deepspeed_config=probe.json applies to engine.name=zero3"):
+        hf.trainer_config(args, {"engine": {"deepspeed_config": probe("engine.deepspeed_config")}}, model,
+                          read_launch_env({}))
 
 
 def test_the_trainer_path_refuses_every_key_the_script_sets_elsewhere_naming_where(tmp_path):
