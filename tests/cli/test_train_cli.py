@@ -123,11 +123,13 @@ def test_adalomo_resume_with_lagged_clipping_continues_exactly(tmp_path):
     args = ["train.dtype=fp32", "optim.name=adalomo", "optim.lr=0.01", "optim.max_grad_norm=0.5", "method=lisa",
             "train.micro_batch_size=1", "save_every=3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for out, steps, extra in ((straight, 6, []), (resumed, 3, []), (resumed, 6, ["resume=auto"])):
-        result = torchrun(f"output_dir={out}", f"max_steps={steps}", *args, *extra)
+    # The second run continues, in a directory of its own, from the first one's step-3 checkpoint.
+    for out, extra in ((straight, []), (resumed, [f"resume={straight / 'checkpoints' / 'step_3'}"])):
+        result = torchrun(f"output_dir={out}", "max_steps=6", *args, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     a, b = metrics(straight), metrics(resumed)
-    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    assert [r["step"] for r in b] == [4, 5, 6]
+    assert [(r["loss"], r["grad_norm"]) for r in a[3:]] == [(r["loss"], r["grad_norm"]) for r in b]
     assert_same_final(straight, resumed)
 
 
