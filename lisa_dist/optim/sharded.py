@@ -195,6 +195,19 @@ class ShardedOptimizer:
         return out
 
     @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Copy `state` (as `state_dict` gives it, for the same trainable set) into the live state.
+        Checkpoints skip the copy: DCP loads into `state_dict()`'s tensors in place, then `after_load`."""
+        live = self.state_dict()
+        if sorted(live) != sorted(state) or any(sorted(live[n]) != sorted(state[n]) for n in live):
+            raise ValueError(f"optimizer state for {sorted(state)[:3]}... does not match the trainable "
+                             f"parameters {sorted(live)[:3]}...")
+        for name, entries in state.items():
+            for key, value in entries.items():
+                live[name][key].copy_(value)
+        self.after_load()
+
+    @torch.no_grad()
     def after_load(self) -> None:
         """Masters were restored from the checkpoint; the low-precision shards are rounded copies of them."""
         for slot in self.slots.values():

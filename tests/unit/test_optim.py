@@ -61,6 +61,33 @@ def test_bf16_parameters_get_fp32_masters_and_state_is_freed_when_a_parameter_le
     assert opt.state_bytes() == 32 * 4 * 3
 
 
+def test_state_dict_round_trip_restores_moments_steps_and_masters():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16)) for _ in range(2)]
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    grads = [[torch.randn(4, 4, dtype=torch.bfloat16) for _ in params] for _ in range(3)]
+
+    def optimizer(ps):
+        opt = ShardedOptimizer(make_rule(OptimConfig(name="adamw", lr=1e-2)), PLAIN)
+        opt.set_trainable({f"p{i}": p for i, p in enumerate(ps)})
+        return opt
+
+    first, second = optimizer(params), optimizer(copies)
+    for step in grads[:2]:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        first.step(UpdateOptions(lr=1e-2))
+    second.load_state_dict({n: {k: t.clone() for k, t in s.items()} for n, s in first.state_dict().items()})
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))  # the shards follow the loaded masters
+    for opt, ps in ((first, params), (second, copies)):
+        for p, g in zip(ps, grads[2]):
+            p.grad = g.clone()
+        opt.step(UpdateOptions(lr=1e-2))
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+    with pytest.raises(ValueError, match="does not match the trainable parameters"):
+        optimizer(copies[:1]).load_state_dict(first.state_dict())
+
+
 def test_small_updates_accumulate_in_the_fp32_master():
     p = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     opt = ShardedOptimizer(make_rule(OptimConfig(name="sgd", lr=1.0)), PLAIN)
