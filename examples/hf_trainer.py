@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--adalomo-eps1", type=float, default=1e-30, help="lisa_dist optim.adalomo_eps[0]")
     parser.add_argument("--engine", default=None, choices=["fsdp2", "zero3"],
                         help="lisa_dist engine.name (default: from the accelerate config file, else fsdp2)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="TrainingArguments.label_smoothing_factor (the Trainer then computes the loss)")
     parser.add_argument("--save-steps", type=int, default=0, help="write checkpoint-N/ every this many steps")
     parser.add_argument("--resume", default=None, help="a checkpoint-N/ directory to continue from, exactly")
     parser.add_argument("--record", default=None)
@@ -63,7 +65,7 @@ def main() -> None:
         output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size, learning_rate=cli.lr,
         lr_scheduler_type="constant", logging_steps=1, report_to=[],
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, seed=0, data_seed=0,
-        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
+        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, label_smoothing_factor=cli.label_smoothing, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
     trainer = LisaDistTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2},

@@ -85,18 +85,30 @@ def resolve(symbol: str) -> Any:
     return target
 
 
-# What the package uses, from here.
-compute_local_shape_and_global_offset = resolve(PRIVATE[0].symbol)
-FakeTensorMode = resolve("torch._subclasses.fake_tensor:FakeTensorMode")
-is_fake = resolve("torch._subclasses.fake_tensor:is_fake")
-unset_fake_temporarily = resolve("torch._subclasses.fake_tensor:unset_fake_temporarily")
-TorchDispatchMode = resolve("torch.utils._python_dispatch:TorchDispatchMode")
-tree_flatten = resolve("torch.utils._pytree:tree_flatten")
-no_init_weights = resolve("transformers.initialization:no_init_weights")
-get_model_conversion_mapping = resolve("transformers.conversion_mapping:get_model_conversion_mapping")
-rename_source_key = resolve("transformers.core_model_loading:rename_source_key")
-WeightRenaming = resolve("transformers.core_model_loading:WeightRenaming")
-WeightConverter = resolve("transformers.core_model_loading:WeightConverter")
+# What the package imports from here, resolved on first use: `lisa-dist report` or `plan` never touches the
+# FSDP2 memory tracker or transformers' loading internals.
+_EXPORTS = {
+    "compute_local_shape_and_global_offset": "torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
+    "FakeTensorMode": "torch._subclasses.fake_tensor:FakeTensorMode",
+    "is_fake": "torch._subclasses.fake_tensor:is_fake",
+    "unset_fake_temporarily": "torch._subclasses.fake_tensor:unset_fake_temporarily",
+    "TorchDispatchMode": "torch.utils._python_dispatch:TorchDispatchMode",
+    "tree_flatten": "torch.utils._pytree:tree_flatten",
+    "no_init_weights": "transformers.initialization:no_init_weights",
+    "get_model_conversion_mapping": "transformers.conversion_mapping:get_model_conversion_mapping",
+    "rename_source_key": "transformers.core_model_loading:rename_source_key",
+    "WeightRenaming": "transformers.core_model_loading:WeightRenaming",
+    "WeightConverter": "transformers.core_model_loading:WeightConverter",
+    "FSDP_CATEGORY": "torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = resolve(_EXPORTS[name])
+    globals()[name] = value
+    return value
 
 
 def lazy_init_fsdp(model: nn.Module) -> None:
@@ -145,9 +157,7 @@ def peak_tracker(model: nn.Module) -> Any:
                     self._peak_mem_snap[device] = deepcopy(snapshot)
 
         def track_optimizer_state(self, tensor: torch.Tensor) -> None:
-            self._update_and_maybe_create_winfos(tensor, FSDP_CATEGORY.OPT)
+            self._update_and_maybe_create_winfos(tensor, category.OPT)
 
+    category = resolve(_EXPORTS["FSDP_CATEGORY"])
     return PeakTracker(model)
-
-
-FSDP_CATEGORY = resolve("torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType")

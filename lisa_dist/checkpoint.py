@@ -285,6 +285,11 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+STATE_KEYS = ("step", "world_size", "engine", "config", "optim_params", "sampler", "loss_scaler", "last_grad_norm",
+              "skipped_steps")
+"""What every step checkpoint's state file holds (besides the entries of the run's own `states`)."""
+
+
 class Checkpointer:
     """Step checkpoints of one run: the core's model and optimizer shards, its own state (sampler, loss
     scaler, step counters) and any further `states` (the CLI's data position), saved atomically and loaded
@@ -318,11 +323,14 @@ class Checkpointer:
         state = read_state(directory)
         check_resume_compatible(state["config"], self.config)
         core = self.core
+        missing = [k for k in (*STATE_KEYS, *self.states) if k not in state]
+        if missing:
+            raise CheckpointError(f"{directory}: {STATE_FILE} lacks {', '.join(missing)}")
         try:
             core.load_state_dict(state)
             for name, stateful in self.states.items():
                 stateful.load_state_dict(state[name])
-        except (CheckpointError, KeyError) as e:
+        except CheckpointError as e:
             raise CheckpointError(f"{directory}: {e}") from None
         if sorted(core.optimizer.names) != sorted(state["optim_params"]):
             raise CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")

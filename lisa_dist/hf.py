@@ -153,6 +153,7 @@ class LisaDistTrainer(transformers.Trainer):
         On resume, `_load_from_checkpoint` has restored lisa_dist's state; here the scheduler follows."""
         self.create_optimizer()
         self.create_scheduler(num_training_steps=max_steps)
+        self._micro_batches = []  # none left over from an earlier train() that stopped mid-step
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
         for attr in ("model", "optimizer", "lr_scheduler"):
@@ -172,26 +173,34 @@ class LisaDistTrainer(transformers.Trainer):
             return torch.zeros((), device=self.args.device)
         micro_batches, self._micro_batches = self._micro_batches, []
         step = self.state.global_step
-        self.last_result = self.core.step(step, micro_batches, self.optimizer.param_groups[0]["lr"], self._loss_fn())
+        loss_fn = self._loss_fn(num_items_in_batch, len(micro_batches))
+        self.last_result = self.core.step(step, micro_batches, self.optimizer.param_groups[0]["lr"], loss_fn)
         self.core.raise_if_stalled(step)
         return torch.tensor(self.last_result.loss, device=self.args.device)
 
-    def _loss_fn(self) -> LossFn:
+    def _loss_fn(self, num_items_in_batch: Any, num_micro_batches: int) -> LossFn:
         """The Trainer's own loss when the script customizes it; otherwise lisa_dist's (which honours
-        train.loss_chunk_tokens), given every model input the collator produced."""
+        train.loss_chunk_tokens), given every tensor the collator produced."""
         core = self.core
         if not self._custom_loss:
             chunk = self.lisa_config.train.loss_chunk_tokens
-            return lambda batch, _: token_loss_sum(core.model, core.parts.head, batch, chunk, core.runtime.device,
-                                                   model_inputs=tuple(k for k in batch if k != "labels"))
+            return lambda batch, _: token_loss_sum(
+                core.model, core.parts.head, batch, chunk, core.runtime.device,
+                model_inputs=tuple(k for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)))
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:  # as Trainer.training_step decides it
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
         def trainer_loss(batch: dict[str, Any], global_targets: float) -> torch.Tensor:
             device = core.runtime.device
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with self.compute_loss_context_manager():
-                # Normalized by the global count of labelled tokens, as the Trainer does; back to a sum.
-                mean = self.compute_loss(core.model, inputs, num_items_in_batch=torch.tensor(global_targets))
-            return mean * global_targets
+                loss = self.compute_loss(core.model, inputs, num_items_in_batch=num_items_in_batch)
+            if not scaled:
+                loss = loss / num_micro_batches
+            # `loss` is what the Trainer would backpropagate on each rank (gradients then averaged over the
+            # ranks); the core backpropagates a summed token loss times world size / global_targets.
+            return loss * (global_targets / core.runtime.world_size)
 
         return trainer_loss
 

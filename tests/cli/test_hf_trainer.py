@@ -21,7 +21,8 @@ STEPS, LR = 4, 1e-3  # examples/hf_trainer.py's --steps and --lr defaults
 SAVE_STEPS = 2  # checkpoint-2 ends the first LISA interval (lisa.interval=2)
 # Settings under which another reduction order's rounding stays small (tests.helpers.parity_atol).
 PARITY = ["--adam-epsilon", str(PARITY_EPS), "--adalomo-eps1", str(PARITY_ADALOMO_EPS1)]
-OPTIM = {"adamw": {"name": "adamw", "lr": LR, "eps": PARITY_EPS, "max_grad_norm": 1.0},
+OPTIM = {"sgd": {"name": "sgd", "lr": LR, "max_grad_norm": 1.0},
+         "adamw": {"name": "adamw", "lr": LR, "eps": PARITY_EPS, "max_grad_norm": 1.0},
          "adalomo": {"name": "adalomo", "lr": LR, "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3], "max_grad_norm": 1.0}}
 
 
@@ -113,3 +114,19 @@ def test_a_trainer_checkpoint_resumes_exactly_under_another_launcher(case, tmp_p
     assert final.keys() == straight.keys()
     for name in final:
         assert torch.equal(final[name], straight[name]), name
+
+
+def test_a_loss_the_trainer_computes_trains_on_two_ranks_like_one_process(tmp_path):
+    """With label smoothing the Trainer's compute_loss gives the loss (normalized as the Trainer does for
+    its ranks and accumulation steps); the core must backpropagate the same gradient on any world size."""
+    smoothing = ["--optim", "sgd", "--label-smoothing", "0.1"]
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = run_example(tmp_path / "two", *smoothing, nproc=2)
+    one = run_example(tmp_path / "one", *smoothing)
+    assert [r["active_layers"] for r in two] == [r["active_layers"] for r in one]
+    for r, s in zip(two, one):
+        assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=4 * REDUCTION_ROUNDING, abs=0)
+    grad_scale = max(r["grad_norm"] for r in two + one)
+    assert_weights_close(load_file(tmp_path / "two" / "model.safetensors"),
+                         load_file(tmp_path / "one" / "model.safetensors"), parity_atol(OPTIM["sgd"], STEPS, grad_scale))

@@ -69,8 +69,13 @@ def _unrecorded(check: Any) -> Any:
 
 @pytest.fixture(autouse=True)
 def validation_reads_do_not_count(monkeypatch):
+    import lisa_dist.distributed
     import lisa_dist.hf
     import lisa_dist.train
+
+    # The runs here start (and end) process groups in the test process; lisa_dist remembers that one was
+    # started so its CLI leaves by os._exit, which would end a later in-process CLI test and pytest with it.
+    monkeypatch.setattr(lisa_dist.distributed, "_started", lisa_dist.distributed._started)
 
     for module, name in ((lisa_dist.train, "check_world_size"), (lisa_dist.hf, "validate_training")):
         monkeypatch.setattr(module, name, _unrecorded(getattr(module, name)))
