@@ -21,28 +21,35 @@ class Private:
     symbol: str
     """`package.module:attribute.path`."""
     reason: str
+    export: str | None = None
+    """The name the package imports it by from this module, if it does."""
 
 
 PRIVATE = [
     Private("torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
-            "DTensor exposes no public shard offset; FSDP2 shards are read from checkpoints by their row range"),
+            "DTensor exposes no public shard offset; FSDP2 shards are read from checkpoints by their row range",
+            export="compute_local_shape_and_global_offset"),
     Private("torch.distributed.fsdp:FSDPModule._get_fsdp_state",
             "FSDP2 fixes each unit's reduce dtype at lazy init; lisa_dist must run it while every layer is trainable"),
-    Private("torch._subclasses.fake_tensor:FakeTensorMode", "`estimate` runs the real step on fake tensors"),
-    Private("torch._subclasses.fake_tensor:is_fake", "values of fake tensors cannot be read"),
+    Private("torch._subclasses.fake_tensor:FakeTensorMode", "`estimate` runs the real step on fake tensors",
+            export="FakeTensorMode"),
+    Private("torch._subclasses.fake_tensor:is_fake", "values of fake tensors cannot be read", export="is_fake"),
     Private("torch._subclasses.fake_tensor:unset_fake_temporarily",
-            "the data order and layer schedule stay real inside `estimate`'s fake mode"),
+            "the data order and layer schedule stay real inside `estimate`'s fake mode",
+            export="unset_fake_temporarily"),
     Private("torch.testing._internal.distributed.fake_pg:FakeStore", "`estimate`'s process group of any world size"),
     Private("torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker",
             "attributes rank 0's live storages to FSDP2 categories at the peak"),
-    Private("torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType", "the tracker's category names"),
+    Private("torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType", "the tracker's category names",
+            export="FSDP_CATEGORY"),
     Private("torch.distributed._tools.mem_tracker:_TOTAL_KEY", "the tracker's total, for the peak-only update"),
     Private("torch.distributed._tools.mem_tracker:MemTracker._update_peak_stats",
             "replaced by a device-wide-only update (the per-module walk was most of a 70B estimate's time)"),
     Private("torch.distributed._tools.mem_tracker:MemTracker._update_and_maybe_create_winfos",
             "files optimizer state created outside the tracked modules as such"),
-    Private("torch.utils._python_dispatch:TorchDispatchMode", "CPU storage accounting sees every op's outputs"),
-    Private("torch.utils._pytree:tree_flatten", "the tensors among an op's outputs"),
+    Private("torch.utils._python_dispatch:TorchDispatchMode", "CPU storage accounting sees every op's outputs",
+            export="TorchDispatchMode"),
+    Private("torch.utils._pytree:tree_flatten", "the tensors among an op's outputs", export="tree_flatten"),
     Private("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload",
             "ZeRO-3's gather/release coordinator without deepspeed.initialize, whose optimizer would fix the "
             "trainable set at start (DeepSpeed issue 5639)"),
@@ -51,12 +58,17 @@ PRIVATE = [
     Private("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload.partition_all_parameters",
             "no gathered copy may outlive an update of its partition"),
     Private("transformers.initialization:no_init_weights",
-            "ZeRO-3 builds the model partitioned and writes the weights itself, so transformers' init is skipped"),
+            "ZeRO-3 builds the model partitioned and writes the weights itself, so transformers' init is skipped",
+            export="no_init_weights"),
     Private("transformers.conversion_mapping:get_model_conversion_mapping",
-            "the checkpoint-to-module key renames from_pretrained applies, for reading each rank's rows"),
-    Private("transformers.core_model_loading:rename_source_key", "applies one of those renames"),
-    Private("transformers.core_model_loading:WeightRenaming", "a rename rule (rows can be read through it)"),
-    Private("transformers.core_model_loading:WeightConverter", "a conversion rule (refused: no row-wise reading)"),
+            "the checkpoint-to-module key renames from_pretrained applies, for reading each rank's rows",
+            export="get_model_conversion_mapping"),
+    Private("transformers.core_model_loading:rename_source_key", "applies one of those renames",
+            export="rename_source_key"),
+    Private("transformers.core_model_loading:WeightRenaming", "a rename rule (rows can be read through it)",
+            export="WeightRenaming"),
+    Private("transformers.core_model_loading:WeightConverter", "a conversion rule (refused: no row-wise reading)",
+            export="WeightConverter"),
     Private("transformers:PretrainedConfig._attn_implementation",
             "the attention kernel of a model built from a config (from_config takes no such argument for "
             "every model class)"),
@@ -85,22 +97,9 @@ def resolve(symbol: str) -> Any:
     return target
 
 
-# What the package imports from here, resolved on first use: `lisa-dist report` or `plan` never touches the
-# FSDP2 memory tracker or transformers' loading internals.
-_EXPORTS = {
-    "compute_local_shape_and_global_offset": "torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
-    "FakeTensorMode": "torch._subclasses.fake_tensor:FakeTensorMode",
-    "is_fake": "torch._subclasses.fake_tensor:is_fake",
-    "unset_fake_temporarily": "torch._subclasses.fake_tensor:unset_fake_temporarily",
-    "TorchDispatchMode": "torch.utils._python_dispatch:TorchDispatchMode",
-    "tree_flatten": "torch.utils._pytree:tree_flatten",
-    "no_init_weights": "transformers.initialization:no_init_weights",
-    "get_model_conversion_mapping": "transformers.conversion_mapping:get_model_conversion_mapping",
-    "rename_source_key": "transformers.core_model_loading:rename_source_key",
-    "WeightRenaming": "transformers.core_model_loading:WeightRenaming",
-    "WeightConverter": "transformers.core_model_loading:WeightConverter",
-    "FSDP_CATEGORY": "torch.distributed._tools.fsdp2_mem_tracker:_FSDPRefType",
-}
+# What the package imports from here (`Private.export`), resolved on first use: `lisa-dist report` or `plan`
+# never touches the FSDP2 memory tracker or transformers' loading internals.
+_EXPORTS = {p.export: p.symbol for p in PRIVATE if p.export}
 
 
 def __getattr__(name: str) -> Any:

@@ -321,11 +321,11 @@ class Checkpointer:
     def load(self, directory: Path) -> int:
         """Continue from `directory`; returns its step. Everything is checked before any shard is read."""
         state = read_state(directory)
-        check_resume_compatible(state["config"], self.config)
-        core = self.core
         missing = [k for k in (*STATE_KEYS, *self.states) if k not in state]
         if missing:
             raise CheckpointError(f"{directory}: {STATE_FILE} lacks {', '.join(missing)}")
+        check_resume_compatible(state["config"], self.config)
+        core = self.core
         try:
             core.load_state_dict(state)
             for name, stateful in self.states.items():

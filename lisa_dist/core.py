@@ -132,12 +132,13 @@ class TrainingCore:
         local_tokens = sum(item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                            for b in micro_batches)
         global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
-        outcome = self.stepper.run(step, micro_batches, max(global_targets, 1.0), lr, loss_fn)
+        global_targets = max(global_targets, 1.0)
+        outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
         self.skipped_steps += int(outcome.skipped)
         self.sampler.step = step + 1
         (total_loss,) = all_reduce_sum([outcome.loss_sum], self.runtime.device)
         result = StepResult(
-            step=step + 1, loss=total_loss / max(global_targets, 1.0), lr=lr, active_layers=sorted(self.active_layers),
+            step=step + 1, loss=total_loss / global_targets, lr=lr, active_layers=sorted(self.active_layers),
             grad_norm=outcome.grad_norm, tokens=int(global_tokens), step_time_s=time.perf_counter() - start,
             skipped=outcome.skipped, nonfinite_grad_shards=outcome.nonfinite_shards,
             backward_passes=outcome.backward_passes,

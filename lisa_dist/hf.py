@@ -129,7 +129,7 @@ class LisaDistTrainer(transformers.Trainer):
                               "unset one of them")
         runtime = init_distributed(env, self.lisa_config.engine.timeout_s)
         self.core = TrainingCore.adopt(self.lisa_config, runtime, self.model,
-                                       last_checkpoint=lambda: self._last_checkpoint())
+                                       last_checkpoint=self._last_checkpoint)
         self.checkpointer = ckpt.Checkpointer(self.core, self.lisa_config)
         self.model = self.model_wrapped = self.core.model
         # lisa_dist shards and reduces; accelerate must not wrap the model in DDP, FSDP or DeepSpeed as well.

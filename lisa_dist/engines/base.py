@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
@@ -31,6 +31,12 @@ class Engine(ABC):
         self.shapes_only = shapes_only
         self.model: nn.Module | None = None
         self.parts: ModelParts | None = None
+
+    def world_mesh(self) -> DeviceMesh:
+        """The mesh to shard over: the one given, else (built once) every rank of the world."""
+        if self.mesh is None:
+            self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
+        return self.mesh
 
     @abstractmethod
     def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:

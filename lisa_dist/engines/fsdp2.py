@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
@@ -52,11 +51,9 @@ class FSDP2Engine(Engine):
         c = self.config
         dtype = DTYPES[c.train.dtype]
         parts = self._find_parts(model)
-        if self.mesh is None:
-            self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         # By default gradients are reduce-scattered in fp32 so bf16 rounding does not compound across ranks.
         reduce_dtype = torch.float32 if c.train.reduce_dtype == "fp32" else dtype
-        options = dict(mesh=self.mesh, reshard_after_forward=c.engine.reshard_after_forward,
+        options = dict(mesh=self.world_mesh(), reshard_after_forward=c.engine.reshard_after_forward,
                        mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype),
                        offload_policy=self._offload_policy())
         for unit in self._units(parts, c.engine.split_layers):

@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.hooks import RemovableHandle
 
@@ -82,8 +81,7 @@ class Zero3Engine(Engine):
         """DeepSpeed's gather/release coordinator, and lisa_dist's reduce-scatter hook on every parameter."""
         parts = self._find_parts(model)
         self.coordinator = zero3_coordinator(model, self.ds_config)
-        if self.mesh is None:
-            self.mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
+        self.world_mesh()  # partitions are saved as DTensor shards over it
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._user_hooks: dict[nn.Parameter, dict[int, Callable[[nn.Parameter], None]]] = defaultdict(OrderedDict)
         self._handles = [p.register_post_accumulate_grad_hook(self._reduce_scatter) for p in model.parameters()]
