@@ -1,5 +1,5 @@
 """`lisa-dist train CONFIG.yaml [key=value ...]`, `lisa-dist estimate|plan CONFIG.yaml [key=value ...]
---world-size N`, `lisa-dist report OUTPUT_DIR` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
+--world-size N`, `lisa-dist report OUTPUT_DIR [...]` and `lisa-dist export CHECKPOINT_DIR OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ def _parser() -> argparse.ArgumentParser:
                     "per rank, and whether it fits")
     _sizing_command(commands, "plan", "analytic per-rank memory and traffic for fsdp2 or zero3, and the cheapest "
                     "settings that fit")
-    report = commands.add_parser("report", help="PNG plots of a run: loss, throughput, per-rank peak memory, "
-                                 "the trained layers per step")
-    report.add_argument("output_dir", help="a run's output_dir (holds metrics.jsonl)")
-    report.add_argument("--out", default=None, help="where the PNGs go (default: OUTPUT_DIR/report)")
+    report = commands.add_parser("report", help="PNG plots of a run: loss (and eval loss), throughput, per-rank "
+                                 "peak memory, the trained layers per step, each layer's relative update; with "
+                                 "several runs, their loss and per-layer updates side by side")
+    report.add_argument("output_dir", nargs="+", help="a run's output_dir (holds metrics.jsonl); several to compare")
+    report.add_argument("--out", default=None, help="where the PNGs go (default: OUTPUT_DIR/report, or "
+                        "FIRST_OUTPUT_DIR/report/compare for several runs)")
     export = commands.add_parser("export", help="turn a step checkpoint into a Hugging Face model directory")
     export.add_argument("checkpoint_dir")
     export.add_argument("out_dir")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from lisa_dist.report import write_report
 
-            for path in write_report(Path(args.output_dir), Path(args.out) if args.out else None):
+            for path in write_report([Path(d) for d in args.output_dir], Path(args.out) if args.out else None):
                 print(path)
         elif args.command == "export":
             from lisa_dist.checkpoint import export_checkpoint

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from lisa_dist.errors import ConfigError
+from lisa_dist.validation import validate
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,13 +58,24 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     path: str = ""
-    """A local JSONL file in Alpaca (instruction/input/output) or chat (messages) format."""
-    format: Literal["auto", "alpaca", "chat"] = "auto"
-    """Record format; `auto` decides from the first record's keys."""
+    """Training data: a JSON-lines or JSON file, a parquet file, or a `datasets.save_to_disk` directory."""
+    format: Literal["auto", "alpaca", "chat", "sharegpt", "text"] = "auto"
+    """Record format: `alpaca` (instruction/input/output), `chat` (messages with role/content), `sharegpt`
+    (conversations with from/value), `text` (loss on every token); `auto` decides from the first record."""
+    fields: dict[str, str] | None = None
+    """Where a format's keys are in your records, e.g. {instruction: q, output: a}."""
     seq_len: int = 512
     """Tokens per training sequence."""
     pack: bool = False
     """Concatenate examples into full sequences instead of padding each one."""
+    eval_path: str | None = None
+    """Held-out data for evaluation, in any form `path` takes (the same format and fields)."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of `path`'s examples for evaluation instead (a split fixed by the seed, the same
+    for any world size)."""
+    cache_dir: str | None = None
+    """Where tokenized data is kept between runs, keyed by the data and the tokenizer; default
+    OUTPUT_DIR/data_cache."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,6 +168,17 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Experiment trackers rank 0 writes to: `tensorboard` (OUTPUT_DIR/tensorboard) and `wandb` (offline
+    when WANDB_MODE=offline). Each needs its extra: pip install 'lisa_dist[tensorboard]' or '[wandb]'."""
+    wandb_project: str = "lisa_dist"
+    """The W&B project of the run."""
+    log_every: int = 10
+    """Without a terminal (SLURM, nohup), rank 0 prints a progress line every this many steps and at the end."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     seed: int = 0
     """Seeds the layer schedule, the data order and random initialization."""
@@ -176,12 +199,18 @@ class Config:
     """Replace an earlier run's metrics, checkpoints and final model in output_dir (fresh runs only)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 when attached to a terminal."""
+    eval_every: int = 0
+    """Evaluate on the held-out data (data.eval_path or data.eval_fraction) every this many optimizer steps;
+    0 evaluates only at the end."""
+    eval_max_batches: int = 0
+    """Evaluate on at most this many global batches (train.global_batch_size sequences each); 0 uses all."""
     lisa: LisaConfig = field(default_factory=LisaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,7 +250,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like dotted.key=value")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -278,6 +310,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(args[0], k, f"{key} key"): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -306,120 +342,3 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise AssertionError(f"unsupported config type {tp} for {key}")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _at_least(key: str, value: float, low: float, note: str = "") -> None:
-    _require(value >= low, f"{key} must be >= {low}{note}, got {value}")
-
-
-def validate(c: Config) -> None:
-    """Checks that need no model or process group; model-dependent ones live in `models`."""
-    _at_least("max_steps", c.max_steps, 1)
-    _at_least("save_every", c.save_every, 0, " (0 = final model only)")
-    _at_least("save_total_limit", c.save_total_limit, 0, " (0 keeps all)")
-    _require(bool(c.output_dir), "output_dir must not be empty")
-    sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
-    _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "
-                                f"got {', '.join(sources) or 'none'}")
-    if c.model.num_layers is not None:
-        _at_least("model.num_layers", c.model.num_layers, 1)
-        _require(not c.model.path, "model.num_layers shortens a preset or config; a model.path checkpoint "
-                                   "holds all its layers (unset one of them)")
-    _require(bool(c.data.path), "data.path must name a JSONL file")
-    _require(Path(c.data.path).is_file(), f"data.path: file not found: {c.data.path}")
-    _at_least("data.seq_len", c.data.seq_len, 2)
-    validate_training(c)
-
-
-def validate_training(c: Config) -> None:
-    """The checks of the method, engine, batch, precision and optimizer (also for runs whose model and data
-    come from elsewhere: the Hugging Face Trainer integration)."""
-    _at_least("engine.timeout_s", c.engine.timeout_s, 1)
-    _validate_engine(c.engine)
-    _validate_lisa(c.lisa)
-    _validate_train(c.train)
-    _validate_optim(c.optim, c.train)
-
-
-# Engine options only one engine has, with the value the other engine always behaves as.
-_FSDP2_ONLY = {"offload_params": False, "split_layers": False, "backward_prefetch": True, "reshard_after_forward": True}
-
-
-def _validate_engine(e: EngineConfig) -> None:
-    """An option the chosen engine does not have is refused, never ignored."""
-    if e.name == "zero3":
-        for key, behaviour in _FSDP2_ONLY.items():
-            value = getattr(e, key)
-            _require(value == behaviour, f"engine.{key}={str(value).lower()} applies to engine.name=fsdp2; ZeRO-3 "
-                                         f"always runs as engine.{key}={str(behaviour).lower()} (prefetching and "
-                                         "partitioning follow the DeepSpeed config)")
-    else:
-        _require(e.deepspeed_config is None, f"engine.deepspeed_config={e.deepspeed_config} applies to "
-                                             f"engine.name=zero3, not {e.name}")
-
-
-def _validate_lisa(lisa: LisaConfig) -> None:
-    _at_least("lisa.gamma", lisa.gamma, 1)
-    _at_least("lisa.interval", lisa.interval, 1)
-    weights = lisa.layer_weights
-    if weights is not None:
-        _require(all(0 <= w < float("inf") for w in weights), f"lisa.layer_weights must be finite and >= 0, got {weights}")
-        positive = sum(w > 0 for w in weights)
-        _require(positive >= lisa.gamma,
-                 f"lisa.layer_weights has {positive} positive weights, fewer than lisa.gamma={lisa.gamma}")
-
-
-def _validate_train(t: TrainConfig) -> None:
-    _at_least("train.global_batch_size", t.global_batch_size, 1)
-    _at_least("train.micro_batch_size", t.micro_batch_size, 1)
-    _require(t.global_batch_size % t.micro_batch_size == 0,
-             f"train.global_batch_size={t.global_batch_size} is not divisible by "
-             f"train.micro_batch_size={t.micro_batch_size}")
-    _require(t.loss_scale > 0 and t.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
-    _at_least("train.loss_scale_window", t.loss_scale_window, 1)
-    _at_least("train.max_consecutive_skips", t.max_consecutive_skips, 0, " (0 never stops)")
-    _at_least("train.loss_chunk_tokens", t.loss_chunk_tokens, 0, " (0 = no chunking)")
-
-
-def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
-    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _at_least("optim.weight_decay", o.weight_decay, 0)
-    _at_least("optim.max_grad_norm", o.max_grad_norm, 0, " (0 disables clipping)")
-    _at_least("optim.clip_grad_value", o.clip_grad_value, 0, " (0 disables it)")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-             f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-    _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
-    _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    _at_least("optim.warmup_steps", o.warmup_steps, 0)
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    fused = o.name in ("lomo", "adalomo")
-    _require(not (o.name == "lomo" and o.momentum), f"optim.momentum={o.momentum} with optim.name=lomo: "
-                                                    "LOMO keeps no optimizer state; use sgd for momentum")
-    _require(not o.stochastic_rounding or t.dtype == "bf16",
-             f"optim.stochastic_rounding needs train.dtype=bf16, got {t.dtype}")
-    _require(not (fused and t.dtype == "fp16" and o.fused_precheck is False),
-             "train.dtype=fp16 with a fused optimizer needs optim.fused_precheck: an overflow found after some "
-             "updates were applied could not be undone")
-    _require(fused or o.fused_precheck is None, f"optim.fused_precheck applies to lomo and adalomo, not {o.name}")
-    _require(len(o.adalomo_eps) == 2 and all(e > 0 for e in o.adalomo_eps),
-             f"optim.adalomo_eps must be two positive numbers, got {o.adalomo_eps}")
-    _require(o.adalomo_decay_rate < 0, f"optim.adalomo_decay_rate must be < 0, got {o.adalomo_decay_rate}")
-    _require(o.adalomo_clip_threshold > 0, f"optim.adalomo_clip_threshold must be > 0, got {o.adalomo_clip_threshold}")
-
-
-def check_world_size(c: Config, world_size: int) -> None:
-    _at_least("world size", world_size, 1)
-    per_step = c.train.micro_batch_size * world_size
-    _require(c.train.global_batch_size % per_step == 0,
-             f"train.global_batch_size={c.train.global_batch_size} is not divisible by "
-             f"train.micro_batch_size={c.train.micro_batch_size} x world size {world_size}")
-    accumulation = c.train.global_batch_size // per_step
-    _require(not (c.method == "full" and c.optim.name in ("lomo", "adalomo") and accumulation > 1),
-             f"method=full with optim.name={c.optim.name} applies each update during backward and keeps no "
-             f"gradients, but train.global_batch_size={c.train.global_batch_size} over micro-batches of "
-             f"{c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, "
-             f"which would keep every gradient; set train.micro_batch_size="
-             f"{c.train.global_batch_size // world_size} or use method=lisa")

@@ -7,6 +7,7 @@ a learning rate; the core switches the active layers, runs the step and says wha
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from lisa_dist.models import ModelSource, set_trainable_layers
 from lisa_dist.optim import ShardedOptimizer, make_rule
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.sampler import LayerSampler
-from lisa_dist.scalars import item
+from lisa_dist.scalars import item, items
 from lisa_dist.steps import Batch, FusedStep, LossFn, PostBackwardStep
 
 __all__ = ["Batch", "LossFn", "StepResult", "TrainingCore"]
@@ -50,13 +51,16 @@ class StepResult:
     backward_passes: int
     loss_scale: float | None
     """fp16: the dynamic loss scale after this step."""
+    layer_update_ratio: list[float]
+    """Per layer of `active_layers`: ||W_after - W_before|| / ||W_before|| over the layer's parameters."""
 
     def record(self) -> dict[str, Any]:
         """The metrics.jsonl fields of this step."""
         out = {"step": self.step, "loss": self.loss, "lr": self.lr, "active_layers": self.active_layers,
                "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.tokens / self.step_time_s,
                "step_time_s": self.step_time_s, "skipped": self.skipped,
-               "nonfinite_grad_shards": self.nonfinite_grad_shards, "backward_passes": self.backward_passes}
+               "nonfinite_grad_shards": self.nonfinite_grad_shards, "backward_passes": self.backward_passes,
+               "layer_update_ratio": self.layer_update_ratio}
         if self.loss_scale is not None:
             out["loss_scale"] = self.loss_scale
         return out
@@ -84,6 +88,8 @@ class TrainingCore:
         hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook)
         runner = FusedStep if self.optimizer.rule.fused else PostBackwardStep
         self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks, shapes_only)
+        layer_ids = {id(p): i for i, layer in enumerate(self.parts.layers) for p in layer.parameters()}
+        self.layer_of = {n: layer_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in layer_ids}
         self.active_layers: tuple[int, ...] | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -136,16 +142,47 @@ class TrainingCore:
         outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
         self.skipped_steps += int(outcome.skipped)
         self.sampler.step = step + 1
-        (total_loss,) = all_reduce_sum([outcome.loss_sum], self.runtime.device)
+        layers = sorted(self.active_layers)
+        total_loss, *layer_sums = all_reduce_sum([outcome.loss_sum, *self._layer_change_sums(layers)],
+                                                 self.runtime.device)
         result = StepResult(
             step=step + 1, loss=total_loss / global_targets, lr=lr, active_layers=sorted(self.active_layers),
             grad_norm=outcome.grad_norm, tokens=int(global_tokens), step_time_s=time.perf_counter() - start,
             skipped=outcome.skipped, nonfinite_grad_shards=outcome.nonfinite_shards,
             backward_passes=outcome.backward_passes,
-            loss_scale=self.stepper.scaler.scale if self.config.train.dtype == "fp16" else None)
+            loss_scale=self.stepper.scaler.scale if self.config.train.dtype == "fp16" else None,
+            layer_update_ratio=[math.sqrt(change / value) if value > 0 else 0.0
+                                for change, value in zip(layer_sums[0::2], layer_sums[1::2])])
         nonfinite = outcome.skipped or outcome.nonfinite_shards > 0
         self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
         return result
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> tuple[float, float]:
+        """This rank's (summed token loss, labelled tokens) over `micro_batches`, in eval mode and without
+        gradients: no weight, optimizer state, layer choice or random state changes."""
+        self.model.eval()
+        loss_sum = targets = 0.0
+        try:
+            for batch in micro_batches:
+                loss_sum += item(self.stepper.token_loss(batch, 0.0))
+                targets += item((batch["labels"][:, 1:] != -100).sum())
+        finally:
+            self.engine.after_forward_only()
+            self.model.train()
+        return loss_sum, targets
+
+    def _layer_change_sums(self, layers: list[int]) -> list[float]:
+        """This rank's (squared change, squared value) of each layer in `layers`, flattened, from the shards
+        the step updated; reduced with the loss in one collective."""
+        position = {layer: i for i, layer in enumerate(layers)}
+        sums = torch.zeros(2 * len(layers), dtype=torch.float64, device=self.runtime.device)
+        for name, (change, value) in self.optimizer.take_change_sums().items():
+            layer = self.layer_of.get(name)
+            if layer in position:
+                sums[2 * position[layer]] += change.to(sums.device, torch.float64)
+                sums[2 * position[layer] + 1] += value.to(sums.device, torch.float64)
+        return items(sums, fake_value=0.0)
 
     def raise_if_stalled(self, step: int) -> None:
         """After `step` was recorded: stop once `train.max_consecutive_skips` steps in a row met a

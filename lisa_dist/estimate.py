@@ -41,6 +41,9 @@ NOT_MODELLED = {
     "progress_bar": "no bar is drawn", "max_steps": "the estimate runs the steps of one interval switch",
     "engine.timeout_s": "no collective waits under the fake process group",
     "train.max_consecutive_skips": "fake values are never non-finite",
+    "eval_every": "evaluation runs forwards without gradients between steps, within a step's peak",
+    "eval_max_batches": "evaluation runs forwards without gradients between steps, within a step's peak",
+    "logging.wandb_project": "trackers run on rank 0 outside the step", "logging.log_every": "no line is printed",
 }
 """Keys that do not change a step's peak; `estimate` reports which of them a config sets."""
 
@@ -53,7 +56,7 @@ def _schedule(config: Config) -> list[int]:
 def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
     if config.engine.name != "fsdp2":
         raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
-    source, sequences = prepare(config, world_size, check_output=False, shapes_only=True)
+    source, sequences, _ = prepare(config, world_size, check_output=False, shapes_only=True)
     source = dataclasses.replace(source, weights_dir=None)
     fake_process_group(world_size)
     try:

@@ -29,7 +29,8 @@ from transformers.trainer_callback import TrainerState
 
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.accelerate_config import read_accelerate_settings
-from lisa_dist.config import Config, apply_implied, from_dict, validate_training
+from lisa_dist.config import Config, apply_implied, from_dict
+from lisa_dist.validation import validate_training
 from lisa_dist.core import StepResult, TrainingCore
 from lisa_dist.distributed import init_distributed
 from lisa_dist.env import LaunchEnv, read_launch_env
@@ -56,6 +57,8 @@ SET_BY_THE_SCRIPT = {
     "train.global_batch_size": "TrainingArguments.per_device_train_batch_size x gradient_accumulation_steps x ranks",
     "train.micro_batch_size": "TrainingArguments.per_device_train_batch_size",
     "data": "the Trainer's train_dataset and data_collator",
+    "eval_every": "TrainingArguments.eval_strategy and eval_steps", "eval_max_batches": "the Trainer's eval_dataset",
+    "logging": "TrainingArguments.report_to and logging_steps",
     "model.path": "the model the script passes to the Trainer", "model.preset": "the model the script passes",
     "model.config": "the model the script passes", "model.num_layers": "the model the script passes",
     "model.tokenizer": "the Trainer's processing_class",

@@ -20,7 +20,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lisa_dist.config import Config, check_world_size
+from lisa_dist.config import Config
+from lisa_dist.validation import check_world_size
 from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 
 

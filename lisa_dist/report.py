@@ -1,7 +1,10 @@
-"""`lisa-dist report OUTPUT_DIR`: PNG plots of a run from its `metrics.jsonl`.
+"""`lisa-dist report OUTPUT_DIR [OUTPUT_DIR ...]`: PNG plots of runs from their `metrics.jsonl`.
 
-loss.png (loss per step), throughput.png (tokens/s), memory.png (each rank's peak per step) and
-layers.png (which decoder layers trained at each step: the LISA schedule as a heatmap).
+One run: loss.png (training loss per step, and the held-out loss where evaluated), throughput.png
+(tokens/s), memory.png (each rank's peak per step), layers.png (which decoder layers trained at each step:
+the LISA schedule as a heatmap) and layer_updates.png (each layer's mean relative weight change
+||dW|| / ||W|| over the steps it trained, the LISA paper's per-layer view). Several runs: loss.png and
+layer_updates.png with one line per run, to compare, say, a LISA run with a full one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,25 @@ def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def step_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if "loss" in r]
+
+
+def eval_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if "eval_loss" in r]
+
+
+def mean_layer_updates(records: list[dict[str, Any]], layers: int) -> list[float]:
+    """Per decoder layer, the mean of its relative update over the steps that trained it (NaN: never)."""
+    sums, counts = [0.0] * layers, [0] * layers
+    for record in step_records(records):
+        for layer, ratio in zip(record.get("active_layers", []), record.get("layer_update_ratio", [])):
+            if layer < layers:
+                sums[layer] += ratio
+                counts[layer] += 1
+    return [total / count if count else float("nan") for total, count in zip(sums, counts)]
+
+
 def num_layers(run_dir: Path, records: list[dict[str, Any]]) -> int:
     """From the exported model's config when there is one, else the highest layer index seen."""
     config = run_dir / "final" / "config.json"
@@ -38,11 +60,12 @@ def num_layers(run_dir: Path, records: list[dict[str, Any]]) -> int:
         value = json.loads(config.read_text()).get("num_hidden_layers")
         if isinstance(value, int):
             return value
-    return 1 + max((i for r in records for i in r.get("active_layers", [])), default=0)
+    return 1 + max((i for r in step_records(records) for i in r.get("active_layers", [])), default=0)
 
 
 def active_matrix(records: list[dict[str, Any]], layers: int) -> list[list[int]]:
     """[layer][step index] = 1 where the layer trained in that step."""
+    records = step_records(records)
     matrix = [[0] * len(records) for _ in range(layers)]
     for column, record in enumerate(records):
         for layer in record.get("active_layers", []):
@@ -50,16 +73,17 @@ def active_matrix(records: list[dict[str, Any]], layers: int) -> list[list[int]]
     return matrix
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+def write_report(run_dirs: Path | list[Path], out_dir: Path | None = None) -> list[Path]:
+    """The PNGs of one run (in RUN/report by default), or the comparison of several (RUN_A/report/compare)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = load_metrics(run_dir)
-    out_dir = out_dir or run_dir / "report"
+    runs = [run_dirs] if isinstance(run_dirs, Path) else list(run_dirs)
+    loaded = [(run, load_metrics(run)) for run in runs]
+    out_dir = out_dir or runs[0] / "report" / ("compare" if len(runs) > 1 else "")
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = [r["step"] for r in records]
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -68,19 +92,56 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / name)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], marker=".")
-    ax.set(xlabel="step", ylabel="loss (mean over response tokens)", title=f"loss: {run_dir.name}")
-    ax.grid(alpha=0.3)
-    save(fig, "loss.png")
+    save(_loss_figure(plt, loaded), "loss.png")
+    save(_layer_updates_figure(plt, loaded), "layer_updates.png")
+    if len(runs) == 1:
+        run_dir, records = loaded[0]
+        for name, figure in (("throughput.png", _throughput_figure), ("memory.png", _memory_figure)):
+            save(figure(plt, step_records(records)), name)
+        save(_schedule_figure(plt, step_records(records), num_layers(run_dir, records)), "layers.png")
+    return written
 
+
+def _loss_figure(plt: Any, loaded: list[tuple[Path, list[dict[str, Any]]]]) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["tokens_per_s"] for r in records], marker=".")
+    for run_dir, records in loaded:
+        steps = step_records(records)
+        prefix = f"{run_dir.name}: " if len(loaded) > 1 else ""
+        line, = ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".", label=f"{prefix}train")
+        evals = eval_records(records)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", linestyle="--",
+                    color=line.get_color(), label=f"{prefix}eval")
+    title = loaded[0][0].name if len(loaded) == 1 else "loss"
+    ax.set(xlabel="step", ylabel="loss (mean over response tokens)", title=f"loss: {title}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _layer_updates_figure(plt: Any, loaded: list[tuple[Path, list[dict[str, Any]]]]) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run_dir, records in loaded:
+        means = mean_layer_updates(records, num_layers(run_dir, records))
+        ax.plot(range(len(means)), means, marker="o", label=run_dir.name)
+    ax.set(xlabel="decoder layer", ylabel="mean ||dW|| / ||W|| per step trained", yscale="log",
+           title="relative weight change per layer")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _throughput_figure(plt: Any, records: list[dict[str, Any]]) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["tokens_per_s"] for r in records], marker=".")
     ax.set(xlabel="step", ylabel="tokens / s (all ranks)", title="throughput")
     ax.grid(alpha=0.3)
-    save(fig, "throughput.png")
+    return fig
 
+
+def _memory_figure(plt: Any, records: list[dict[str, Any]]) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records]
     per_rank = [r.get("peak_mem_gib_per_rank") or [r["peak_mem_gib"]] for r in records]
     for rank in range(max(len(p) for p in per_rank)):
         label = f"rank {rank}" if records[0].get("peak_mem_gib_per_rank") else "max over ranks"
@@ -90,12 +151,13 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     ax.set(xlabel="step", ylabel="MiB", title="peak memory per rank")
     ax.legend()
     ax.grid(alpha=0.3)
-    save(fig, "memory.png")
+    return fig
 
-    layers = num_layers(run_dir, records)
+
+def _schedule_figure(plt: Any, records: list[dict[str, Any]], layers: int) -> Any:
+    steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.25 * layers + 1.5)))
     ax.imshow(active_matrix(records, layers), aspect="auto", interpolation="nearest", cmap="Greens",
               origin="lower", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, layers - 0.5))
     ax.set(xlabel="step", ylabel="decoder layer", title="trained layers per step (LISA schedule)")
-    save(fig, "layers.png")
-    return written
+    return fig

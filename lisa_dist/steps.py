@@ -69,14 +69,14 @@ class StepRunner:
             return 1.0
         return min(1.0, max_norm / (grad_norm + 1e-6))
 
-    def _token_loss(self, batch: Batch, global_targets: float) -> torch.Tensor:
+    def token_loss(self, batch: Batch, global_targets: float) -> torch.Tensor:
         return token_loss_sum(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
                               self.runtime.device)
 
     def forward_backward(self, micro_batches: list[Batch], global_targets: float, check_loss: bool,
                          loss_fn: LossFn | None = None) -> tuple[float, bool]:
         """Returns (local loss sum, whether every micro-batch's loss was finite on every rank)."""
-        loss_fn = loss_fn or self._token_loss
+        loss_fn = loss_fn or self.token_loss
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         total = 0.0
         for i, batch in enumerate(micro_batches):

@@ -11,29 +11,35 @@ import transformers
 
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.accelerate_config import AccelerateSettings
-from lisa_dist.config import Config, check_world_size
+from lisa_dist.config import Config
 from lisa_dist.core import TrainingCore
-from lisa_dist.data import GlobalBatches, SequenceSet, build_sequences, load_examples
+from lisa_dist.data import (GlobalBatches, SequenceSet, TokenizedCache, TokenizedExample, build_sequences,
+                            split_held_out)
 from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, init_distributed, shutdown,
                                    verify_same_across_ranks)
 from lisa_dist.engines.base import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import ConfigError
+from lisa_dist.evaluate import Evaluator
 from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
+from lisa_dist.reporting import Reporter, check_trackers
 from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
 from lisa_dist.scalars import real_tensors
+from lisa_dist.validation import check_world_size
 
 
 def prepare(config: Config, world_size: int, check_output: bool = True,
-            shapes_only: bool = False) -> tuple[ModelSource, SequenceSet]:
-    """Everything that can fail on user input, done before a process group exists.
+            shapes_only: bool = False) -> tuple[ModelSource, SequenceSet, SequenceSet | None]:
+    """Everything that can fail on user input, done before a process group exists: the model source, the
+    training sequences and the held-out ones (None without data.eval_path or data.eval_fraction).
 
     `shapes_only` (`estimate`): the data only has to give sequences of the right length, so a dataset
     smaller than one global batch is repeated instead of refused."""
     check_world_size(config, world_size)
     engine_class(config.engine.name).check_config(config, world_size)
+    check_trackers(config)
     source = resolve_model_source(config)
     meta_model = check_against_model(config, source.hf_config)
     if not shapes_only:
@@ -42,25 +48,40 @@ def prepare(config: Config, world_size: int, check_output: bool = True,
     if len(tokenizer) > source.hf_config.vocab_size:
         raise ConfigError(f"tokenizer in {source.tokenizer_dir} has {len(tokenizer)} tokens, more than the model's "
                           f"vocab_size {source.hf_config.vocab_size}")
-    examples = load_examples(config.data.path, tokenizer, config.data.format)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ConfigError(f"the tokenizer in {source.tokenizer_dir} has neither a pad token nor an eos token to pad "
                           "sequences with; set pad_token in its tokenizer_config.json")
+    cache = TokenizedCache(Path(config.data.cache_dir or Path(config.output_dir) / "data_cache"))
+    examples, eval_examples = _examples(config, tokenizer, cache)
     sequences = build_sequences(examples, config.data.seq_len, pad_id, config.data.pack)
+    eval_sequences = None
+    if eval_examples is not None:
+        eval_sequences = build_sequences(eval_examples, config.data.seq_len, pad_id, config.data.pack)
     if shapes_only:
         sequences = sequences.repeated_to(config.train.global_batch_size)
     GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size, 0, world_size, config.seed)
     if check_output:
         check_output_dir(config)
-    return source, sequences
+        cache.write()
+    return source, sequences, eval_sequences
+
+
+def _examples(config: Config, tokenizer: Any,
+              cache: TokenizedCache) -> tuple[list[TokenizedExample], list[TokenizedExample] | None]:
+    """The training examples and the held-out ones."""
+    data = config.data
+    examples = cache.load(data.path, tokenizer, data.format, data.fields)
+    if data.eval_fraction:
+        return split_held_out(examples, data.eval_fraction, config.seed)
+    return examples, cache.load(data.eval_path, tokenizer, data.format, data.fields) if data.eval_path else None
 
 
 class Trainer:
     """`lisa-dist train`'s loop around the training core: the data order, metrics, step checkpoints, resume."""
 
     def __init__(self, config: Config, runtime: Runtime, source: ModelSource, sequences: SequenceSet,
-                 core: TrainingCore | None = None) -> None:
+                 eval_sequences: SequenceSet | None = None, core: TrainingCore | None = None) -> None:
         """`core`: one built elsewhere (`estimate` builds it on fake tensors)."""
         self.config = config
         self.runtime = runtime
@@ -70,6 +91,10 @@ class Trainer:
                                                last_checkpoint=lambda: ckpt.latest_checkpoint(self.output_dir))
         self.batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size,
                                      runtime.rank, runtime.world_size, config.seed)
+        self.evaluator = None
+        if eval_sequences is not None:
+            self.evaluator = Evaluator(eval_sequences, config.train.global_batch_size, config.train.micro_batch_size,
+                                       config.eval_max_batches, runtime.rank, runtime.world_size)
         self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
         self.checkpointer = ckpt.Checkpointer(self.core, config, states={"data": self.batches},
                                               write_meta=self._write_meta)
@@ -120,30 +145,45 @@ class Trainer:
         torch.distributed.barrier()
         return out
 
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The metrics.jsonl row of an evaluation after `step` optimizer steps."""
+        assert self.evaluator is not None, "no held-out data (data.eval_path or data.eval_fraction)"
+        with real_tensors():
+            return self.evaluator.run(self.core, step).record()
+
+    def _evaluation_due(self, done: int) -> bool:
+        every = self.config.eval_every
+        return self.evaluator is not None and (done == self.config.max_steps or bool(every and done % every == 0))
+
     def fit(self) -> None:
         start_step = self._resume()
-        progress = self._progress(start_step)
+        is_main = self.runtime.is_main
+        reporter = Reporter(self.config, is_main, self.runtime.env.is_tty, start_step)
         metrics = MetricsWriter(self.output_dir)
-        if self.runtime.is_main:
+        if is_main:
             metrics.keep_until(start_step)
             for moved in ckpt.set_aside_newer(self.output_dir, start_step):
                 print(f"lisa-dist: resuming from step {start_step}: moved the later checkpoint to {moved}",
                       file=sys.stderr)
-        for step in range(start_step, self.config.max_steps):
-            record = self._measured_step(step)
-            if self.runtime.is_main:
-                metrics.write(record)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", layers=record["active_layers"][:8])
-                    progress.update(1)
-            self.core.raise_if_stalled(step)
-            done = step + 1
-            if self.config.save_every and done % self.config.save_every == 0:
-                self.save(done)
-                if self.runtime.is_main and self.config.save_total_limit:
-                    ckpt.prune(self.output_dir, self.config.save_total_limit)
-        if progress is not None:
-            progress.close()
+        try:
+            for step in range(start_step, self.config.max_steps):
+                record = self._measured_step(step)
+                if is_main:
+                    metrics.write(record)
+                    reporter.step(record)
+                self.core.raise_if_stalled(step)
+                done = step + 1
+                if self._evaluation_due(done):
+                    evaluation = self.evaluate(done)
+                    if is_main:
+                        metrics.write(evaluation)
+                        reporter.evaluation(evaluation)
+                if self.config.save_every and done % self.config.save_every == 0:
+                    self.save(done)
+                    if is_main and self.config.save_total_limit:
+                        ckpt.prune(self.output_dir, self.config.save_total_limit)
+        finally:
+            reporter.close()
         self.save_final()
 
     def _resume(self) -> int:
@@ -157,19 +197,11 @@ class Trainer:
         verify_same_across_ranks("the checkpoint to resume from", directory and str(directory))
         return self.checkpointer.load(directory) if directory is not None else 0
 
-    def _progress(self, start_step: int) -> Any:
-        if not (self.runtime.is_main and self.config.progress_bar and self.runtime.env.is_tty):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.config.max_steps, initial=start_step, desc="train", unit="step")
-
-
 def run_training(config: Config, env: LaunchEnv | None = None, launcher: AccelerateSettings | None = None) -> Path:
     env = env or read_launch_env()
     if launcher is not None:
         launcher.check_world_size(config.train.global_batch_size, config.train.micro_batch_size, env.world_size)
-    source, sequences = prepare(config, env.world_size)
+    source, sequences, eval_sequences = prepare(config, env.world_size)
     try:
         runtime = init_distributed(env, config.engine.timeout_s)
         verify_same_across_ranks("the run configuration", config.to_dict())
@@ -182,7 +214,7 @@ def run_training(config: Config, env: LaunchEnv | None = None, launcher: Acceler
                   f"{f' ({sequences.num_dropped} dropped: no response token left)' if sequences.num_dropped else ''}",
                   file=sys.stderr)
         torch.distributed.barrier()
-        trainer = Trainer(config, runtime, source, sequences)
+        trainer = Trainer(config, runtime, source, sequences, eval_sequences)
         trainer.fit()
         return Path(config.output_dir)
     except RuntimeError as e:

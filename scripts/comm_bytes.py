@@ -18,7 +18,7 @@ from lisa_dist.train import Trainer, prepare
 def main() -> None:
     config = load_config(sys.argv[1], sys.argv[2:] + ["overwrite=true", "progress_bar=false"])
     env = read_launch_env()
-    source, sequences = prepare(config, env.world_size)
+    source, sequences, _ = prepare(config, env.world_size)
     runtime = init_distributed(env, config.engine.timeout_s)
     trainer = Trainer(config, runtime, source, sequences)
     sent = {"reduce_scatter": 0}

@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 import yaml
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
-from lisa_dist.config import Config, from_dict, validate
+from lisa_dist.config import Config, from_dict
+from lisa_dist.validation import validate
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +90,9 @@ def start_trainer(config: Config):
     from lisa_dist.train import Trainer, prepare
 
     env = read_launch_env()
-    source, sequences = prepare(config, env.world_size)
+    source, sequences, eval_sequences = prepare(config, env.world_size)
     runtime = init_distributed(env, config.engine.timeout_s)
-    return Trainer(config, runtime, source, sequences)
+    return Trainer(config, runtime, source, sequences, eval_sequences)
 
 
 def engine_weights(trainer) -> dict[str, torch.Tensor] | None:

@@ -85,6 +85,9 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def after_forward_only(self) -> None:
+        """After forwards without a backward (evaluation): release whatever a backward would have released."""
+
     @abstractmethod
     def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
         """{"model": ..., "optim": ...} of DTensors sharing storage with this rank's shards, so that

@@ -170,6 +170,9 @@ class Zero3Engine(Engine):
         self.coordinator.release_backward_leftovers()
         self.coordinator.partition_all_parameters()
 
+    def after_forward_only(self) -> None:
+        self.coordinator.partition_all_parameters()
+
     def resident_tensors(self) -> list[torch.Tensor]:
         return [p.ds_tensor for p in self.model.parameters()] + list(self._grads.values())
 

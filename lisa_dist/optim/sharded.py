@@ -44,6 +44,9 @@ class _Slot:
     step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     grad_accum: torch.Tensor | None = None
     """fp32 sum of earlier micro-batches' gradient shards (low-precision training dtypes only)."""
+    change_sq: torch.Tensor | None = None
+    """Of the last update: the squared norm of this shard's change and of its value before it."""
+    value_sq: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -150,10 +153,14 @@ class ShardedOptimizer:
             master = None if master is None else master.to(device, non_blocking=True)
             state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
         target = master if master is not None else slot.shard.float()
-        before = target.clone() if guard else None
+        before = target.clone()
         self.rule.update(target, grad32, state, int(item(slot.step)), options.lr, slot.info)
         if guard:
             target.copy_(torch.where(finite, target, before))
+        # For the per-layer relative change ||dW|| / ||W||: two sums per shard, reduced per layer by the core.
+        slot.value_sq = before.pow(2).sum()
+        slot.change_sq = before.sub_(target).pow_(2).sum()
+        del before
         if self.host is not None:
             for key, t in state.items():
                 slot.state[key].copy_(t)
@@ -176,6 +183,15 @@ class ShardedOptimizer:
             updated += 1
             self.apply(slot, grad, options)
         return updated
+
+    def take_change_sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (squared change, squared value before)} of the shards updated since the last call."""
+        sums = {}
+        for name, slot in self.slots.items():
+            if slot.change_sq is not None:
+                sums[name] = (slot.change_sq, slot.value_sq)
+                slot.change_sq = slot.value_sq = None
+        return sums
 
     def zero_grad(self, model: nn.Module) -> None:
         for param in model.parameters():

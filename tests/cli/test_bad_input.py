@@ -145,7 +145,7 @@ CASES = {
                            "bad.jsonl:2:"),
     "data_empty": Case("an empty JSONL file", lambda t: _data(t, "empty.jsonl", ""), "empty.jsonl"),
     "data_unknown_format": Case("JSONL records of neither format",
-                                lambda t: _data(t, "odd.jsonl", '{"text": "hi"}\n'),
+                                lambda t: _data(t, "odd.jsonl", '{"prompt": "hi"}\n'),
                                 "odd.jsonl"),
     "data_too_small": Case("fewer examples than one global batch", lambda t: ["train.global_batch_size=4096"],
                            "fewer than one global batch"),

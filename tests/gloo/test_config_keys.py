@@ -95,7 +95,9 @@ VARIANTS: list[dict[str, Any]] = [
      "optim": {"name": "adalomo", "fused_precheck": True, "max_grad_norm": 1.0}},
     {"train": {"dtype": "bf16"}, "optim": {"name": "sgd", "momentum": 0.9, "stochastic_rounding": True},
      "engine": {"offload_params": True}},
-    {"optim": {"name": "lomo"}},
+    {"optim": {"name": "lomo"}, "data": {"eval_fraction": 0.05, "fields": {"instruction": "instruction"}},
+     "eval_every": 1, "eval_max_batches": 1,
+     "logging": {"report_to": ["tensorboard", "wandb"], "wandb_project": "keys", "log_every": 1}},
 ]
 MODEL_SOURCES = [{"path": None, "preset": "tiny", "num_layers": 4}, {"path": None, "config": str(TINY_MODEL_DIR)}]
 ENV_ONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1, "launcher": "single"}
@@ -185,8 +187,10 @@ def _missing(reads: set[str], refused: set[str] = frozenset()) -> list[str]:
     return [k for k in all_keys() if k not in reads and k not in refused and k.split(".")[0] not in refused]
 
 
-def test_lisa_dist_train_reads_every_key(tmp_path):
+def test_lisa_dist_train_reads_every_key(tmp_path, monkeypatch):
     from lisa_dist.train import prepare
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # read by wandb itself
 
     reads = _cli_reads(tmp_path)
     # The other model sources, and the ZeRO-3 engine's own file (read by its checks before any process

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
-from lisa_dist.config import check_world_size, load_config
+from lisa_dist.config import load_config
+from lisa_dist.validation import check_world_size
 from lisa_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +54,7 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("progress_bar=maybe", "progress_bar must be true or false"),
     ("lisa=3", "lisa must be a mapping"),
     ("novalue", "must look like dotted.key=value"),
+    ("data.fields={q", "override 'data.fields={q': the value is not valid YAML"),
     ("optim.name=lomo optim.momentum=0.9", "LOMO keeps no optimizer state"),
     ("optim.stochastic_rounding=true train.dtype=fp32", "optim.stochastic_rounding needs train.dtype=bf16"),
     ("optim.name=lomo train.dtype=fp16 optim.fused_precheck=false", "needs optim.fused_precheck"),
@@ -61,6 +63,17 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("optim.adalomo_eps=[0.1]", "optim.adalomo_eps must be two positive numbers"),
     ("model.num_layers=0", "model.num_layers must be >= 1"),
     ("model.num_layers=2", "model.num_layers shortens a preset or config"),
+    ("data.eval_fraction=1.5", "data.eval_fraction must be in [0, 1), got 1.5"),
+    (f"data.eval_fraction=0.1 data.eval_path={TINY_ALPACA}", "set one of data.eval_path and data.eval_fraction"),
+    ("data.eval_path=/nonexistent.jsonl", "data.eval_path: file not found"),
+    ("eval_every=5", "eval_every=5 needs held-out data: set data.eval_path or data.eval_fraction"),
+    ("eval_max_batches=2", "eval_max_batches=2 needs held-out data"),
+    ('data.fields={"prompt":"q"}', "data.fields: unknown key prompt; a format's keys are instruction"),
+    ("data.fields=[q]", "data.fields must be a mapping"),
+    ("data.format=csv", "data.format must be one of 'auto', 'alpaca', 'chat', 'sharegpt', 'text'"),
+    ("logging.log_every=0", "logging.log_every must be >= 1"),
+    ("logging.report_to=[mlflow]", "logging.report_to[0] must be one of 'tensorboard', 'wandb'"),
+    ("logging.report_to=[wandb,wandb]", "logging.report_to lists a tracker twice"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:

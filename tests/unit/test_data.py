@@ -133,7 +133,7 @@ def test_file_level_errors(tmp_path, tokenizer):
         load_examples(empty, tokenizer)
     assert str(error.value).startswith(f"{empty}: no examples")
     with pytest.raises(ValueError, match="data format must be one of"):
-        load_examples(TINY_ALPACA, tokenizer, fmt="sharegpt")
+        load_examples(TINY_ALPACA, tokenizer, fmt="csv")
 
 
 def example(length: int, prompt_length: int) -> TokenizedExample:

@@ -1,11 +1,12 @@
 """`lisa-dist report`: the layer heatmap's data, the layer count, and clear errors on bad run directories."""
 
 import json
+import math
 
 import pytest
 
 from lisa_dist.errors import ReportError
-from lisa_dist.report import active_matrix, load_metrics, num_layers, write_report
+from lisa_dist.report import active_matrix, load_metrics, mean_layer_updates, num_layers, write_report
 
 
 def _write_run(run, records, layers=None):
@@ -16,14 +17,26 @@ def _write_run(run, records, layers=None):
         (run / "final" / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
 
 
-def _record(step, active):
+def _record(step, active, ratios=None):
     return {"step": step, "loss": 5.0 - 0.1 * step, "tokens_per_s": 100.0, "peak_mem_gib": 0.2,
-            "peak_mem_gib_per_rank": [0.2, 0.19], "optim_state_gib": 0.01, "active_layers": active}
+            "peak_mem_gib_per_rank": [0.2, 0.19], "optim_state_gib": 0.01, "active_layers": active,
+            "layer_update_ratio": ratios if ratios is not None else [0.01 * (layer + 1) for layer in active]}
+
+
+def _eval(step):
+    return {"step": step, "eval_loss": 4.0, "eval_perplexity": 54.6, "eval_tokens": 10, "eval_sequences": 2}
 
 
 def test_active_matrix_marks_the_trained_layers_of_each_step():
-    records = [_record(1, [0, 3]), _record(2, [0, 3]), _record(3, [1, 2])]
+    records = [_record(1, [0, 3]), _record(2, [0, 3]), _eval(2), _record(3, [1, 2])]
     assert active_matrix(records, 5) == [[1, 1, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]]
+
+
+def test_the_mean_layer_update_counts_only_the_steps_that_trained_the_layer():
+    records = [_record(1, [0, 3], [0.1, 0.4]), _record(2, [0, 1], [0.3, 0.2]), _eval(2)]
+    means = mean_layer_updates(records, 5)
+    assert means[0] == pytest.approx(0.2) and means[1] == 0.2 and means[3] == 0.4
+    assert math.isnan(means[2]) and math.isnan(means[4])  # never trained
 
 
 def test_layer_count_comes_from_the_exported_model_else_from_the_schedule(tmp_path):
@@ -34,11 +47,21 @@ def test_layer_count_comes_from_the_exported_model_else_from_the_schedule(tmp_pa
     assert num_layers(tmp_path / "without", records) == 4
 
 
-def test_report_writes_four_pngs(tmp_path):
-    _write_run(tmp_path / "run", [_record(s, [s % 4, 4 + s % 4]) for s in range(1, 9)], layers=8)
+def test_report_writes_five_pngs_and_eval_rows_do_not_disturb_them(tmp_path):
+    records = [_record(s, [s % 4, 4 + s % 4]) for s in range(1, 9)]
+    _write_run(tmp_path / "run", records[:4] + [_eval(4)] + records[4:] + [_eval(8)], layers=8)
     written = write_report(tmp_path / "run")
-    assert sorted(p.name for p in written) == ["layers.png", "loss.png", "memory.png", "throughput.png"]
+    assert sorted(p.name for p in written) == ["layer_updates.png", "layers.png", "loss.png", "memory.png",
+                                               "throughput.png"]
     assert all(p.parent == tmp_path / "run" / "report" and p.stat().st_size > 1000 for p in written)
+
+
+def test_two_runs_are_compared_on_loss_and_per_layer_updates(tmp_path):
+    _write_run(tmp_path / "lisa", [_record(s, [s % 4]) for s in range(1, 9)], layers=4)
+    _write_run(tmp_path / "full", [_record(s, [0, 1, 2, 3]) for s in range(1, 9)] + [_eval(8)], layers=4)
+    written = write_report([tmp_path / "lisa", tmp_path / "full"])
+    assert sorted(p.name for p in written) == ["layer_updates.png", "loss.png"]
+    assert all(p.parent == tmp_path / "lisa" / "report" / "compare" for p in written)
 
 
 @pytest.mark.parametrize("content, message", [

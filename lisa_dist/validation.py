@@ -1,0 +1,154 @@
+"""The checks of a run configuration that need no model, data file contents or process group (those that
+do live with the model and data code). Each error names the key and what it allows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lisa_dist.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lisa_dist.config import Config, EngineConfig, LisaConfig, OptimConfig, TrainConfig
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _at_least(key: str, value: float, low: float, note: str = "") -> None:
+    _require(value >= low, f"{key} must be >= {low}{note}, got {value}")
+
+
+def validate(c: Config) -> None:
+    """Checks that need no model or process group; model-dependent ones live in `models`."""
+    _at_least("max_steps", c.max_steps, 1)
+    _at_least("save_every", c.save_every, 0, " (0 = final model only)")
+    _at_least("save_total_limit", c.save_total_limit, 0, " (0 keeps all)")
+    _require(bool(c.output_dir), "output_dir must not be empty")
+    sources = [f"model.{k}" for k in ("path", "preset", "config") if getattr(c.model, k)]
+    _require(len(sources) == 1, "set exactly one of model.path, model.preset, model.config; "
+                                f"got {', '.join(sources) or 'none'}")
+    if c.model.num_layers is not None:
+        _at_least("model.num_layers", c.model.num_layers, 1)
+        _require(not c.model.path, "model.num_layers shortens a preset or config; a model.path checkpoint "
+                                   "holds all its layers (unset one of them)")
+    _validate_data(c)
+    validate_training(c)
+
+
+# The keys of each record format that data.fields may point elsewhere.
+FIELD_KEYS = ("instruction", "input", "output", "messages", "conversations", "system", "text")
+
+
+def _validate_data(c: Config) -> None:
+    d = c.data
+    _require(bool(d.path), "data.path must name a data file or a datasets.save_to_disk directory")
+    for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        _require(path is None or Path(path).exists(), f"{key}: file not found: {path}")
+    _at_least("data.seq_len", d.seq_len, 2)
+    _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    _require(not (d.eval_path and d.eval_fraction), "set one of data.eval_path and data.eval_fraction, not both")
+    unknown = sorted(set(d.fields or ()) - set(FIELD_KEYS))
+    _require(not unknown, f"data.fields: unknown key {', '.join(unknown)}; a format's keys are {', '.join(FIELD_KEYS)}")
+    _at_least("eval_every", c.eval_every, 0, " (0 = only at the end)")
+    _at_least("eval_max_batches", c.eval_max_batches, 0, " (0 = all)")
+    has_eval = bool(d.eval_path or d.eval_fraction)
+    for key in ("eval_every", "eval_max_batches"):
+        _require(has_eval or not getattr(c, key), f"{key}={getattr(c, key)} needs held-out data: set data.eval_path "
+                                                  "or data.eval_fraction")
+    _at_least("logging.log_every", c.logging.log_every, 1)
+    _require(len(set(c.logging.report_to)) == len(c.logging.report_to),
+             f"logging.report_to lists a tracker twice: {c.logging.report_to}")
+
+
+def validate_training(c: Config) -> None:
+    """The checks of the method, engine, batch, precision and optimizer (also for runs whose model and data
+    come from elsewhere: the Hugging Face Trainer integration)."""
+    _at_least("engine.timeout_s", c.engine.timeout_s, 1)
+    _validate_engine(c.engine)
+    _validate_lisa(c.lisa)
+    _validate_train(c.train)
+    _validate_optim(c.optim, c.train)
+
+
+# Engine options only one engine has, with the value the other engine always behaves as.
+_FSDP2_ONLY = {"offload_params": False, "split_layers": False, "backward_prefetch": True, "reshard_after_forward": True}
+
+
+def _validate_engine(e: EngineConfig) -> None:
+    """An option the chosen engine does not have is refused, never ignored."""
+    if e.name == "zero3":
+        for key, behaviour in _FSDP2_ONLY.items():
+            value = getattr(e, key)
+            _require(value == behaviour, f"engine.{key}={str(value).lower()} applies to engine.name=fsdp2; ZeRO-3 "
+                                         f"always runs as engine.{key}={str(behaviour).lower()} (prefetching and "
+                                         "partitioning follow the DeepSpeed config)")
+    else:
+        _require(e.deepspeed_config is None, f"engine.deepspeed_config={e.deepspeed_config} applies to "
+                                             f"engine.name=zero3, not {e.name}")
+
+
+def _validate_lisa(lisa: LisaConfig) -> None:
+    _at_least("lisa.gamma", lisa.gamma, 1)
+    _at_least("lisa.interval", lisa.interval, 1)
+    weights = lisa.layer_weights
+    if weights is not None:
+        _require(all(0 <= w < float("inf") for w in weights), f"lisa.layer_weights must be finite and >= 0, got {weights}")
+        positive = sum(w > 0 for w in weights)
+        _require(positive >= lisa.gamma,
+                 f"lisa.layer_weights has {positive} positive weights, fewer than lisa.gamma={lisa.gamma}")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _at_least("train.global_batch_size", t.global_batch_size, 1)
+    _at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    _require(t.global_batch_size % t.micro_batch_size == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={t.micro_batch_size}")
+    _require(t.loss_scale > 0 and t.min_loss_scale > 0, "train.loss_scale and train.min_loss_scale must be > 0")
+    _at_least("train.loss_scale_window", t.loss_scale_window, 1)
+    _at_least("train.max_consecutive_skips", t.max_consecutive_skips, 0, " (0 never stops)")
+    _at_least("train.loss_chunk_tokens", t.loss_chunk_tokens, 0, " (0 = no chunking)")
+
+
+def _validate_optim(o: OptimConfig, t: TrainConfig) -> None:
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _at_least("optim.max_grad_norm", o.max_grad_norm, 0, " (0 disables clipping)")
+    _at_least("optim.clip_grad_value", o.clip_grad_value, 0, " (0 disables it)")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    fused = o.name in ("lomo", "adalomo")
+    _require(not (o.name == "lomo" and o.momentum), f"optim.momentum={o.momentum} with optim.name=lomo: "
+                                                    "LOMO keeps no optimizer state; use sgd for momentum")
+    _require(not o.stochastic_rounding or t.dtype == "bf16",
+             f"optim.stochastic_rounding needs train.dtype=bf16, got {t.dtype}")
+    _require(not (fused and t.dtype == "fp16" and o.fused_precheck is False),
+             "train.dtype=fp16 with a fused optimizer needs optim.fused_precheck: an overflow found after some "
+             "updates were applied could not be undone")
+    _require(fused or o.fused_precheck is None, f"optim.fused_precheck applies to lomo and adalomo, not {o.name}")
+    _require(len(o.adalomo_eps) == 2 and all(e > 0 for e in o.adalomo_eps),
+             f"optim.adalomo_eps must be two positive numbers, got {o.adalomo_eps}")
+    _require(o.adalomo_decay_rate < 0, f"optim.adalomo_decay_rate must be < 0, got {o.adalomo_decay_rate}")
+    _require(o.adalomo_clip_threshold > 0, f"optim.adalomo_clip_threshold must be > 0, got {o.adalomo_clip_threshold}")
+
+
+def check_world_size(c: Config, world_size: int) -> None:
+    _at_least("world size", world_size, 1)
+    per_step = c.train.micro_batch_size * world_size
+    _require(c.train.global_batch_size % per_step == 0,
+             f"train.global_batch_size={c.train.global_batch_size} is not divisible by "
+             f"train.micro_batch_size={c.train.micro_batch_size} x world size {world_size}")
+    accumulation = c.train.global_batch_size // per_step
+    _require(not (c.method == "full" and c.optim.name in ("lomo", "adalomo") and accumulation > 1),
+             f"method=full with optim.name={c.optim.name} applies each update during backward and keeps no "
+             f"gradients, but train.global_batch_size={c.train.global_batch_size} over micro-batches of "
+             f"{c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, "
+             f"which would keep every gradient; set train.micro_batch_size="
+             f"{c.train.global_batch_size // world_size} or use method=lisa")
