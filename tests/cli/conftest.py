@@ -10,6 +10,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     result = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32")
     assert result.returncode == 0, result.stderr[-3000:]
+    (out.parent / "stderr.txt").write_text(result.stderr)
     return out
 
 

@@ -64,10 +64,19 @@ def test_metrics_have_one_record_per_step_with_the_contract_fields(run):
     assert records[0]["active_layers"] == records[1]["active_layers"]
 
 
+def test_without_a_terminal_rank_0_prints_progress_lines(run):
+    lines = [line for line in (run.parent / "stderr.txt").read_text().splitlines()
+             if line.startswith("lisa-dist: step ")]
+    # logging.log_every=10 by default: of 6 steps, only the last one is printed.
+    assert len(lines) == 1 and lines[0].startswith("lisa-dist: step 6/6 loss ")
+    for part in (" lr ", " tokens/s ", " peak ", " layers [", " elapsed ", " remaining 0:00:00"):
+        assert part in lines[0]
+
+
 def test_report_plots_the_run(run, tmp_path):
     result = lisa_dist("report", str(run), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    names = {"loss.png", "throughput.png", "memory.png", "layers.png"}
+    names = {"loss.png", "throughput.png", "memory.png", "layers.png", "layer_updates.png"}
     assert {Path(line).name for line in result.stdout.split()} == names
     for name in names:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -170,6 +170,6 @@ def _fresh_build_worker(rank: int, world_size: int, output_dir: str) -> dict:
 def test_zero3_builds_in_a_process_that_never_imported_the_model_code(tmp_path):
     """transformers.modeling_utils (and torch._dynamo with it) first imported inside deepspeed.zero.Init fails on
     the patched tensor constructors; the engine imports the model code before entering it."""
-    (obs,) = run_distributed(_fresh_build_worker, 1, output_dir=str(tmp_path))
+    (obs,) = run_distributed(_fresh_build_worker, 1, fresh=True, output_dir=str(tmp_path))
     assert obs["imported_before"] is False  # the situation the test is about
     assert obs["layers"] == 8
