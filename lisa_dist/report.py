@@ -112,8 +112,8 @@ def _loss_figure(plt: Any, loaded: list[tuple[Path, list[dict[str, Any]]]]) -> A
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", linestyle="--",
                     color=line.get_color(), label=f"{prefix}eval")
-    title = loaded[0][0].name if len(loaded) == 1 else "loss"
-    ax.set(xlabel="step", ylabel="loss (mean over response tokens)", title=f"loss: {title}")
+    title = f"loss: {loaded[0][0].name}" if len(loaded) == 1 else f"loss: {' vs '.join(r.name for r, _ in loaded)}"
+    ax.set(xlabel="step", ylabel="loss (mean over response tokens)", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     return fig

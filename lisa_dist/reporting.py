@@ -120,10 +120,12 @@ class Reporter:
         self.last_eval = record["eval_loss"]
         for tracker in self.trackers:
             tracker.log({name: record[key] for key, name in EVAL_SCALARS.items()}, record["step"])
-        if self.lines or self.bar is not None:
-            message = (f"lisa-dist: eval at step {record['step']}: loss {record['eval_loss']:.4f}, perplexity "
-                       f"{record['eval_perplexity']:.2f} over {record['eval_sequences']} sequences")
-            (self.bar.write if self.bar is not None else lambda m: print(m, file=sys.stderr, flush=True))(message)
+        message = (f"lisa-dist: eval at step {record['step']}: loss {record['eval_loss']:.4f}, perplexity "
+                   f"{record['eval_perplexity']:.2f} over {record['eval_sequences']} sequences")
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif self.lines:
+            print(message, file=sys.stderr, flush=True)
 
     def _line(self, record: dict[str, Any]) -> str:
         step, total = record["step"], self.config.max_steps
