@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lisa_dist.config import Config
+from lisa_dist.data import IGNORE_INDEX
 from lisa_dist.distributed import Runtime, all_reduce_sum, verify_same_across_ranks
 from lisa_dist.engines.base import Engine, create_engine, trainable_named_parameters
 from lisa_dist.errors import NonFiniteStepsError
@@ -64,6 +65,11 @@ class StepResult:
         if self.loss_scale is not None:
             out["loss_scale"] = self.loss_scale
         return out
+
+
+def _labelled_targets(batch: Batch) -> float:
+    """Tokens of a micro-batch the loss is taken on (labels shift by one)."""
+    return item((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class TrainingCore:
@@ -134,7 +140,7 @@ class TrainingCore:
         start = time.perf_counter()
         self.model.train()
         self.switch(step)
-        local_targets = sum(item((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        local_targets = sum(_labelled_targets(b) for b in micro_batches)
         local_tokens = sum(item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                            for b in micro_batches)
         global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
@@ -146,7 +152,7 @@ class TrainingCore:
         total_loss, *layer_sums = all_reduce_sum([outcome.loss_sum, *self._layer_change_sums(layers)],
                                                  self.runtime.device)
         result = StepResult(
-            step=step + 1, loss=total_loss / global_targets, lr=lr, active_layers=sorted(self.active_layers),
+            step=step + 1, loss=total_loss / global_targets, lr=lr, active_layers=layers,
             grad_norm=outcome.grad_norm, tokens=int(global_tokens), step_time_s=time.perf_counter() - start,
             skipped=outcome.skipped, nonfinite_grad_shards=outcome.nonfinite_shards,
             backward_passes=outcome.backward_passes,
@@ -166,7 +172,7 @@ class TrainingCore:
         try:
             for batch in micro_batches:
                 loss_sum += item(self.stepper.token_loss(batch, 0.0))
-                targets += item((batch["labels"][:, 1:] != -100).sum())
+                targets += _labelled_targets(batch)
         finally:
             self.engine.after_forward_only()
             self.model.train()

@@ -30,7 +30,6 @@ from transformers.trainer_callback import TrainerState
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, apply_implied, from_dict
-from lisa_dist.validation import validate_training
 from lisa_dist.core import StepResult, TrainingCore
 from lisa_dist.distributed import init_distributed
 from lisa_dist.env import LaunchEnv, read_launch_env
@@ -38,6 +37,7 @@ from lisa_dist.errors import CheckpointError, ConfigError, DataError
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.models.build import check_architecture, check_model
 from lisa_dist.steps import LossFn
+from lisa_dist.validation import validate_training
 
 STATE_DIR = "lisa_dist"
 """Where a Trainer checkpoint (`checkpoint-N/`) holds lisa_dist's sharded state."""

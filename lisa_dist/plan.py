@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lisa_dist.config import Config
-from lisa_dist.validation import check_world_size
 from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
+from lisa_dist.validation import check_world_size
 
 
 # Levers in the order `plan` tries them: cheapest in speed first (docs/estimate.md measures each cost).

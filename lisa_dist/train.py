@@ -148,8 +148,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, Any]:
         """The metrics.jsonl row of an evaluation after `step` optimizer steps."""
         assert self.evaluator is not None, "no held-out data (data.eval_path or data.eval_fraction)"
-        with real_tensors():
-            return self.evaluator.run(self.core, step).record()
+        return self.evaluator.run(self.core, step).record()
 
     def _evaluation_due(self, done: int) -> bool:
         every = self.config.eval_every
@@ -196,6 +195,7 @@ class Trainer:
             directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
         verify_same_across_ranks("the checkpoint to resume from", directory and str(directory))
         return self.checkpointer.load(directory) if directory is not None else 0
+
 
 def run_training(config: Config, env: LaunchEnv | None = None, launcher: AccelerateSettings | None = None) -> Path:
     env = env or read_launch_env()

@@ -38,7 +38,8 @@ def validate(c: Config) -> None:
     validate_training(c)
 
 
-# The keys of each record format that data.fields may point elsewhere.
+# The keys of each record format (`lisa_dist.data.formats`) that data.fields may point elsewhere; kept here
+# so that loading a config imports no data code.
 FIELD_KEYS = ("instruction", "input", "output", "messages", "conversations", "system", "text")
 
 

@@ -17,7 +17,7 @@ from lisa_dist.data.records import content_digest, read_records
 from lisa_dist.errors import ConfigError
 
 CACHE_VERSION = 1
-"""Raised whenever tokenization changes what it produces for the same inputs."""
+"""Incremented whenever tokenization changes what it produces for the same inputs."""
 
 
 def load_examples(path: str | Path, tokenizer: Tokenizer, fmt: str = "auto",

@@ -4,8 +4,8 @@ import pytest
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
 from lisa_dist.config import load_config
-from lisa_dist.validation import check_world_size
 from lisa_dist.errors import ConfigError
+from lisa_dist.validation import check_world_size
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,11 +9,10 @@ import torch
 from transformers import AutoTokenizer
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
-from lisa_dist.data import IGNORE_INDEX, TokenizedCache, load_examples, split_held_out
-from lisa_dist.data.formats import TokenizedExample
+from lisa_dist.data import (IGNORE_INDEX, TokenizedCache, TokenizedExample, build_sequences, load_examples,
+                            split_held_out)
 from lisa_dist.errors import DataError
 from lisa_dist.evaluate import Evaluator
-from lisa_dist.data import build_sequences
 from tests.unit.test_data import labelled_runs, write_jsonl
 
 # A ChatML-style template that adds a default system prompt when the conversation has none (as Qwen2's
