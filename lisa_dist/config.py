@@ -23,8 +23,25 @@ class LisaConfig:
     """Number of decoder layers trained in each interval (the paper's gamma)."""
     interval: int = 20
     """Optimizer steps between re-sampling the active layers (the paper's K)."""
+    strategy: Literal["uniform", "weights", "outlier", "grad_norm", "cyclic"] = "uniform"
+    """How the active units are drawn: `uniform` (the paper's LISA); `weights` (by lisa.layer_weights);
+    `outlier` (OwLore: by each unit's share of outlier weights, measured on the first step's batches);
+    `grad_norm` (by a running average of each unit's gradient RMS); `cyclic` (BAdam: every unit once per
+    cycle, in lisa.cyclic_order)."""
+    unit: Literal["layer", "block"] = "layer"
+    """What is sampled and what gamma counts: whole decoder layers, or their attention and MLP blocks."""
     layer_weights: list[float] | None = None
-    """Optional non-negative sampling weight per decoder layer; uniform when unset."""
+    """strategy=weights: a non-negative sampling weight per unit."""
+    uniform_mix: float = 0.1
+    """strategy=outlier/grad_norm: the share of probability spread uniformly, so every unit keeps at
+    least uniform_mix / N (in (0, 1]; 1 is uniform)."""
+    grad_norm_decay: float = 0.8
+    """strategy=grad_norm: the running average's weight on the previous estimate (MISA's beta)."""
+    outlier_threshold: float = 13.0
+    """strategy=outlier: a weight is an outlier when |W_ij| * ||X_j|| exceeds this times its unit's mean
+    (OWL's M; OwLore's published ratios use 13)."""
+    cyclic_order: Literal["ascending", "descending", "random"] = "random"
+    """strategy=cyclic: the order of each cycle (random: a new permutation per cycle)."""
     train_embeddings: bool = True
     """Keep the input embeddings (and position embeddings) trainable at every step."""
     train_norm: bool = True

@@ -20,13 +20,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lisa_dist.config import Config
 from lisa_dist.data import IGNORE_INDEX
-from lisa_dist.distributed import Runtime, all_reduce_sum, verify_same_across_ranks
+from lisa_dist.distributed import Runtime, all_reduce_sum, sum_over_ranks, verify_same_across_ranks
 from lisa_dist.engines.base import Engine, create_engine, trainable_named_parameters
 from lisa_dist.errors import NonFiniteStepsError
-from lisa_dist.models import ModelSource, set_trainable_layers
+from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
+from lisa_dist.models import ModelSource, sampling_units, set_trainable_units
 from lisa_dist.optim import ShardedOptimizer, make_rule
 from lisa_dist.optim.fused import GradHooks
-from lisa_dist.sampler import LayerSampler
+from lisa_dist.sampler import LargestUnits, LayerSampler, make_strategy
 from lisa_dist.scalars import item, items
 from lisa_dist.steps import Batch, FusedStep, LossFn, PostBackwardStep
 
@@ -54,6 +55,8 @@ class StepResult:
     """fp16: the dynamic loss scale after this step."""
     layer_update_ratio: list[float]
     """Per layer of `active_layers`: ||W_after - W_before|| / ||W_before|| over the layer's parameters."""
+    active_blocks: list[str] | None = None
+    """lisa.unit=block: the trained blocks ("3.self_attn", "5.mlp"); `active_layers` are their layers."""
 
     def record(self) -> dict[str, Any]:
         """The metrics.jsonl fields of this step."""
@@ -64,6 +67,8 @@ class StepResult:
                "layer_update_ratio": self.layer_update_ratio}
         if self.loss_scale is not None:
             out["loss_scale"] = self.loss_scale
+        if self.active_blocks is not None:
+            out["active_blocks"] = self.active_blocks
         return out
 
 
@@ -87,8 +92,15 @@ class TrainingCore:
         self.shapes_only = shapes_only
         self.last_checkpoint = last_checkpoint
         self.model.train()
-        self.sampler = LayerSampler(self.parts.num_layers, config.lisa.gamma, config.lisa.interval, config.seed,
-                                    config.lisa.layer_weights, config.method)
+        lisa = config.lisa
+        self.units = sampling_units(self.parts, lisa.unit if config.method == "lisa" else "layer")
+        strategy = make_strategy(lisa, len(self.units), config.seed) if config.method == "lisa" else None
+        if strategy is not None and shapes_only:
+            strategy = LargestUnits(strategy, [sum(p.numel() for p in u.module.parameters()) for u in self.units])
+        options = {"outlier": ("uniform_mix", "outlier_threshold"), "grad_norm": ("uniform_mix", "grad_norm_decay"),
+                   "cyclic": ("cyclic_order",)}.get(lisa.strategy if strategy else "", ())
+        self.sampler = LayerSampler(len(self.units), lisa.interval, config.seed, strategy, unit=lisa.unit,
+                                    config_key={key: getattr(lisa, key) for key in options})
         self.optimizer = ShardedOptimizer(make_rule(config.optim), engine,
                                           host=runtime.host_device if config.optim.offload_state else None)
         hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook)
@@ -96,6 +108,10 @@ class TrainingCore:
         self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks, shapes_only)
         layer_ids = {id(p): i for i, layer in enumerate(self.parts.layers) for p in layer.parameters()}
         self.layer_of = {n: layer_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in layer_ids}
+        unit_ids = {id(p): u for u, unit in enumerate(self.units) for p in unit.module.parameters()}
+        self.unit_of = {n: unit_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in unit_ids}
+        self.unit_numel = [sum(getattr(p, "ds_numel", p.numel()) for p in unit.module.parameters())
+                           for unit in self.units]
         self.active_layers: tuple[int, ...] | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -116,17 +132,21 @@ class TrainingCore:
         return cls(config, runtime, engine, **kwargs)
 
     def set_active_layers(self, active: tuple[int, ...]) -> None:
-        """Flip requires_grad so frozen layers compute no weight gradients, then resize optimizer state."""
+        """Flip requires_grad so frozen units compute no weight gradients, then resize optimizer state."""
         lisa = self.config.lisa
-        set_trainable_layers(self.parts, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
+        set_trainable_units(self.parts, self.units, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
         self.optimizer.set_trainable(trainable_named_parameters(self.model))
         self.active_layers = active
 
-    def switch(self, step: int) -> None:
-        """Before `step`: on the first step of an interval (or the first step run), the sampled layers,
-        checked identical on every rank, become the trainable ones."""
+    def switch(self, step: int, micro_batches: list[Batch] | None = None) -> None:
+        """Before `step`: on the first step of an interval (or the first step run), the sampled units,
+        checked identical on every rank, become the trainable ones. `lisa.strategy=outlier` measures its
+        ratios on the first step's `micro_batches`."""
         if self.active_layers is not None and not self.sampler.is_switch(step):
             return
+        strategy = self.sampler.strategy
+        if strategy is not None and strategy.needs_calibration:
+            strategy.calibrate(self.outlier_ratios(micro_batches))
         active = self.sampler.active_layers(step)
         verify_same_across_ranks(f"the active layers for step {step}", list(active))
         if active != self.active_layers:
@@ -139,18 +159,24 @@ class TrainingCore:
         (honouring train.loss_chunk_tokens). Call `raise_if_stalled` once the result is recorded."""
         start = time.perf_counter()
         self.model.train()
-        self.switch(step)
+        self.switch(step, micro_batches)
         local_targets = sum(_labelled_targets(b) for b in micro_batches)
         local_tokens = sum(item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                            for b in micro_batches)
         global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
         global_targets = max(global_targets, 1.0)
+        loss_scale = self.stepper.scaler.scale
         outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
         self.skipped_steps += int(outcome.skipped)
         self.sampler.step = step + 1
-        layers = sorted(self.active_layers)
-        total_loss, *layer_sums = all_reduce_sum([outcome.loss_sum, *self._layer_change_sums(layers)],
-                                                 self.runtime.device)
+        layers = sorted({self.units[u].layer for u in self.active_layers})
+        units = sorted(self.active_layers)
+        total_loss, *sums = all_reduce_sum([outcome.loss_sum, *self._layer_change_sums(layers),
+                                            *self._unit_grad_sums(units)], self.runtime.device)
+        layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):]
+        if not outcome.skipped and self.sampler.strategy is not None:
+            self.sampler.strategy.observe({u: sq / loss_scale ** 2 / self.unit_numel[u]
+                                           for u, sq in zip(units, grad_sums)})
         result = StepResult(
             step=step + 1, loss=total_loss / global_targets, lr=lr, active_layers=layers,
             grad_norm=outcome.grad_norm, tokens=int(global_tokens), step_time_s=time.perf_counter() - start,
@@ -158,7 +184,9 @@ class TrainingCore:
             backward_passes=outcome.backward_passes,
             loss_scale=self.stepper.scaler.scale if self.config.train.dtype == "fp16" else None,
             layer_update_ratio=[math.sqrt(change / value) if value > 0 else 0.0
-                                for change, value in zip(layer_sums[0::2], layer_sums[1::2])])
+                                for change, value in zip(layer_sums[0::2], layer_sums[1::2])],
+            active_blocks=[self.units[u].name for u in units] if self.config.lisa.unit == "block"
+            and self.config.method == "lisa" else None)
         nonfinite = outcome.skipped or outcome.nonfinite_shards > 0
         self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
         return result
@@ -189,6 +217,36 @@ class TrainingCore:
                 sums[2 * position[layer]] += change.to(sums.device, torch.float64)
                 sums[2 * position[layer] + 1] += value.to(sums.device, torch.float64)
         return items(sums, fake_value=0.0)
+
+    def _unit_grad_sums(self, units: list[int]) -> list[float]:
+        """This rank's squared gradient norm of each unit in `units` (loss-scaled, before clipping)."""
+        position = {unit: i for i, unit in enumerate(units)}
+        sums = torch.zeros(len(units), dtype=torch.float64, device=self.runtime.device)
+        for name, sq in self.optimizer.take_grad_sums().items():
+            unit = self.unit_of.get(name)
+            if unit in position:
+                sums[position[unit]] += sq.to(sums.device, torch.float64)
+        return items(sums, fake_value=0.0)
+
+    @torch.no_grad()
+    def outlier_ratios(self, micro_batches: list[Batch] | None) -> list[float]:
+        """Each unit's OWL outlier ratio, from forwards over this rank's `micro_batches` (the first step's)
+        and the shards of every rank."""
+        assert micro_batches, "the outlier strategy measures on the first step's micro-batches"
+        modules = [linear_modules(unit.module) for unit in self.units]
+        norms = InputNorms([m for ms in modules for m in ms], self.runtime.device)
+        self.model.eval()
+        try:
+            with norms.record():
+                for batch in micro_batches:
+                    norms.mask = batch.get("attention_mask")
+                    self.stepper.token_loss(batch, 0.0)
+        finally:
+            self.engine.after_forward_only()
+            self.model.train()
+        norms.load_flat(sum_over_ranks(norms.flat(), self.runtime.device))
+        return outlier_ratios(modules, self.engine, norms, self.config.lisa.outlier_threshold,
+                              lambda t: sum_over_ranks(t, self.runtime.device).cpu())
 
     def raise_if_stalled(self, step: int) -> None:
         """After `step` was recorded: stop once `train.max_consecutive_skips` steps in a row met a

@@ -158,6 +158,13 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     return [summed[r * width:(r + 1) * width] for r in range(world_size)]
 
 
+def sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` summed over every rank (a copy on `device`; `t` itself is left as it was)."""
+    out = t.to(device, copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)

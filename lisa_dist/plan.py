@@ -42,6 +42,9 @@ class ModelShape:
     """All parameters."""
     layers: list[int]
     """Parameters of each decoder layer."""
+    units: list[int]
+    """Parameters of each unit `lisa.unit` samples (layers; or attention and MLP blocks with their layer's
+    norms, counted with every block as an upper bound)."""
     largest_block: int
     """Parameters of the largest child block of a layer (the MLP for LLaMA)."""
     largest_param: int
@@ -56,7 +59,7 @@ class ModelShape:
     @classmethod
     def of(cls, config: Config, hf_config: Any = None) -> ModelShape:
         """Counts from the model built on the meta device; `hf_config` when the caller already loaded it."""
-        from lisa_dist.models import build_meta_model, find_parts
+        from lisa_dist.models import build_meta_model, find_parts, sampling_units
         from lisa_dist.models.build import DTYPES, load_hf_config
 
         hf_config = hf_config or load_hf_config(config)[0]
@@ -67,11 +70,17 @@ class ModelShape:
             return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
         layers = [count([layer]) for layer in parts.layers]
+        if config.lisa.unit == "block":
+            units = sampling_units(parts, "block")
+            rest = {i: layers[i] - sum(count([u.module]) for u in units if u.layer == i) for i in range(len(layers))}
+            unit_sizes = [count([u.module]) + rest[u.layer] for u in units]
+        else:
+            unit_sizes = layers
         blocks = [count([child]) for layer in parts.layers[:1] for child in layer.children()]
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "n_embd"))
         intermediate = int(getattr(hf_config, "intermediate_size", 0) or getattr(hf_config, "n_inner", 0)
                            or 4 * hidden)
-        return cls(total=sum(p.numel() for p in model.parameters()), layers=layers,
+        return cls(total=sum(p.numel() for p in model.parameters()), layers=layers, units=unit_sizes,
                    largest_block=max(blocks, default=layers[0]),
                    largest_param=max(p.numel() for p in model.parameters()),
                    embeddings=count(parts.embeddings),
@@ -82,7 +91,7 @@ class ModelShape:
         if config.method == "full":
             return self.total
         lisa = config.lisa
-        active = sum(sorted(self.layers, reverse=True)[:lisa.gamma])
+        active = sum(sorted(self.units, reverse=True)[:lisa.gamma])
         return (active + self.embeddings * lisa.train_embeddings + self.head * lisa.train_head
                 + self.norm * lisa.train_norm)
 
@@ -125,7 +134,7 @@ def _saved_activations(c: Config, shape: ModelShape, tokens: int, p: int) -> tup
     # weight gradient), about 3h + I less. Fitted to `estimate` at 7B, 13B and 70B shapes (docs/plan.md).
     per_token = 12 * shape.hidden + 4 * shape.intermediate
     if c.method == "lisa":
-        per_token -= (1 - c.lisa.gamma / len(shape.layers)) * (3 * shape.hidden + shape.intermediate)
+        per_token -= (1 - c.lisa.gamma / len(shape.units)) * (3 * shape.hidden + shape.intermediate)
     if c.model.activation_checkpointing:  # only the layer input, and every one of them is still held
         return tokens * shape.hidden * p, len(shape.layers)
     # at the peak, in an early backward layer, about 1.5 layers' saved tensors are already released

@@ -3,6 +3,7 @@ do live with the model and data code). Each error names the key and what it allo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,9 +92,28 @@ def _validate_engine(e: EngineConfig) -> None:
                                              f"engine.name=zero3, not {e.name}")
 
 
+# Each strategy option with its default, and the strategy that reads it.
+_STRATEGY_OPTIONS = {"layer_weights": (None, "weights"), "uniform_mix": (0.1, ("outlier", "grad_norm")),
+                     "grad_norm_decay": (0.8, "grad_norm"), "outlier_threshold": (13.0, "outlier"),
+                     "cyclic_order": ("random", "cyclic")}
+
+
 def _validate_lisa(lisa: LisaConfig) -> None:
     _at_least("lisa.gamma", lisa.gamma, 1)
     _at_least("lisa.interval", lisa.interval, 1)
+    for key, (default, readers) in _STRATEGY_OPTIONS.items():
+        readers = (readers,) if isinstance(readers, str) else readers
+        value = getattr(lisa, key)
+        _require(value == default or lisa.strategy in readers,
+                 f"lisa.{key}={value} is read by lisa.strategy={'/'.join(readers)} only, but lisa.strategy="
+                 f"{lisa.strategy}; set lisa.strategy: {readers[0]} or drop lisa.{key}")
+    _require(lisa.strategy != "weights" or lisa.layer_weights is not None,
+             "lisa.strategy=weights needs lisa.layer_weights (one weight per sampled unit)")
+    _require(0 < lisa.uniform_mix <= 1, f"lisa.uniform_mix must be in (0, 1] so every unit can be drawn, "
+                                        f"got {lisa.uniform_mix}")
+    _require(0 <= lisa.grad_norm_decay < 1, f"lisa.grad_norm_decay must be in [0, 1), got {lisa.grad_norm_decay}")
+    _require(lisa.outlier_threshold > 0 and math.isfinite(lisa.outlier_threshold),
+             f"lisa.outlier_threshold must be a positive number, got {lisa.outlier_threshold}")
     weights = lisa.layer_weights
     if weights is not None:
         _require(all(0 <= w < float("inf") for w in weights), f"lisa.layer_weights must be finite and >= 0, got {weights}")

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
@@ -17,6 +17,7 @@ from lisa_dist._compat import compute_local_shape_and_global_offset, lazy_init_f
 from lisa_dist.engines.base import Engine
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
+from lisa_dist.models.parts import layer_blocks
 from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard import ShardInfo, local_shard_info
 from lisa_dist.scalars import real_tensors
@@ -89,9 +90,7 @@ class FSDP2Engine(Engine):
         units: list[nn.Module | list[nn.Module]] = []
         for layer in parts.layers:
             if split_layers:
-                total = sum(p.numel() for p in layer.parameters())
-                units += [child for child in layer.children()
-                          if sum(p.numel() for p in child.parameters()) >= total // 10]
+                units += [block for _, block in layer_blocks(layer)]
             units.append(layer)
         if not parts.tied_embeddings:
             units.append(list(parts.embeddings))
@@ -118,6 +117,13 @@ class FSDP2Engine(Engine):
                     local.copy_(full[start:start + rows] if full.dim() else full)
         if reader is not None:
             reader.close()
+
+    def after_forward_only(self) -> None:
+        # Without a backward, units that keep their parameters gathered after forward (the root, and all of
+        # them with reshard_after_forward=false) would hold them until the next forward.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def local_shard(self, param: nn.Parameter) -> torch.Tensor:
         return param.to_local() if isinstance(param, DTensor) else param.data

@@ -12,7 +12,7 @@ from torch import nn
 
 from lisa_dist._compat import set_attn_implementation
 from lisa_dist.config import Config, ConfigError
-from lisa_dist.models.parts import UnsupportedModelError, find_parts
+from lisa_dist.models.parts import UnsupportedModelError, find_parts, sampling_units
 from lisa_dist.models.presets import PRESETS
 from lisa_dist.models.weights import SafetensorsReader
 
@@ -102,12 +102,13 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
 
 def check_model(c: Config, model: nn.Module) -> None:
     """The checks of the config against a built model (lisa_dist's meta model, or a Trainer script's)."""
-    num_layers = num_decoder_layers(model.config)
-    if c.method == "lisa" and c.lisa.gamma > num_layers:
-        raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {num_layers} decoder layers")
-    if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != num_layers:
-        raise ConfigError(f"lisa.layer_weights has {len(c.lisa.layer_weights)} entries; the model has {num_layers} layers")
     parts = find_parts(model)
+    units = len(sampling_units(parts, c.lisa.unit)) if c.method == "lisa" else num_decoder_layers(model.config)
+    what = "decoder layers" if c.lisa.unit == "layer" else "attention and MLP blocks (lisa.unit=block)"
+    if c.method == "lisa" and c.lisa.gamma > units:
+        raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {units} {what}")
+    if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != units:
+        raise ConfigError(f"lisa.layer_weights has {len(c.lisa.layer_weights)} entries; the model has {units} {what}")
     if c.engine.layer_class is not None:
         found = type(parts.layers[0]).__name__
         if found != c.engine.layer_class:

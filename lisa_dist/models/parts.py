@@ -104,11 +104,50 @@ def _check_coverage(model: nn.Module, parts: ModelParts) -> None:
             f"{', '.join(stray[:5])}")
 
 
-def set_trainable_layers(parts: ModelParts, active: tuple[int, ...], train_embeddings: bool, train_norm: bool,
-                         train_head: bool) -> None:
-    """Flip requires_grad so only the active decoder layers (and the always-trained parts) get gradients."""
+def layer_blocks(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A decoder layer's blocks: its children holding at least a tenth of its parameters (attention and MLP;
+    the norms are too small). These are FSDP2's `engine.split_layers` units and `lisa.unit=block`'s."""
+    def numel(module: nn.Module) -> int:  # ZeRO-3 partitioned parameters hold no data; ds_numel is their size
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+    total = numel(layer)
+    return [(name, child) for name, child in layer.named_children() if numel(child) * 10 >= total]
+
+
+@dataclass(frozen=True, slots=True)
+class SampledUnit:
+    """What LISA samples: a whole decoder layer, or (`lisa.unit=block`) one block of it."""
+
+    name: str
+    """"3" for layer 3; "3.self_attn", "3.mlp" for its blocks."""
+    layer: int
+    module: nn.Module
+
+
+def sampling_units(parts: ModelParts, unit: str) -> list[SampledUnit]:
+    if unit == "layer":
+        return [SampledUnit(str(i), i, layer) for i, layer in enumerate(parts.layers)]
+    units = []
     for i, layer in enumerate(parts.layers):
-        layer.requires_grad_(i in active)
+        blocks = layer_blocks(layer)
+        if len(blocks) < 2:
+            raise UnsupportedModelError(
+                f"lisa.unit=block: decoder layer {i} of {type(layer).__name__} has {len(blocks)} block(s) "
+                "holding a tenth of its parameters or more, not separate attention and MLP blocks; use lisa.unit=layer")
+        units += [SampledUnit(f"{i}.{name}", i, block) for name, block in blocks]
+    return units
+
+
+def set_trainable_units(parts: ModelParts, units: list[SampledUnit], active: tuple[int, ...],
+                        train_embeddings: bool, train_norm: bool, train_head: bool) -> None:
+    """Flip requires_grad so only the active units (and the always-trained parts) get gradients. With block
+    units, a layer's parameters outside its blocks (its norms) train while any of its blocks does."""
+    active_layers = {units[u].layer for u in active}
+    for i, layer in enumerate(parts.layers):
+        layer.requires_grad_(i in active_layers)
+    if len(units) != len(parts.layers):
+        for u, unit in enumerate(units):
+            unit.module.requires_grad_(u in active)
     for modules, on in ((parts.embeddings, train_embeddings), ([parts.norm], train_norm), ([parts.head], train_head)):
         for module in modules:
             if module is not None:

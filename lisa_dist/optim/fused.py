@@ -69,7 +69,7 @@ class GradHooks:
             return  # the post-backward optimizer takes the last micro-batch's gradient from the engine
         grad32 = self.optimizer.full_grad(slot)
         self.seen.add(name)
-        sq = grad32.pow(2).sum()
+        sq = slot.grad_sq = grad32.pow(2).sum()
         if self.mode == "check":
             self._accumulate(sq, (~torch.isfinite(sq)).to(torch.int64))
         else:

@@ -47,6 +47,8 @@ class _Slot:
     change_sq: torch.Tensor | None = None
     """Of the last update: the squared norm of this shard's change and of its value before it."""
     value_sq: torch.Tensor | None = None
+    grad_sq: torch.Tensor | None = None
+    """Of the last gradient measured: its squared norm as reduced (loss-scaled, before clipping)."""
 
 
 @dataclass(slots=True)
@@ -131,7 +133,8 @@ class ShardedOptimizer:
         for slot in self.slots.values():
             grad = self.full_grad(slot)
             if grad is not None and grad.numel():
-                sq = sq.to(grad.device) + grad.pow(2).sum()
+                slot.grad_sq = grad.pow(2).sum()
+                sq = sq.to(grad.device) + slot.grad_sq
         return sq
 
     @torch.no_grad()
@@ -191,6 +194,14 @@ class ShardedOptimizer:
             if slot.change_sq is not None:
                 sums[name] = (slot.change_sq, slot.value_sq)
                 slot.change_sq = slot.value_sq = None
+        return sums
+
+    def take_grad_sums(self) -> dict[str, torch.Tensor]:
+        """{name: squared gradient norm} of the shards measured since the last call."""
+        sums = {}
+        for name, slot in self.slots.items():
+            if slot.grad_sq is not None:
+                sums[name], slot.grad_sq = slot.grad_sq, None
         return sums
 
     def zero_grad(self, model: nn.Module) -> None:

@@ -31,9 +31,10 @@ LEVER_SETS = {"checkpointing": ["model.activation_checkpointing=true"],
 METHODS = [("lisa", "adamw"), ("full", "lomo"), ("full", "adamw")]
 
 
-def _planned_and_estimated(preset: str, levers: str, method: str, optim: str) -> tuple[float, float]:
+def _planned_and_estimated(preset: str, levers: str, method: str, optim: str,
+                           extra: tuple[str, ...] = ()) -> tuple[float, float]:
     config = load_config(TINY_YAML, [*SHAPES, f"model.preset={preset}", f"method={method}", f"optim.name={optim}",
-                                     *LEVER_SETS[levers]])
+                                     *LEVER_SETS[levers], *extra])
     return (run_plan(config, world_size=8, gpu_mem_gib=80, suggest=False)["peak_gib"],
             run_estimate(config, world_size=8, gpu_mem_gib=80)["peak_gib"])
 
@@ -54,6 +55,15 @@ def test_plan_is_within_10_percent_of_estimate(preset, levers, plans_and_estimat
     for method, optim in METHODS:
         planned, estimated = plans_and_estimates[preset, levers, method, optim]
         assert planned == pytest.approx(estimated, rel=0.10), (method, optim)
+
+
+def test_plan_is_within_10_percent_of_estimate_with_block_units():
+    """lisa.unit=block at gamma 3: the three largest blocks (MLPs, with their layers' norms) train."""
+    planned, estimated = _planned_and_estimated("llama2-7b", "no-checkpointing", "lisa", "adamw",
+                                                ("lisa.unit=block", "lisa.gamma=3"))
+    layer_planned, _ = _planned_and_estimated("llama2-7b", "no-checkpointing", "lisa", "adamw")
+    assert planned == pytest.approx(estimated, rel=0.10)
+    assert planned != layer_planned
 
 
 def _small_run(output_dir, engine: str, method: str, optim: str, checkpointing: bool):

@@ -83,7 +83,8 @@ def validation_reads_do_not_count(monkeypatch):
 
 # Variants that between them reach every optimizer, precision and option (each two steps in one process).
 VARIANTS: list[dict[str, Any]] = [
-    {"method": "lisa", "save_every": 1, "save_total_limit": 1, "lisa": {"layer_weights": [1.0] * 8},
+    {"method": "lisa", "save_every": 1, "save_total_limit": 1,
+     "lisa": {"strategy": "weights", "layer_weights": [1.0] * 8},
      "model": {"activation_checkpointing": True},
      "train": {"loss_chunk_tokens": 16, "reduce_dtype": "param", "max_consecutive_skips": 5},
      "optim": {"name": "adamw", "clip_grad_value": 1.0, "schedule": "cosine", "warmup_steps": 1,
@@ -94,8 +95,11 @@ VARIANTS: list[dict[str, Any]] = [
      "train": {"dtype": "fp16", "micro_batch_size": 8, "loss_scale": 1024.0},
      "optim": {"name": "adalomo", "fused_precheck": True, "max_grad_norm": 1.0}},
     {"train": {"dtype": "bf16"}, "optim": {"name": "sgd", "momentum": 0.9, "stochastic_rounding": True},
-     "engine": {"offload_params": True}},
+     "engine": {"offload_params": True},
+     "lisa": {"strategy": "grad_norm", "unit": "block", "uniform_mix": 0.2, "grad_norm_decay": 0.5}},
+    {"lisa": {"strategy": "cyclic", "cyclic_order": "ascending", "interval": 1}},
     {"optim": {"name": "lomo"}, "data": {"eval_fraction": 0.05, "fields": {"instruction": "instruction"}},
+     "lisa": {"strategy": "outlier", "outlier_threshold": 5.0},
      "eval_every": 1, "eval_max_batches": 1,
      "logging": {"report_to": ["tensorboard", "wandb"], "wandb_project": "keys", "log_every": 1}},
 ]

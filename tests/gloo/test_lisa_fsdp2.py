@@ -153,7 +153,7 @@ def test_switch_frees_leaving_state_and_keeps_always_on_state(lisa_run):
 def _desync_worker(rank: int, world_size: int, output_dir: str) -> str:
     trainer = start_trainer(tiny_config(output_dir))
     if rank == 1:
-        trainer.core.sampler.seed = 12345
+        trainer.core.sampler.strategy.seed = 12345
     try:
         trainer.core.switch(0)
     except RankDisagreementError as e:

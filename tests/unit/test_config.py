@@ -74,6 +74,19 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("logging.log_every=0", "logging.log_every must be >= 1"),
     ("logging.report_to=[mlflow]", "logging.report_to[0] must be one of 'tensorboard', 'wandb'"),
     ("logging.report_to=[wandb,wandb]", "logging.report_to lists a tracker twice"),
+    ("lisa.strategy=owl", "lisa.strategy must be one of 'uniform', 'weights', 'outlier', 'grad_norm', 'cyclic'"),
+    ("lisa.unit=module", "lisa.unit must be one of 'layer', 'block'"),
+    ("lisa.cyclic_order=shuffled", "lisa.cyclic_order must be one of 'ascending', 'descending', 'random'"),
+    ("lisa.layer_weights=[1,1,1,1,1,1,1,1]", "lisa.layer_weights=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0] is read by "
+                                             "lisa.strategy=weights only, but lisa.strategy=uniform"),
+    ("lisa.strategy=cyclic lisa.outlier_threshold=5", "lisa.outlier_threshold=5.0 is read by lisa.strategy=outlier"),
+    ("lisa.strategy=outlier lisa.grad_norm_decay=0.5", "lisa.grad_norm_decay=0.5 is read by lisa.strategy=grad_norm"),
+    ("lisa.cyclic_order=ascending", "lisa.cyclic_order=ascending is read by lisa.strategy=cyclic only"),
+    ("lisa.uniform_mix=0.5", "lisa.uniform_mix=0.5 is read by lisa.strategy=outlier/grad_norm only"),
+    ("lisa.strategy=weights", "lisa.strategy=weights needs lisa.layer_weights"),
+    ("lisa.strategy=grad_norm lisa.uniform_mix=0", "lisa.uniform_mix must be in (0, 1] so every unit can be drawn"),
+    ("lisa.strategy=grad_norm lisa.grad_norm_decay=1", "lisa.grad_norm_decay must be in [0, 1), got 1.0"),
+    ("lisa.strategy=outlier lisa.outlier_threshold=0", "lisa.outlier_threshold must be a positive number"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
