@@ -1,0 +1,48 @@
+"""The methods the benchmark compares, each as the `lisa-dist train` overrides that select it (LoRA, which
+lisa_dist does not do, runs through peft in `lora.py`).
+
+Learning rates are one per optimizer family, not per strategy: every LISA strategy shares AdamW's.
+LISA runs at LMFlow's defaults, gamma 2 of the 8 layers and K = 20 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ADAMW_LR = 1e-3
+LOMO_LR = 1e-2
+ADALOMO_LR = 1e-3
+LORA_LR = 3e-3
+GAMMA, INTERVAL = 2, 20
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    lora: bool = False
+    """Trained by `lora.py` (peft) instead of lisa-dist."""
+
+
+def _lisa(strategy: str, *extra: str, optim: str = "adamw", lr: float = ADAMW_LR) -> list[str]:
+    return ["method=lisa", f"lisa.gamma={GAMMA}", f"lisa.interval={INTERVAL}", f"lisa.strategy={strategy}",
+            f"optim.name={optim}", f"optim.lr={lr}", *extra]
+
+
+# `weights` tests one a-priori guess: the lower a layer, the likelier (8 down to 1), since a draw that
+# missed the lowest layers was where uniform LISA failed in the issue's check.
+BOTTOM_HEAVY = "lisa.layer_weights=[8,7,6,5,4,3,2,1]"
+
+METHODS = {m.name: m for m in [
+    Method("full_adamw", ["method=full", "optim.name=adamw", f"optim.lr={ADAMW_LR}"]),
+    Method("lora", lora=True),
+    Method("lisa_uniform", _lisa("uniform")),
+    Method("lisa_weights", _lisa("weights", BOTTOM_HEAVY)),
+    Method("lisa_outlier", _lisa("outlier")),
+    Method("lisa_grad_norm", _lisa("grad_norm")),
+    Method("lisa_cyclic", _lisa("cyclic")),
+    Method("lisa_block_uniform", _lisa("uniform", "lisa.unit=block", f"lisa.gamma={2 * GAMMA}")),
+    Method("lomo", ["method=full", "optim.name=lomo", f"optim.lr={LOMO_LR}"]),
+    Method("adalomo", ["method=full", "optim.name=adalomo", f"optim.lr={ADALOMO_LR}"]),
+    Method("lisa_adalomo", _lisa("uniform", optim="adalomo", lr=ADALOMO_LR)),
+]}

@@ -1,0 +1,93 @@
+"""The benchmark's base model: a small LLaMA pre-trained from scratch on the generated corpus, in one process.
+
+It uses the bundled tiny model's byte-level tokenizer. The result is cached under the cache directory by
+a digest of everything that shapes it, so later runs (and every method and seed) start from the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from benchmarks.quality.task import corpus
+from lisa_dist.assets import TINY_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    documents: int = 6000
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 300
+    lr: float = 3e-3
+    seed: int = 0
+
+
+QUICK_BASE = BaseModel(documents=1000, steps=60)
+
+
+def _digest(spec: BaseModel) -> str:
+    tokenizer = (TINY_MODEL_DIR / "tokenizer.json").read_bytes()
+    sources = b"".join((Path(__file__).parent / name).read_bytes() for name in ("pretrain.py", "task.py"))
+    text = json.dumps(asdict(spec), sort_keys=True).encode() + tokenizer + sources
+    return hashlib.sha256(text).hexdigest()[:12]
+
+
+def _packed(tokenizer: transformers.PreTrainedTokenizerBase, spec: BaseModel) -> torch.Tensor:
+    ids: list[int] = []
+    for text in corpus(spec.documents, spec.seed):
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    rows = len(ids) // spec.seq_len
+    return torch.tensor(ids[:rows * spec.seq_len]).view(rows, spec.seq_len)
+
+
+def pretrain(spec: BaseModel, cache_dir: Path, log: bool = True) -> Path:
+    """The pre-trained model's directory (written once per spec)."""
+    out = cache_dir / f"base-{_digest(spec)}"
+    if (out / "model.safetensors").exists():
+        return out
+    torch.manual_seed(spec.seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    config = transformers.LlamaConfig(
+        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, vocab_size=len(tokenizer), max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    data = _packed(tokenizer, spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(spec.seed)
+    start = time.perf_counter()
+    for step in range(spec.steps):
+        lr = spec.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / spec.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = data[torch.randint(len(data), (spec.batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log and (step % 50 == 0 or step == spec.steps - 1):
+            print(f"pretrain step {step + 1}/{spec.steps} loss {loss.item():.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    partial.rename(out)
+    return out

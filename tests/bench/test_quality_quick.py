@@ -1,0 +1,19 @@
+"""`python -m benchmarks.quality.run --quick`: the benchmark's pipeline end to end (pre-training, a 2-rank
+lisa-dist fine-tune, scoring), and that full fine-tuning learns the task's answers."""
+
+import json
+
+from benchmarks.quality.run import main
+
+
+def test_quick_benchmark_runs_and_full_fine_tuning_learns_the_answer_format(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    base = json.loads((tmp_path / "out" / "base.json").read_text())
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert row["method"] == "full_adamw" and row["steps"] == 30
+    # The base model was never shown a question: its held-out answer loss is several nats. Thirty steps
+    # teach the answer form (a colour, a place) if training works at all; measured 3.8 -> 1.0.
+    assert row["eval_loss"] < 0.5 * base["eval_loss"]
+    assert 0 <= row["exact_match"] <= 1 and row["peak_mib"] > 0 and row["step_s"] > 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| full_adamw |" in table
