@@ -36,7 +36,7 @@ class BaseModel:
     seed: int = 0
 
 
-QUICK_BASE = BaseModel(documents=1000, steps=60)
+QUICK_BASE = BaseModel(documents=400, steps=40, batch_size=8, seq_len=64)
 
 
 def _digest(spec: BaseModel) -> str:
