@@ -148,7 +148,9 @@ class TrainingCore:
         if strategy is not None and strategy.needs_calibration:
             strategy.calibrate(self.outlier_ratios(micro_batches))
         active = self.sampler.active_layers(step)
-        verify_same_across_ranks(f"the active layers for step {step}", list(active))
+        # The statistics too: ranks that drifted apart would draw apart at a later switch.
+        verify_same_across_ranks(f"the active layers for step {step}",
+                                 {"units": list(active), "statistics": strategy.state_dict() if strategy else {}})
         if active != self.active_layers:
             self.set_active_layers(active)
 

@@ -71,6 +71,10 @@ def validate_training(c: Config) -> None:
     _at_least("engine.timeout_s", c.engine.timeout_s, 1)
     _validate_engine(c.engine)
     _validate_lisa(c.lisa)
+    for key, default in (("strategy", "uniform"), ("unit", "layer")):
+        value = getattr(c.lisa, key)
+        _require(c.method == "lisa" or value == default,
+                 f"lisa.{key}={value} chooses what method=lisa trains; method=full trains every layer")
     _validate_train(c.train)
     _validate_optim(c.optim, c.train)
 

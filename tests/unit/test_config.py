@@ -87,6 +87,8 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("lisa.strategy=grad_norm lisa.uniform_mix=0", "lisa.uniform_mix must be in (0, 1] so every unit can be drawn"),
     ("lisa.strategy=grad_norm lisa.grad_norm_decay=1", "lisa.grad_norm_decay must be in [0, 1), got 1.0"),
     ("lisa.strategy=outlier lisa.outlier_threshold=0", "lisa.outlier_threshold must be a positive number"),
+    ("method=full lisa.strategy=cyclic", "lisa.strategy=cyclic chooses what method=lisa trains; method=full trains"),
+    ("method=full lisa.unit=block", "lisa.unit=block chooses what method=lisa trains"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
