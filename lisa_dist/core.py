@@ -30,6 +30,7 @@ from lisa_dist.optim.fused import GradHooks
 from lisa_dist.sampler import LargestUnits, LayerSampler, make_strategy
 from lisa_dist.scalars import item, items
 from lisa_dist.steps import Batch, FusedStep, LossFn, PostBackwardStep
+from lisa_dist.validation import strategy_options
 
 __all__ = ["Batch", "LossFn", "StepResult", "TrainingCore"]
 
@@ -94,11 +95,13 @@ class TrainingCore:
         self.model.train()
         lisa = config.lisa
         self.units = sampling_units(self.parts, lisa.unit if config.method == "lisa" else "layer")
+        self.unit_numel = [sum(getattr(p, "ds_numel", p.numel()) for p in unit.module.parameters())
+                           for unit in self.units]
         strategy = make_strategy(lisa, len(self.units), config.seed) if config.method == "lisa" else None
         if strategy is not None and shapes_only:
-            strategy = LargestUnits(strategy, [sum(p.numel() for p in u.module.parameters()) for u in self.units])
-        options = {"outlier": ("uniform_mix", "outlier_threshold"), "grad_norm": ("uniform_mix", "grad_norm_decay"),
-                   "cyclic": ("cyclic_order",)}.get(lisa.strategy if strategy else "", ())
+            strategy = LargestUnits(strategy, self.unit_numel)
+        # layer_weights is in the sampler's state already (as "weights")
+        options = [key for key in strategy_options(lisa.strategy) if key != "layer_weights"] if strategy else []
         self.sampler = LayerSampler(len(self.units), lisa.interval, config.seed, strategy, unit=lisa.unit,
                                     config_key={key: getattr(lisa, key) for key in options})
         self.optimizer = ShardedOptimizer(make_rule(config.optim), engine,
@@ -110,8 +113,6 @@ class TrainingCore:
         self.layer_of = {n: layer_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in layer_ids}
         unit_ids = {id(p): u for u, unit in enumerate(self.units) for p in unit.module.parameters()}
         self.unit_of = {n: unit_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in unit_ids}
-        self.unit_numel = [sum(getattr(p, "ds_numel", p.numel()) for p in unit.module.parameters())
-                           for unit in self.units]
         self.active_layers: tuple[int, ...] | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0

@@ -94,6 +94,8 @@ def outlier_ratios(unit_modules: list[list[nn.Module]], access: ShardAccess, nor
             local[1, u] += access.shard_info(m.weight).numel
     score_sums, numels = reduce(local)
     limits = threshold * score_sums / numels
+    # Scored again rather than kept: keeping every unit's scores until the reduce would hold a second
+    # copy of all this rank's decoder shards in fp32.
     counts = torch.zeros(len(unit_modules), dtype=torch.float64)
     for u, modules in enumerate(unit_modules):
         for m in modules:

@@ -102,6 +102,12 @@ _STRATEGY_OPTIONS = {"layer_weights": (None, "weights"), "uniform_mix": (0.1, ("
                      "cyclic_order": ("random", "cyclic")}
 
 
+def strategy_options(strategy: str) -> list[str]:
+    """The lisa.* options `strategy` reads."""
+    return [key for key, (_, readers) in _STRATEGY_OPTIONS.items()
+            if strategy in ((readers,) if isinstance(readers, str) else readers)]
+
+
 def _validate_lisa(lisa: LisaConfig) -> None:
     _at_least("lisa.gamma", lisa.gamma, 1)
     _at_least("lisa.interval", lisa.interval, 1)

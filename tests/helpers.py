@@ -187,3 +187,15 @@ def tiny_start_weights() -> dict[str, torch.Tensor]:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class WholeShards:
+    """Shard access to a plain model (`ShardAccess`): every parameter is its own whole shard."""
+
+    def local_shard(self, param):
+        return param.data
+
+    def shard_info(self, param):
+        from lisa_dist.optim.shard import local_shard_info
+
+        return local_shard_info(param)

@@ -4,7 +4,6 @@ as the lisa-dist runs, in one process (the whole model, as every DDP rank would 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -13,18 +12,12 @@ import peft
 import torch
 import transformers
 
+from lisa_dist.config import OptimConfig
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
 from lisa_dist.memory import StorageTracker
+from lisa_dist.optim.schedule import lr_at
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _lr(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """lisa_dist's warmup + cosine schedule (optim.schedule=cosine)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_lora(base: Path, train_path: Path, out: Path, seed: int, steps: int, lr: float, seq_len: int,
@@ -38,10 +31,11 @@ def train_lora(base: Path, train_path: Path, out: Path, seed: int, steps: int, l
     batches = GlobalBatches(sequences, global_batch, micro_batch, rank=0, world_size=1, seed=seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    schedule = OptimConfig(lr=lr, warmup_steps=warmup, schedule="cosine", min_lr_ratio=min_lr_ratio)
     times, peak, rows = [], 0, []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup, min_lr_ratio)
+            group["lr"] = lr_at(schedule, step, steps)
         tracker = StorageTracker()
         tracker.track([*model.parameters(), *(t for s in optimizer.state.values() for t in s.values())])
         tracker.reset_peak()

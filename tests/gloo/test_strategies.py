@@ -15,9 +15,8 @@ import transformers
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
 from lisa_dist.models import find_parts, sampling_units
-from lisa_dist.optim.shard import local_shard_info
-from tests.helpers import REDUCTION_ROUNDING, engine_weights, run_distributed, start_trainer, tiny_config, \
-    tiny_start_weights
+from tests.helpers import (REDUCTION_ROUNDING, WholeShards, engine_weights, run_distributed, start_trainer,
+                           tiny_config, tiny_start_weights)
 
 STEPS, RESUME_AT = 5, 3  # interval 2: step 3 is mid-interval, and the resumed run switches once
 # `weights` draws as `uniform` does, from fixed probabilities (tests/unit/test_sampler.py; the config-key
@@ -121,19 +120,8 @@ def test_cyclic_trains_every_layer_once_per_cycle(runs):
 
 
 def _reference_model() -> transformers.PreTrainedModel:
-    model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
-    model.load_state_dict(tiny_start_weights())
-    return model
-
-
-class _Whole:
-    """Shard access to a plain model: every parameter is its own whole shard."""
-
-    def local_shard(self, param):
-        return param.data
-
-    def shard_info(self, param):
-        return local_shard_info(param)
+    """The tiny model as saved: the weights every run starts from."""
+    return transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
 
 
 def _reference_outlier_ratios(batches: list[dict], threshold: float) -> list[float]:
@@ -147,7 +135,7 @@ def _reference_outlier_ratios(batches: list[dict], threshold: float) -> list[flo
             norms.mask = batch.get("attention_mask")
             model(input_ids=batch["input_ids"], use_cache=False)
     torch.set_num_threads(threads)
-    return outlier_ratios(modules, _Whole(), norms, threshold, lambda t: t)
+    return outlier_ratios(modules, WholeShards(), norms, threshold, lambda t: t)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -4,7 +4,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lisa_dist.importance import InputNorms, _scores, outlier_ratios
-from lisa_dist.optim.shard import ShardInfo, local_shard_info
+from lisa_dist.optim.shard import ShardInfo
+from tests.helpers import WholeShards
 
 
 class _Partitions:
@@ -25,14 +26,6 @@ class _Partitions:
         return ShardInfo(tuple(param.shape), start, numel, lambda t: None)
 
 
-class _Whole:
-    def local_shard(self, param):
-        return param.data
-
-    def shard_info(self, param):
-        return local_shard_info(param)
-
-
 @pytest.mark.parametrize("module", [nn.Linear(7, 5, bias=False), Conv1D(5, 7)])
 def test_scores_of_cut_partitions_are_the_whole_matrix_scores(module):
     """|W_ij| * ||X_j|| with X_j the input feature: the column of a Linear, the row of a GPT-2 Conv1D."""
@@ -48,7 +41,7 @@ def test_scores_of_cut_partitions_are_the_whole_matrix_scores(module):
     expected = (weight.abs() * (feature[None, :] if isinstance(module, nn.Linear) else feature[:, None])).reshape(-1)
     parts = [_scores(module, _Partitions(13, part), sum_sq) for part in (0, 1)]
     assert torch.equal(torch.cat(parts), expected)
-    assert torch.equal(_scores(module, _Whole(), sum_sq), expected)
+    assert torch.equal(_scores(module, WholeShards(), sum_sq), expected)
     assert torch.equal(module.weight.detach(), weight)  # scoring never touches the weights
 
 
@@ -70,5 +63,5 @@ def test_outlier_ratio_counts_scores_above_threshold_times_the_unit_mean():
     norms = InputNorms([layer], torch.device("cpu"))
     norms.sums[layer] = torch.ones(4, dtype=torch.float64)
     # scores 1 x7 and 20: mean 27/8 = 3.375; above 3 x mean (10.125): one weight of eight
-    assert outlier_ratios([[layer]], _Whole(), norms, 3.0, lambda t: t) == [1 / 8]
-    assert outlier_ratios([[layer]], _Whole(), norms, 6.0, lambda t: t) == [0.0]
+    assert outlier_ratios([[layer]], WholeShards(), norms, 3.0, lambda t: t) == [1 / 8]
+    assert outlier_ratios([[layer]], WholeShards(), norms, 6.0, lambda t: t) == [0.0]
