@@ -1,4 +1,5 @@
-"""`accelerate launch --config_file F -m lisa_dist train CONFIG.yaml` trains exactly like torchrun with the
+"""`accelerate launch --config_file F -m lisa_dist train CONFIG.yaml` trains exactly like the session's
+reference runs (tests/cli/conftest.py: torchrun for FSDP2, the deepspeed launcher for ZeRO-3) with the
 settings the file implies, for both engines; a setting lisa_dist cannot honour stops before any work."""
 
 import subprocess
@@ -6,12 +7,12 @@ import sys
 from pathlib import Path
 
 from lisa_dist.checkpoint import read_state
-from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics, torchrun
+from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics
 from tests.helpers import accelerate_variant, free_port
 
-# tiny.yaml sets train.dtype=bf16, so fp32 is set on both sides (a file's mixed_precision=no alone would
-# contradict it).
-RUN = ["max_steps=4", "save_every=2", "train.dtype=fp32"]
+# The reference runs' settings. tiny.yaml sets train.dtype=bf16, so fp32 is set (a file's mixed_precision=no
+# alone would contradict it).
+RUN = ["max_steps=6", "save_every=3", "train.dtype=fp32"]
 
 
 def accelerate_launch(config_file: Path, *args: str) -> subprocess.CompletedProcess:
@@ -29,31 +30,28 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert_same_final(a, b)
 
 
-def test_fsdp2_file_with_offload_and_checkpointing_trains_like_torchrun(tmp_path):
+def test_fsdp2_file_with_offload_and_checkpointing_trains_like_torchrun(tmp_path, run):
+    """The reference is the plain torchrun run: offloaded parameter shards must compute the numbers of
+    resident ones, and recomputed activations are those stored (tests/gloo/test_models_fsdp2.py), bit for bit."""
     config_file = accelerate_variant(tmp_path, "fsdp2.yaml", mixed_precision="no",
                                   fsdp_config__fsdp_offload_params=True,
                                   fsdp_config__fsdp_activation_checkpointing=True)
     launched = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'accelerate'}")
     assert launched.returncode == 0, launched.stderr[-3000:]
-    # Offloaded parameter shards compute the same numbers as resident ones.
-    reference = torchrun(*RUN, "model.activation_checkpointing=true",
-                         f"output_dir={tmp_path / 'torchrun'}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert_same_run(tmp_path / "accelerate", tmp_path / "torchrun")
-    config = read_state(tmp_path / "accelerate" / "checkpoints" / "step_2")["config"]
+    assert_same_run(tmp_path / "accelerate", run)
+    config = read_state(tmp_path / "accelerate" / "checkpoints" / "step_3")["config"]
     assert config["engine"]["name"] == "fsdp2" and config["engine"]["offload_params"]
     assert config["model"]["activation_checkpointing"] and config["train"]["dtype"] == "fp32"
 
 
-def test_zero3_file_trains_like_torchrun_with_its_deepspeed_json(tmp_path):
+def test_zero3_file_trains_like_torchrun_with_its_deepspeed_json(tmp_path, zero3_run):
+    """The reference is the deepspeed launcher's run with the same JSON (which trains like torchrun's:
+    tests/cli/test_zero3_cli.py)."""
     config_file = accelerate_variant(tmp_path, "zero3.yaml", mixed_precision="no")
     launched = accelerate_launch(config_file, *RUN, f"output_dir={tmp_path / 'accelerate'}")
     assert launched.returncode == 0, launched.stderr[-3000:]
-    reference = torchrun(*RUN, "engine.name=zero3",
-                         "engine.deepspeed_config=configs/deepspeed/zero3.json", f"output_dir={tmp_path / 'torchrun'}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert_same_run(tmp_path / "accelerate", tmp_path / "torchrun")
-    config = read_state(tmp_path / "accelerate" / "checkpoints" / "step_2")["config"]
+    assert_same_run(tmp_path / "accelerate", zero3_run)
+    config = read_state(tmp_path / "accelerate" / "checkpoints" / "step_3")["config"]
     assert config["engine"]["deepspeed_config"] == "configs/deepspeed/zero3.json"
 
 

@@ -64,7 +64,9 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+# FSDP2's restart is the two-node test's below (each agent restarts its rank, resume=auto, same weights); one
+# agent restarting both of its ranks is run here on ZeRO-3, whose engine is built again in the restarted ranks.
+@pytest.mark.parametrize("engine", ["zero3"])
 def test_a_killed_rank_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(engine, request, tmp_path):
     run = request.getfixturevalue("run" if engine == "fsdp2" else "zero3_run")
     out, log = tmp_path / "killed", tmp_path / "torchrun.log"

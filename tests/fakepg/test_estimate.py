@@ -1,12 +1,10 @@
 """`lisa-dist estimate` (fake tensors, fake process group) against real measured peaks of the same run."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.cli.test_train_cli import ENV, REPO
+from lisa_dist.config import load_config
+from lisa_dist.estimate import run_estimate
+from tests.cli.test_train_cli import REPO
 from tests.helpers import run_distributed, start_trainer, tiny_config
 
 TINY = ["model.path=" + str(REPO / "lisa_dist" / "assets" / "tiny-llama"), "data.seq_len=64",
@@ -14,19 +12,9 @@ TINY = ["model.path=" + str(REPO / "lisa_dist" / "assets" / "tiny-llama"), "data
 
 
 def estimates(*arg_lists: list[str], world_size: int = 2, gpu: float = 22.35) -> list[dict]:
-    """`lisa-dist estimate --json` of each argument list, two at a time (each is one single-threaded
-    process, and the machine has two cores)."""
-    results = []
-    for pair in (arg_lists[i:i + 2] for i in range(0, len(arg_lists), 2)):
-        jobs = [subprocess.Popen([sys.executable, "-m", "lisa_dist", "estimate", str(REPO / "configs" / "tiny.yaml"),
-                                  *args, "--world-size", str(world_size), "--gpu-mem-gib", str(gpu), "--json"],
-                                 cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for args in pair]
-        for job in jobs:
-            out, err = job.communicate(timeout=600)
-            assert job.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    """What `lisa-dist estimate configs/tiny.yaml ARGS --world-size W --gpu-mem-gib G --json` prints, for each
+    argument list, computed in this process (the 70B tests in test_plan.py run the command itself)."""
+    return [run_estimate(load_config(REPO / "configs" / "tiny.yaml", args), world_size, gpu) for args in arg_lists]
 
 
 def estimate(*args: str, world_size: int = 2, gpu: float = 22.35) -> dict:

@@ -12,7 +12,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
-from lisa_dist.memory import GIB
+from lisa_dist.memory import CARD_24GB_GIB, GIB
 from lisa_dist.plan import ModelShape, plan_memory, run_plan
 from tests.cli.test_train_cli import ENV, REPO
 from tests.helpers import run_distributed, start_trainer, tiny_config
@@ -24,7 +24,9 @@ LEVERS = ["engine.split_layers=true", "model.activation_offload=true", "train.re
           "optim.offload_state=true"]
 
 
-PRESETS = ["llama2-7b", "llama2-13b", "llama2-70b"]
+# 13B is 7B's architecture at larger widths (no grouped-query attention, like 7B; 70B has it): between them, 7B
+# and 70B reach every term of the plan. `scripts/plan_vs_estimate.py` still prints all three (docs/plan.md).
+PRESETS = ["llama2-7b", "llama2-70b"]
 LEVER_SETS = {"checkpointing": ["model.activation_checkpointing=true"],
               "no-checkpointing": ["model.activation_checkpointing=false"],
               "all-levers": ["model.activation_checkpointing=true", *LEVERS]}
@@ -41,7 +43,7 @@ def _planned_and_estimated(preset: str, levers: str, method: str, optim: str,
 
 @pytest.fixture(scope="module")
 def plans_and_estimates() -> dict[tuple[str, ...], tuple[float, float]]:
-    """All 27 (each one process-bound estimate of seconds), in two worker processes: the machine has two
+    """All 18 (each one process-bound estimate of seconds), in two worker processes: the machine has two
     cores and the estimate uses one."""
     cases = [(p, lv, m, o) for p in PRESETS for lv in LEVER_SETS for m, o in METHODS]
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -124,20 +126,24 @@ def _plan_cli(*args: str) -> dict:
 
 
 def test_plan_suggests_the_cheapest_levers_that_fit_and_they_do():
+    """The suggestion through the CLI's JSON; applying it, and each subset of it, in process (the same
+    `run_plan` the CLI calls, at its default 24 GB card)."""
+    lomo = REPO / "configs" / "llama2_70b_lomo.yaml"
     plain = ["train.reduce_dtype=fp32", "engine.split_layers=false", "model.activation_offload=false",
              "optim.offload_state=false"]
-    result = _plan_cli(str(REPO / "configs" / "llama2_70b_lomo.yaml"), "--world-size", "8", *plain)
+    result = _plan_cli(str(lomo), "--world-size", "8", *plain)
     assert result["fits"] is False and result["peak_gib"] > 21.5
     suggestion = result["suggestion"]
     assert suggestion is not None and suggestion["peak_gib"] <= 21.5
-    applied = _plan_cli(str(REPO / "configs" / "llama2_70b_lomo.yaml"), "--world-size", "8", *plain,
-                        *suggestion["overrides"])
+
+    def plan(*overrides: str) -> dict:
+        return run_plan(load_config(lomo, [*plain, *overrides]), world_size=8, gpu_mem_gib=CARD_24GB_GIB)
+
+    applied = plan(*suggestion["overrides"])
     assert applied["fits"] is True and applied["peak_gib"] == pytest.approx(suggestion["peak_gib"])
     # and none of the suggested levers is superfluous
     for dropped in suggestion["overrides"]:
-        rest = [o for o in suggestion["overrides"] if o != dropped]
-        assert not _plan_cli(str(REPO / "configs" / "llama2_70b_lomo.yaml"), "--world-size", "8", *plain,
-                             *rest)["fits"]
+        assert not plan(*(o for o in suggestion["overrides"] if o != dropped))["fits"]
 
 
 def test_plan_reports_no_suggestion_when_nothing_fits():
