@@ -104,7 +104,7 @@ def test_export_of_the_last_checkpoint_equals_final(run, tmp_path):
 def test_resume_at_the_end_of_an_interval_continues_exactly(run, tmp_path):
     """Stopped after step 4, the last of an interval (lisa.interval=2): the checkpoint's optimizer state is
     for the layers of steps 3-4, and the resumed run switches at step 5 as the uninterrupted one did.
-    (test_adalomo_resume_with_lagged_clipping_continues_exactly resumes in the middle of one.)"""
+    (tests/gloo/test_resume.py resumes AdaLomo in the middle of one.)"""
     out = tmp_path / "resumed"
     first = torchrun(f"output_dir={out}", "max_steps=4", "save_every=4", "train.dtype=fp32")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -126,20 +126,6 @@ def test_chat_data_packed_trains_in_one_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["loss"] for r in metrics(tmp_path)]
     assert len(losses) == 4 and losses[-1] < losses[0]
-
-
-def test_adalomo_resume_with_lagged_clipping_continues_exactly(tmp_path):
-    args = ["train.dtype=fp32", "optim.name=adalomo", "optim.lr=0.01", "optim.max_grad_norm=0.5", "method=lisa",
-            "train.micro_batch_size=1", "save_every=3"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    # The second run continues, in a directory of its own, from the first one's step-3 checkpoint.
-    for out, extra in ((straight, []), (resumed, [f"resume={straight / 'checkpoints' / 'step_3'}"])):
-        result = torchrun(f"output_dir={out}", "max_steps=6", *args, *extra)
-        assert result.returncode == 0, result.stderr[-3000:]
-    a, b = metrics(straight), metrics(resumed)
-    assert [r["step"] for r in b] == [4, 5, 6]
-    assert [(r["loss"], r["grad_norm"]) for r in a[3:]] == [(r["loss"], r["grad_norm"]) for r in b]
-    assert_same_final(straight, resumed)
 
 
 def test_resume_with_a_changed_config_is_refused(run):
