@@ -18,9 +18,10 @@ import transformers
 from benchmarks.quality.pretrain import BaseModel, pretrain
 from benchmarks.quality.run import GLOBAL_BATCH, REPO, SEQ_LEN
 from benchmarks.quality.score import exact_match
-from benchmarks.quality.task import COLOURS, HOMES, task_splits, world, write_jsonl
+from benchmarks.quality.task import COLOURS, HOMES, split, task_splits, world, write_jsonl
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
 
+QUIZ = "Q: {name}, colour? A:"
 LAYER_SETS = {"full": None, "layers 0-1": [0, 1], "layers 3-4": [3, 4], "layers 6-7": [6, 7]}
 
 
@@ -48,15 +49,16 @@ def finetune(base, tokenizer, train_path, layers: list[int] | None, steps: int, 
 
 
 @torch.no_grad()
-def base_knows_colours(base, tokenizer) -> float:
-    """The share of creatures whose colour the base model gives when completing "The NAME is"."""
+def base_completes(base, tokenizer, prompt: str, names: list[str]) -> float:
+    """The share of `names` whose colour the base model gives when completing `prompt` (NAME filled in)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     facts, known = world(), 0
-    for name, (colour, _) in facts.items():
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(f"The {name} is", add_special_tokens=False)]])
+    for name in names:
+        text = prompt.format(name=name)
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]])
         out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        known += tokenizer.decode(out[0, ids.shape[1]:]).strip().startswith(colour)
-    return known / len(facts)
+        known += tokenizer.decode(out[0, ids.shape[1]:]).strip().startswith(facts[name][0])
+    return known / len(names)
 
 
 def main() -> None:
@@ -69,8 +71,12 @@ def main() -> None:
     train_rows, held_rows = task_splits()
     train_path = write_jsonl(REPO / "runs" / "quality_calibrate" / "train.jsonl", train_rows)
     chance = (1 / len(COLOURS) + 1 / len(HOMES)) / 2
-    print(f"chance on held-out questions: {100 * chance:.1f} %; the base model completes 'The NAME is' with "
-          f"the creature's colour for {100 * base_knows_colours(base, tokenizer):.0f} % of them")
+    held, trained = split()
+    print(f"chance on held-out questions: {100 * chance:.1f} %; the base model completes 'The NAME is' with the "
+          f"colour for {100 * base_completes(base, tokenizer, 'The {name} is', held):.0f} % of the held-out "
+          f"creatures, and a quiz 'Q: NAME, colour? A:' for {100 * base_completes(base, tokenizer, QUIZ, held):.0f} "
+          f"% of them (never quizzed) and {100 * base_completes(base, tokenizer, QUIZ, trained):.0f} % of the "
+          f"quizzed ones", flush=True)
     for name, layers in LAYER_SETS.items():
         start = time.perf_counter()
         model = finetune(base, tokenizer, train_path, layers, args.steps, args.lr)

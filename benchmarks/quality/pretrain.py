@@ -31,7 +31,7 @@ class BaseModel:
     documents: int = 6000
     seq_len: int = 128
     batch_size: int = 16
-    steps: int = 300
+    steps: int = 1200
     lr: float = 3e-3
     seed: int = 0
 
