@@ -258,7 +258,8 @@ def _every_pair_worker(rank: int, world_size: int, output_dir: str) -> dict:
         config = tiny_config(output_dir, method=method, lisa={"gamma": 2, "interval": 3},
                              train={"dtype": "bf16", "micro_batch_size": 4},
                              optim={"name": optim, "lr": LR[optim], "max_grad_norm": 1.0})
-        trainer, records = _run(config, steps=12)
+        # 8 steps: measured here, each pair's loss fell by 0.35 to 0.95 (first 3 against last 3); 0.1 is asserted
+        trainer, records = _run(config, steps=8)
         out[f"{method}+{optim}"] = [r["loss"] for r in records]
         trainer.core.stepper.hooks.remove()
     return out
