@@ -15,11 +15,10 @@ from safetensors.torch import load_file
 
 from lisa_dist import checkpoint as ckpt
 from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun, torchrun_command
+from tests.cli.test_zero3_cli import ZERO3
 from tests.helpers import LOSS_RTOL, assert_weights_close, free_port, parity_atol
 
 FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
-ENGINES = {"fsdp2": [], "zero3": ["engine.name=zero3",
-                                  f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"]}
 
 
 def worker_pids(parent: int) -> dict[int, int]:
@@ -66,11 +65,10 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 # FSDP2's restart is the two-node test's below (each agent restarts its rank, resume=auto, same weights); one
 # agent restarting both of its ranks is run here on ZeRO-3, whose engine is built again in the restarted ranks.
-@pytest.mark.parametrize("engine", ["zero3"])
-def test_a_killed_rank_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(engine, request, tmp_path):
-    run = request.getfixturevalue("run" if engine == "fsdp2" else "zero3_run")
+def test_a_killed_rank_restarts_from_the_last_checkpoint_and_ends_with_the_same_weights(zero3_run, tmp_path):
+    run = zero3_run
     out, log = tmp_path / "killed", tmp_path / "torchrun.log"
-    job = start(torchrun_command(f"output_dir={out}", *FP32, "resume=auto", *ENGINES[engine],
+    job = start(torchrun_command(f"output_dir={out}", *FP32, "resume=auto", *ZERO3,
                                  options=("--max-restarts=1",)), log)
     wait_for(lambda: steps_logged(out) >= 4)  # past the step-3 checkpoint, inside step 5
     before = logged(out)[3]

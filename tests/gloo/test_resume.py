@@ -8,11 +8,9 @@ same world size: everything is compared bit for bit."""
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from lisa_dist.config import load_config
-from tests.cli.test_train_cli import COMMON, REPO, metrics
+from tests.cli.test_train_cli import COMMON, REPO, assert_same_final, metrics
 from tests.helpers import run_distributed, start_trainer
 
 JOBS = {
@@ -43,24 +41,17 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
-def _assert_same_final(a: Path, b: Path) -> None:
-    final_a, final_b = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert final_a.keys() == final_b.keys()
-    for name in final_a:
-        assert torch.equal(final_a[name], final_b[name]), name
-
-
 def test_resume_continues_the_warmup_cosine_schedule_and_the_fp16_loss_scale_exactly(runs):
     a, b = metrics(runs / "fp16_cosine" / "straight"), metrics(runs / "fp16_cosine" / "resumed")
     assert [r["step"] for r in b] == [4, 5, 6]
     assert len({r["lr"] for r in a}) >= 4 and len({r["loss_scale"] for r in a[:4]}) > 1  # both states move
     assert [(r["loss"], r["lr"], r["loss_scale"], r["grad_norm"]) for r in a[3:]] == \
         [(r["loss"], r["lr"], r["loss_scale"], r["grad_norm"]) for r in b]
-    _assert_same_final(runs / "fp16_cosine" / "straight", runs / "fp16_cosine" / "resumed")
+    assert_same_final(runs / "fp16_cosine" / "straight", runs / "fp16_cosine" / "resumed")
 
 
 def test_adalomo_resume_with_lagged_clipping_continues_exactly(runs):
     a, b = metrics(runs / "adalomo_lagged_clip" / "straight"), metrics(runs / "adalomo_lagged_clip" / "resumed")
     assert [r["step"] for r in b] == [4, 5, 6]
     assert [(r["loss"], r["grad_norm"]) for r in a[3:]] == [(r["loss"], r["grad_norm"]) for r in b]
-    _assert_same_final(runs / "adalomo_lagged_clip" / "straight", runs / "adalomo_lagged_clip" / "resumed")
+    assert_same_final(runs / "adalomo_lagged_clip" / "straight", runs / "adalomo_lagged_clip" / "resumed")
