@@ -20,9 +20,4 @@ PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" "${VERSIONS[@]}" pip setuptools wheel
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" "${VERSIONS[@]}" --no-build-isolation -e ".[test]"
-# DeepSpeed JIT-builds a shared-memory comm op on its first CPU run; build it once here, since two ranks
-# building it at the same time can crash.
-if ! "$VENV/bin/python" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" 2>&1 | grep -i "built\|error" || true
-fi
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, accelerate; print('lisa_dist install ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" 2>&1 | grep "install ok"

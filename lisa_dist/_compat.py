@@ -57,6 +57,9 @@ PRIVATE = [
             "frees parameters below the persistence threshold that backward left gathered"),
     Private("deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload.partition_all_parameters",
             "no gathered copy may outlive an update of its partition"),
+    Private("deepspeed.comm.torch:build_shm_op",
+            "DeepSpeed's CPU backend compiles a shared-memory all-reduce for inference tensor parallelism when "
+            "its process group starts (a minute, and a C++ compiler); ZeRO-3 training never calls it"),
     Private("transformers.initialization:no_init_weights",
             "ZeRO-3 builds the model partitioned and writes the weights itself, so transformers' init is skipped",
             export="no_init_weights"),
@@ -131,6 +134,24 @@ def zero3_coordinator(model: nn.Module, ds_config: dict[str, Any]) -> Any:
         max_live_parameters=zero.max_live_parameters, param_persistence_threshold=zero.param_persistence_threshold,
         model_persistence_threshold=zero.model_persistence_threshold, dp_process_group=None,
         offload_param_config=zero.offload_param, mpu=None)
+
+
+def init_deepspeed_distributed() -> None:
+    """`deepspeed.init_distributed` on the process group lisa_dist started, without building the
+    shared-memory inference all-reduce of DeepSpeed's CPU backend (`deepspeed.comm.torch.build_shm_op`): a
+    JIT C++ compile of about a minute on first use, needing a compiler, for a kernel only tensor-parallel
+    inference calls. Without it DeepSpeed's own fallback, the process group's all_reduce, serves that call."""
+    import deepspeed
+    import torch.distributed as dist
+
+    module = importlib.import_module("deepspeed.comm.torch")
+    resolve("deepspeed.comm.torch:build_shm_op")
+    original = module.build_shm_op
+    module.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    finally:
+        module.build_shm_op = original
 
 
 def fake_process_group(world_size: int) -> None:

@@ -1,15 +1,24 @@
-"""Activation offload: tensors saved for backward move to host memory and come back when backward needs them.
+"""What autograd keeps of the tensors saved for backward: activations offloaded to host memory, and
+parameters kept by reference.
 
-With activation checkpointing, what a decoder layer saves is its input (the rest is recomputed), so this
-moves the 2 x hidden x seq_len bytes per layer off the card. Parameters (and views of them, such as the
-transposed weight a linear saves) stay where they are: FSDP2 owns their memory. Small tensors stay too;
-copying them costs more than they hold.
+Activation offload: with activation checkpointing, what a decoder layer saves is its input (the rest is
+recomputed), so this moves the 2 x hidden x seq_len bytes per layer off the card. Parameters (and views of
+them, such as the transposed weight a linear saves) stay where they are: the engine owns their memory.
+Small tensors stay too; copying them costs more than they hold.
+
+Parameters by reference: DeepSpeed ZeRO-3 releases a gathered parameter by pointing `param.data` at an
+empty tensor. A view of the gathered weight saved for backward (the transpose a linear saves) keeps its
+storage alive until that backward, so without checkpointing every weight of the forward stays gathered at
+once. Kept by reference, the view is rebuilt from the parameter when backward needs it, after DeepSpeed
+gathered it again for that module's backward. DeepSpeed's `memory_efficient_linear` does the same for
+`F.linear` alone, by replacing it for the whole process. (FSDP2 frees the storage itself, views included.)
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,25 +38,56 @@ def _is_parameter(t: torch.Tensor) -> bool:
     return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
+class _ParameterView(NamedTuple):
+    """A saved view of a parameter's data, by its place in that data rather than by its storage."""
+
+    param: nn.Parameter
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # relative to the parameter's own storage offset when the view was saved
+    numel: int  # of the parameter's data then
+
+    @classmethod
+    def of(cls, view: torch.Tensor) -> "_ParameterView":
+        param = view._base
+        return cls(param, tuple(view.shape), view.stride(), view.storage_offset() - param.storage_offset(),
+                   param.numel())
+
+    def rebuild(self) -> torch.Tensor:
+        data = self.param.data
+        if data.numel() != self.numel or not data.is_contiguous():
+            raise RuntimeError(f"backward needs a saved view of a parameter of shape {tuple(data.shape)} "
+                               f"({data.numel()} elements gathered, {self.numel} when it was saved): the engine "
+                               "released it before that module's backward")
+        return data.as_strided(self.size, self.stride, data.storage_offset() + self.offset)
+
+
 @contextlib.contextmanager
-def offload_saved_tensors(host: torch.device, enabled: bool = True) -> Iterator[None]:
-    """Saved tensors of at least 1 MiB go to `host` (pinned when they come from a GPU).
+def offload_saved_tensors(host: torch.device, enabled: bool = True,
+                          parameters_by_reference: bool = False) -> Iterator[None]:
+    """Saved tensors of at least 1 MiB go to `host` (pinned when they come from a GPU), and, with
+    `parameters_by_reference`, saved views of parameters are kept as references (the module docstring).
 
     Copies run on the compute stream, so a freed device block is only reused after its copy finished.
     `lisa-dist estimate` passes the meta device as host, so offloaded bytes are counted apart. On a CPU run
     the host is the device itself and the copy gains nothing (the tests use it to check the round trip)."""
-    if not enabled:
+    if not enabled and not parameters_by_reference:
         yield
         return
 
-    def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.device, torch.Tensor]:
-        if _is_parameter(t) or t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
+    def pack(t: torch.Tensor) -> torch.Tensor | _ParameterView | tuple[torch.device, torch.Tensor]:
+        if _is_parameter(t):
+            # a parameter itself is kept as the same object, whose data the engine swaps back in
+            return _ParameterView.of(t) if parameters_by_reference and t._base is not None else t
+        if not enabled or t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
             return t
         return t.device, to_host(t, host, non_blocking=True)
 
-    def unpack(packed: torch.Tensor | tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+    def unpack(packed: torch.Tensor | _ParameterView | tuple[torch.device, torch.Tensor]) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        if isinstance(packed, _ParameterView):
+            return packed.rebuild()
         device, stored = packed
         return stored.to(device, non_blocking=True)
 

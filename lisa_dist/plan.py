@@ -115,7 +115,7 @@ def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> 
     parameters whose next use is within `stage3_max_reuse_distance` stay gathered, up to
     `stage3_max_live_parameters` (with the defaults, the last layers and head across the
     forward-backward turn; a small model stays gathered whole). The two overlap: measured on 2 CPU ranks,
-    the larger of them is what is added (docs/plan.md)."""
+    the larger of them is held, plus one more prefetch bucket in flight (`plan_memory`, docs/zero3.md)."""
     from lisa_dist.engines.deepspeed_config import load_deepspeed_config
 
     zero = load_deepspeed_config(config, world_size).get("zero_optimization", {})
@@ -176,14 +176,14 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     # A layer's backward: the gathered layer, the next one prefetched (FSDP2 without split: a whole layer;
     # ZeRO-3: its prefetch bucket or what it keeps for reuse), the previous unit's reduce-scatter input,
     # and the weight gradients of the block being differentiated with the MLP-wide activation gradients.
+    # ZeRO-3 also holds the flat buffer of a prefetch bucket in flight: its coalesced all-gather lands every
+    # rank's partitions in one buffer and copies each parameter out of it, so the bucket exists twice until
+    # the last copy (docs/zero3.md). Saved weights cost nothing extra: the engine keeps them by reference.
     split = c.engine.split_layers and not zero3
-    gathered_next = max(prefetch, kept) if zero3 else 0 if split or not c.engine.backward_prefetch else layer
-    # DeepSpeed frees a gathered parameter by replacing `param.data`; without checkpointing the full
-    # weights each linear saved for backward stay alive until that backward (FSDP2 frees the storage).
-    saved_weights = held_layers * layer if zero3 and not c.model.activation_checkpointing else 0
+    gathered_next = max(prefetch, kept) + prefetch if zero3 else 0 if split or not c.engine.backward_prefetch else layer
     recomputed = tokens * (shape.hidden + shape.intermediate) * p if c.model.activation_checkpointing else 0
     phases = {"layer backward": {
-        "sharded_grads": mid_backward_grads, "unsharded_params": (layer + saved_weights) * p,
+        "sharded_grads": mid_backward_grads, "unsharded_params": layer * p,
         "all_gather_buffers": gathered_next * p,
         "reduce_scatter_buffers": 0 if split else (block if zero3 else layer) * r,
         "temporaries": block * p + 4 * tokens * shape.intermediate * p, "activations": checkpoints + recomputed}}

@@ -80,7 +80,8 @@ class StepRunner:
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         total = 0.0
         for i, batch in enumerate(micro_batches):
-            with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload):
+            with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload,
+                                       self.engine.saves_parameters_by_reference):
                 loss_sum = loss_fn(batch, global_targets)
             value = item(loss_sum.detach())
             # A fake loss (`lisa-dist estimate`) has no value to check; the collective would also keep

@@ -20,6 +20,9 @@ from lisa_dist.optim.shard import ShardInfo
 
 class Engine(ABC):
     name: str
+    saves_parameters_by_reference = False
+    """Whether views of parameters saved for backward must be kept by reference (`lisa_dist.offload`): the
+    engine releases a gathered parameter by replacing its data, not by freeing the storage."""
 
     def __init__(self, config: Config, runtime: Runtime, mesh: DeviceMesh | None = None,
                  shapes_only: bool = False) -> None:

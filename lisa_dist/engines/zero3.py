@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.hooks import RemovableHandle
 
-from lisa_dist._compat import no_init_weights, set_attn_implementation, zero3_coordinator
+from lisa_dist._compat import init_deepspeed_distributed, no_init_weights, set_attn_implementation, zero3_coordinator
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
@@ -36,6 +36,7 @@ from lisa_dist.optim.shard import ShardInfo
 
 class Zero3Engine(Engine):
     name = "zero3"
+    saves_parameters_by_reference = True  # DeepSpeed's free_param replaces param.data
 
     @classmethod
     def check_config(cls, config: Config, world_size: int) -> None:
@@ -46,7 +47,7 @@ class Zero3Engine(Engine):
         export_rank_variables(self.runtime.env)  # zero.Init reads LOCAL_RANK, also in a plain process
         # DeepSpeed adopts the process group lisa_dist started (its own world size must be right before
         # it validates the batch sizes in the config).
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        init_deepspeed_distributed()
 
     def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
         c = self.config
@@ -130,7 +131,11 @@ class Zero3Engine(Engine):
         world = dist.get_world_size(group=group)
         size = param.ds_tensor.ds_numel
         reduce_dtype = torch.float32 if self.config.train.reduce_dtype == "fp32" else param.grad.dtype
-        flat = F.pad(param.grad.reshape(-1).to(reduce_dtype), (0, size * world - param.ds_numel))
+        grad = param.grad.reshape(-1).to(reduce_dtype)
+        padding = size * world - param.ds_numel
+        # Without padding and in the gradient's dtype this is the gradient itself, not a second full copy.
+        flat = F.pad(grad, (0, padding)) if padding else grad
+        del grad
         param.grad = None
         part = flat.new_empty(size)
         dist.reduce_scatter_single(part, flat, group=group)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.errors import FusedPathError
+from lisa_dist.optim.rules import squared_sum
 from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions
 
 
@@ -69,7 +70,7 @@ class GradHooks:
             return  # the post-backward optimizer takes the last micro-batch's gradient from the engine
         grad32 = self.optimizer.full_grad(slot)
         self.seen.add(name)
-        sq = slot.grad_sq = grad32.pow(2).sum()
+        sq = slot.grad_sq = squared_sum(grad32)
         if self.mode == "check":
             self._accumulate(sq, (~torch.isfinite(sq)).to(torch.int64))
         else:

@@ -12,6 +12,12 @@ from lisa_dist.errors import ConfigError
 from lisa_dist.optim.shard import ShardInfo, outer_slice, row_col_sums
 
 
+def squared_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of t's squared elements, without a temporary of t's size (`t.pow(2).sum()` makes one)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 class UpdateRule(Protocol):
     fused: bool
     """Applied inside backward as each gradient shard is ready (LOMO family) rather than after it."""
@@ -104,11 +110,11 @@ class AdaLomo:
                step: int, lr: float, shard: ShardInfo) -> None:
         beta2t = 1.0 - step ** self.decay_rate
         sq = grad.pow(2).add_(self.eps1)
-        param_sq = master.pow(2).sum().reshape(1)
+        param_sq = squared_sum(master).reshape(1)
         if shard.matrix is None:
             avg = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
             update = avg.rsqrt().mul_(grad)
-            totals = torch.cat([param_sq, update.pow(2).sum().reshape(1)])
+            totals = torch.cat([param_sq, squared_sum(update).reshape(1)])
             shard.reduce_sum(totals)
             param_sq, update_sq = totals[0], totals[1]
         else:
@@ -121,7 +127,7 @@ class AdaLomo:
             param_sq = totals[-1]
             row_factor = (row / row.mean()).rsqrt_()
             update = outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel).view_as(grad).mul_(grad)
-            update_sq = update.pow(2).sum().reshape(1)
+            update_sq = squared_sum(update).reshape(1)
             shard.reduce_sum(update_sq)
         numel = shard.global_numel
         update.div_(((update_sq / numel).sqrt() / self.clip_threshold).clamp(min=1.0))

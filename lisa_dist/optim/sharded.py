@@ -15,7 +15,7 @@ from torch import nn
 
 from lisa_dist.offload import to_host
 from lisa_dist.optim.precision import stochastic_round_bf16
-from lisa_dist.optim.rules import UpdateRule
+from lisa_dist.optim.rules import UpdateRule, squared_sum
 from lisa_dist.optim.shard import ShardInfo
 from lisa_dist.scalars import item
 
@@ -133,20 +133,22 @@ class ShardedOptimizer:
         for slot in self.slots.values():
             grad = self.full_grad(slot)
             if grad is not None and grad.numel():
-                slot.grad_sq = grad.pow(2).sum()
+                slot.grad_sq = squared_sum(grad)
                 sq = sq.to(grad.device) + slot.grad_sq
         return sq
 
     @torch.no_grad()
     def apply(self, slot: _Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
-        """Update one shard from its gradient. With `guard`, a shard whose gradient is not finite keeps
-        its value (and the rule sees zeros), without a host sync. Returns 1 if the gradient was non-finite."""
-        grad32 = grad.float()  # no copy when already fp32 (accumulated)
+        """Update one shard from its gradient, which is consumed (scaled and zeroed in place). With `guard`,
+        a shard whose gradient is not finite keeps its value (and the rule sees zeros), without a host sync.
+        Returns 1 if the gradient was non-finite. Besides the rule's own, one temporary of the shard's size:
+        its value before the update, for the change sums and the guard."""
+        grad32 = grad.float()  # no copy when already fp32 (accumulated, or reduced in fp32)
         if options.grad_scale != 1.0:
-            grad32 = grad32 * options.grad_scale
+            grad32 = grad32.mul_(options.grad_scale)
         finite = torch.isfinite(grad32).all() if guard else None
         if guard:
-            grad32 = torch.where(finite, grad32, torch.zeros_like(grad32))
+            grad32.masked_fill_(~finite, 0.0)
         if options.clip_value:
             grad32 = grad32.clamp_(-options.clip_value, options.clip_value)
         slot.step += 1
@@ -159,10 +161,10 @@ class ShardedOptimizer:
         before = target.clone()
         self.rule.update(target, grad32, state, int(item(slot.step)), options.lr, slot.info)
         if guard:
-            target.copy_(torch.where(finite, target, before))
+            torch.where(finite, target, before, out=target)
         # For the per-layer relative change ||dW|| / ||W||: two sums per shard, reduced per layer by the core.
-        slot.value_sq = before.pow(2).sum()
-        slot.change_sq = before.sub_(target).pow_(2).sum()
+        slot.value_sq = squared_sum(before)
+        slot.change_sq = squared_sum(before.sub_(target))
         del before
         if self.host is not None:
             for key, t in state.items():

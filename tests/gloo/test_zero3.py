@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-3 engine with 2 gloo ranks, against the FSDP2 engine and its own invariants."""
 
+import importlib
 import os
 import weakref
 
@@ -164,12 +165,26 @@ def _fresh_build_worker(rank: int, world_size: int, output_dir: str) -> dict:
     source = resolve_model_source(config)
     runtime = init_distributed(read_launch_env(), config.engine.timeout_s)
     model, parts = Zero3Engine(config, runtime).build(source)
-    return {"imported_before": imported_before, "layers": parts.num_layers}
+    comm, backend = (importlib.import_module(f"deepspeed.comm.{name}") for name in ("comm", "torch"))
+    return {"imported_before": imported_before, "layers": parts.num_layers, "shm_op": comm.cdb.shm_comm_op,
+            "builder_restored": backend.build_shm_op.__name__ == "build_shm_op"}
 
 
-def test_zero3_builds_in_a_process_that_never_imported_the_model_code(tmp_path):
+@pytest.fixture(scope="module")
+def fresh_build(tmp_path_factory):
+    (obs,) = run_distributed(_fresh_build_worker, 1, fresh=True, output_dir=str(tmp_path_factory.mktemp("fresh")))
+    return obs
+
+
+def test_zero3_builds_in_a_process_that_never_imported_the_model_code(fresh_build):
     """transformers.modeling_utils (and torch._dynamo with it) first imported inside deepspeed.zero.Init fails on
     the patched tensor constructors; the engine imports the model code before entering it."""
-    (obs,) = run_distributed(_fresh_build_worker, 1, fresh=True, output_dir=str(tmp_path))
-    assert obs["imported_before"] is False  # the situation the test is about
-    assert obs["layers"] == 8
+    assert fresh_build["imported_before"] is False  # the situation the test is about
+    assert fresh_build["layers"] == 8
+
+
+def test_zero3_starts_without_compiling_deepspeeds_inference_all_reduce(fresh_build):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce (a minute, a C++ compiler) for
+    tensor-parallel inference, which training never calls."""
+    assert fresh_build["shm_op"] is None
+    assert fresh_build["builder_restored"]

@@ -1,5 +1,6 @@
 """Activation offload: the saved-tensor round trip gives the same gradients and never copies parameters."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -55,3 +56,47 @@ def test_offloaded_activations_give_the_same_gradients_and_skip_parameters(monke
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     # with recomputation only each block's input is saved, plus the output the loss's pow keeps
     assert len(copied) == 4 and all(t.shape == x.shape for t in copied)
+
+
+def _release(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """What DeepSpeed ZeRO-3 does after a module's forward: each parameter's data becomes an empty tensor."""
+    gathered = {p: p.data for p in model.parameters()}
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype)
+    return gathered
+
+
+def test_saved_parameter_views_by_reference_free_released_weights_and_give_the_same_gradients():
+    """The transposed weight a linear saves keeps a released parameter's storage alive unless kept by
+    reference; by reference, backward rebuilds it from the data gathered again, with the same gradients."""
+    torch.manual_seed(0)
+    model = _Block(64)
+    x = torch.randn(32, 64, requires_grad=True)  # so that both linears save their weight for the input's gradient
+    model(x).pow(2).sum().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for by_reference in (False, True):
+        model.zero_grad(set_to_none=True)
+        with offload_saved_tensors(torch.device("cpu"), enabled=False, parameters_by_reference=by_reference):
+            loss = model(x).pow(2).sum()
+        gathered = _release(model)
+        freed = {p: storage.untyped_storage()._weak_ref() for p, storage in gathered.items()}
+        weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+        # restored as DeepSpeed gathers them again: a new tensor with the same values
+        restored = {p: t.clone() for p, t in gathered.items()}
+        del gathered
+        alive = [not torch.UntypedStorage._expired(freed[p]) for p in weights]
+        assert alive == [not by_reference] * len(weights)
+        for p, t in restored.items():
+            p.data = t
+        loss.backward()
+        for a, b in zip(reference, [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_parameter_released_before_its_backward_names_the_problem():
+    model = _Block(16)
+    with offload_saved_tensors(torch.device("cpu"), enabled=False, parameters_by_reference=True):
+        loss = model(torch.randn(4, 16)).sum()
+    _release(model)
+    with pytest.raises(RuntimeError, match="released it before that module's backward"):
+        loss.backward()
