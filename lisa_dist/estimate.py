@@ -49,8 +49,13 @@ NOT_MODELLED = {
 
 
 def _schedule(config: Config) -> list[int]:
-    """Two steps of one interval and the first step of the next, so a LISA switch is included."""
-    return [0, 1] if config.method == "full" else [0, 1, config.lisa.interval]
+    """The first step, which creates the optimizer state; the second, which starts with it (not for LOMO and
+    plain SGD: they keep nothing between steps, and the second step peaks exactly as the first); with LISA
+    the first step of the next interval, so a switch is included."""
+    o = config.optim
+    stateless = o.name == "lomo" or (o.name == "sgd" and o.momentum == 0)
+    first = [0] if stateless else [0, 1]
+    return first if config.method == "full" else [*first, config.lisa.interval]
 
 
 def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
