@@ -119,8 +119,9 @@ def main(argv: list[str]) -> None:
         total = 0.0
         with tracker if tracker is not None else contextlib.nullcontext():
             for i, batch in enumerate(micro_batches):
-                loss = loss_sum(model, None, batch, 0, runtime.device) * (runtime.world_size / targets.item())
-                total += loss.item()
+                summed = loss_sum(model, None, batch, 0, runtime.device)
+                total += summed.item()
+                loss = summed * (runtime.world_size / targets.item())
                 if name == "zero3_adamw" or i == len(micro_batches) - 1:
                     backward_and_step(loss)
                 else:
@@ -131,7 +132,9 @@ def main(argv: list[str]) -> None:
         peak = tracker.peak if tracker is not None else torch.cuda.max_memory_allocated(runtime.device)
         peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(runtime.world_size)]
         dist.all_gather(peaks, torch.tensor([float(peak)], dtype=torch.float64))
-        records.append({"step": step + 1, "loss": total, "step_time_s": seconds,
+        total_loss = torch.tensor([total], dtype=torch.float64)
+        dist.all_reduce(total_loss)  # the mean token loss over the global batch, as lisa-dist train logs it
+        records.append({"step": step + 1, "loss": total_loss.item() / targets.item(), "step_time_s": seconds,
                         "peak_mem_gib": max(p.item() for p in peaks) / (1 << 30)})
     if runtime.rank == 0:
         out.write_text(json.dumps({"name": name, "records": records,
