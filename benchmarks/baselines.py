@@ -31,17 +31,32 @@ from lisa_dist.models.build import DTYPES
 from lisa_dist.train import prepare
 
 
-def _model(config: Config, hf_config: transformers.PretrainedConfig, device: torch.device) -> torch.nn.Module:
+def _check(config: Config) -> None:
+    """What the baselines do not do is refused, not silently left out."""
+    unsupported = {"train.dtype=fp16 (no loss scaling here)": config.train.dtype == "fp16",
+                   "model.activation_checkpointing": config.model.activation_checkpointing,
+                   "model.activation_offload": config.model.activation_offload,
+                   "train.loss_chunk_tokens": bool(config.train.loss_chunk_tokens)}
+    named = [key for key, on in unsupported.items() if on]
+    if named:
+        raise SystemExit(f"benchmarks.baselines: {', '.join(named)} not supported by the baselines; leave it at "
+                         "its default or compare with --runs lisa_dist_* only")
+
+
+def _model(config: Config, hf_config: transformers.PretrainedConfig, device: torch.device,
+           dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     hf_config._attn_implementation = config.model.attn_implementation
     with device:
-        return transformers.AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[config.train.dtype])
+        return transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
 def _fsdp2_adamw(config: Config, hf_config, device: torch.device):
-    model = _model(config, hf_config, device)
+    # fp32 parameters (AdamW's masters) computed in the training dtype: FSDP2's mixed-precision recipe
+    model = _model(config, hf_config, device, torch.float32)
     dtype = DTYPES[config.train.dtype]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=dtype,
+                                  reduce_dtype=torch.float32 if config.train.reduce_dtype == "fp32" else dtype)
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
@@ -51,6 +66,8 @@ def _fsdp2_adamw(config: Config, hf_config, device: torch.device):
 
     def backward_and_step(loss: torch.Tensor) -> None:
         loss.backward()
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -68,22 +85,25 @@ def _zero3_adamw(config: Config, hf_config, device: torch.device):
     ds_config = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
                  "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dist.get_world_size()),
                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": t.dtype == "bf16"},
+                 "gradient_clipping": o.max_grad_norm,
                  "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                            "weight_decay": o.weight_decay, "torch_adam": True}}}
-    _model(config, hf_config, torch.device("meta"))  # the model code imported outside zero.Init (docs/zero3.md)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = _model(config, hf_config, device)
+    _model(config, hf_config, torch.device("meta"), torch.float32)  # model code imported outside zero.Init
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):  # the dtype from the config's bf16 block
+        model = _model(config, hf_config, device, torch.float32)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, model_parameters=model.parameters())
 
     def backward_and_step(loss: torch.Tensor) -> None:
-        engine.backward(loss)
+        engine.backward(loss, scale_wrt_gas=False)  # the loss is already normalized over the global batch
         engine.step()
 
     def resident() -> list[torch.Tensor]:
         optimizer = engine.optimizer
         flat = [*getattr(optimizer, "fp16_partitioned_groups_flat", []), *getattr(optimizer, "fp32_partitioned_groups_flat", [])]
         state = [t for s in optimizer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        return [p.ds_tensor for p in model.parameters()] + flat + state
+        # with contiguous_gradients (its default) the gradient bucket of reduce_bucket_size elements
+        buckets = [b.buffer for b in getattr(optimizer, "ipg_buckets", {}).values() if getattr(b, "buffer", None) is not None]
+        return [p.ds_tensor for p in model.parameters()] + flat + state + buckets
 
     return engine, backward_and_step, resident
 
@@ -94,6 +114,7 @@ BASELINES = {"fsdp2_adamw": _fsdp2_adamw, "zero3_adamw": _zero3_adamw}
 def main(argv: list[str]) -> None:
     name, config_path, out = argv[0], argv[1], Path(argv[2])
     config = load_config(config_path, argv[3:])
+    _check(config)
     env = read_launch_env()
     source, sequences, _ = prepare(config, env.world_size)
     runtime = init_distributed(env, config.engine.timeout_s)

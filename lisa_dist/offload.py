@@ -48,8 +48,11 @@ class _ParameterView(NamedTuple):
     numel: int  # of the parameter's data then
 
     @classmethod
-    def of(cls, view: torch.Tensor) -> "_ParameterView":
+    def of(cls, view: torch.Tensor) -> "_ParameterView | None":
+        """None unless `view` is a view of the parameter's current data (same storage, same dtype)."""
         param = view._base
+        if view.dtype != param.dtype or view.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():
+            return None
         return cls(param, tuple(view.shape), view.stride(), view.storage_offset() - param.storage_offset(),
                    param.numel())
 
@@ -60,6 +63,21 @@ class _ParameterView(NamedTuple):
                                f"({data.numel()} elements gathered, {self.numel} when it was saved): the engine "
                                "released it before that module's backward")
         return data.as_strided(self.size, self.stride, data.storage_offset() + self.offset)
+
+
+class _Kept(NamedTuple):
+    """A saved tensor kept as it is. Autograd checks no version of tensors that pass through saved-tensor
+    hooks, so the check that an in-place change did not overwrite it is done here."""
+
+    tensor: torch.Tensor
+    version: int
+
+    def check(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: a tensor of shape {tuple(self.tensor.shape)} is at version "
+                               f"{self.tensor._version}; expected version {self.version} instead")
+        return self.tensor
 
 
 @contextlib.contextmanager
@@ -75,19 +93,22 @@ def offload_saved_tensors(host: torch.device, enabled: bool = True,
         yield
         return
 
-    def pack(t: torch.Tensor) -> torch.Tensor | _ParameterView | tuple[torch.device, torch.Tensor]:
+    def pack(t: torch.Tensor) -> torch.Tensor | _ParameterView | _Kept | tuple[torch.device, torch.Tensor]:
         if _is_parameter(t):
             # a parameter itself is kept as the same object, whose data the engine swaps back in
-            return _ParameterView.of(t) if parameters_by_reference and t._base is not None else t
+            view = _ParameterView.of(t) if parameters_by_reference and t._base is not None else None
+            return t if view is None else view
         if not enabled or t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
-            return t
+            return _Kept(t, t._version)
         return t.device, to_host(t, host, non_blocking=True)
 
-    def unpack(packed: torch.Tensor | _ParameterView | tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+    def unpack(packed: torch.Tensor | _ParameterView | _Kept | tuple[torch.device, torch.Tensor]) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
         if isinstance(packed, _ParameterView):
             return packed.rebuild()
+        if isinstance(packed, _Kept):
+            return packed.check()
         device, stored = packed
         return stored.to(device, non_blocking=True)
 

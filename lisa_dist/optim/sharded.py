@@ -121,11 +121,15 @@ class ShardedOptimizer:
         self.access.release_grad(slot.param)
 
     def full_grad(self, slot: _Slot) -> torch.Tensor | None:
-        """This step's fp32 gradient shard: the accumulator plus the last micro-batch's gradient."""
+        """This step's fp32 gradient shard: the accumulator plus the last micro-batch's gradient. The last
+        gradient is folded in once and freed, so asking again (the norm, then the update) gives the same sum."""
         grad = self.access.local_grad(slot.param)
         if slot.grad_accum is None:
             return None if grad is None else grad.float()
-        return slot.grad_accum if grad is None else slot.grad_accum.add_(grad)
+        if grad is not None:
+            slot.grad_accum.add_(grad)
+            self.access.release_grad(slot.param)
+        return slot.grad_accum
 
     def grad_sq_sum(self) -> torch.Tensor:
         """Sum of squared local gradient shards (fp32), before any scaling."""

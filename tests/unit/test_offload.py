@@ -100,3 +100,25 @@ def test_a_parameter_released_before_its_backward_names_the_problem():
     _release(model)
     with pytest.raises(RuntimeError, match="released it before that module's backward"):
         loss.backward()
+
+
+def test_an_in_place_change_to_a_saved_tensor_is_still_refused_under_the_hooks():
+    """Autograd skips its version check for tensors that pass through saved-tensor hooks; the hooks do it."""
+    x = torch.randn(8, requires_grad=True)
+    with offload_saved_tensors(torch.device("cpu"), enabled=False, parameters_by_reference=True):
+        y = x.exp()  # exp saves its output
+        y.mul_(3)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_a_view_of_data_the_parameter_no_longer_holds_is_kept_as_it_is():
+    """A view saved before the engine swapped the parameter's data keeps its own values."""
+    w = nn.Parameter(torch.arange(4.0))
+    old = w.t()  # a view of the data w holds now
+    w.data = torch.zeros(4)  # the engine swapped in other data
+    x = torch.ones(4, requires_grad=True)
+    with offload_saved_tensors(torch.device("cpu"), enabled=False, parameters_by_reference=True):
+        loss = (x * old).sum()
+    loss.backward()
+    assert x.grad.tolist() == [0.0, 1.0, 2.0, 3.0]

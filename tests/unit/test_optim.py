@@ -125,3 +125,17 @@ def test_low_precision_gradients_accumulate_in_fp32():
     # in bf16, 1 + 1e-3 rounds back to 1 every time; the fp32 accumulator keeps all hundred
     assert total.dtype == torch.float32
     assert float(total[0]) == pytest.approx(1.0 + 100 * float(torch.tensor(1e-3, dtype=torch.bfloat16)), rel=1e-6)
+
+
+def test_the_last_micro_batch_counts_once_when_the_norm_is_taken_before_the_update():
+    """Post-backward path with accumulation: `grad_sq_sum` (for clipping) and then `step` both ask for the
+    accumulated gradient; the last micro-batch's gradient must be added once."""
+    p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = ShardedOptimizer(make_rule(OptimConfig(name="sgd", lr=1.0)), PLAIN)
+    opt.set_trainable({"p": p})
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.stash_grad("p")
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    assert float(opt.grad_sq_sum()) == 16.0  # (1 + 1)^2 over 4 elements
+    opt.step(UpdateOptions(lr=1.0))
+    assert p.data.tolist() == [-2.0] * 4
