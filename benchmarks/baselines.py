@@ -31,12 +31,16 @@ from lisa_dist.models.build import DTYPES
 from lisa_dist.train import prepare
 
 
-def _check(config: Config) -> None:
+def _check(config: Config, name: str) -> None:
     """What the baselines do not do is refused, not silently left out."""
     unsupported = {"train.dtype=fp16 (no loss scaling here)": config.train.dtype == "fp16",
                    "model.activation_checkpointing": config.model.activation_checkpointing,
                    "model.activation_offload": config.model.activation_offload,
-                   "train.loss_chunk_tokens": bool(config.train.loss_chunk_tokens)}
+                   "train.loss_chunk_tokens": bool(config.train.loss_chunk_tokens),
+                   "optim.schedule / optim.warmup_steps (the baselines keep lr constant)":
+                       config.optim.schedule != "constant" or config.optim.warmup_steps > 0,
+                   "train.reduce_dtype=param (DeepSpeed's baseline reduces as DeepSpeed chooses)":
+                       name == "zero3_adamw" and config.train.reduce_dtype != "fp32"}
     named = [key for key, on in unsupported.items() if on]
     if named:
         raise SystemExit(f"benchmarks.baselines: {', '.join(named)} not supported by the baselines; leave it at "
@@ -114,7 +118,7 @@ BASELINES = {"fsdp2_adamw": _fsdp2_adamw, "zero3_adamw": _zero3_adamw}
 def main(argv: list[str]) -> None:
     name, config_path, out = argv[0], argv[1], Path(argv[2])
     config = load_config(config_path, argv[3:])
-    _check(config)
+    _check(config, name)
     env = read_launch_env()
     source, sequences, _ = prepare(config, env.world_size)
     runtime = init_distributed(env, config.engine.timeout_s)
