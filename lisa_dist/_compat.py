@@ -8,6 +8,8 @@ before any training code does.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,9 @@ PRIVATE = [
             "replaced by a device-wide-only update (the per-module walk was most of a 70B estimate's time)"),
     Private("torch.distributed._tools.mem_tracker:MemTracker._update_and_maybe_create_winfos",
             "files optimizer state created outside the tracked modules as such"),
+    Private("torch.distributed._tools.mem_tracker:MemTracker._update_snap",
+            "charges the storages FSDP2's parameter offload keeps in host memory to the host under `estimate`"),
+    Private("torch.distributed._tools.mem_tracker:_UpdateType", "the kinds of snapshot update"),
     Private("torch.utils._python_dispatch:TorchDispatchMode", "CPU storage accounting sees every op's outputs",
             export="TorchDispatchMode"),
     Private("torch.utils._pytree:tree_flatten", "the tensors among an op's outputs", export="tree_flatten"),
@@ -162,12 +167,19 @@ def fake_process_group(world_size: int) -> None:
                             rank=0, world_size=world_size)
 
 
-def peak_tracker(model: nn.Module) -> Any:
+def peak_tracker(model: nn.Module, host: torch.device | None = None, host_categories: frozenset = frozenset()) -> Any:
     """torch's FSDP2 memory tracker keeping only the device-wide peak. Its own update also records a peak
     per module, walking every tracked module after each op: at 70B that walk was 71 % of `estimate`'s
-    time, for per-module figures it never reads. The device-wide peak is computed as there."""
+    time, for per-module figures it never reads. The device-wide peak is computed as there.
+
+    Storages filed under `host_categories` (members of `FSDP_CATEGORY`) count on the `host` device
+    instead of their own, also when they are refiled there later: FSDP2's parameter offload keeps the
+    shards, their gradients and the optimizer state in host memory, but under `estimate` those are on the
+    fake device, the same as the compute's. So do storages created inside `tracker.on_host()`: the work
+    done where an offloaded shard lives (its update, on the host's processor)."""
     tracker_class = resolve("torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker")
     total = resolve("torch.distributed._tools.mem_tracker:_TOTAL_KEY")
+    update = resolve("torch.distributed._tools.mem_tracker:_UpdateType")
 
     class PeakTracker(tracker_class):
         def _update_peak_stats(self, peak_state: Any) -> None:
@@ -176,8 +188,37 @@ def peak_tracker(model: nn.Module) -> Any:
                     self._peak_mem[device] = snapshot[total]
                     self._peak_mem_snap[device] = deepcopy(snapshot)
 
+        def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
+                         old_reftype: Any = None) -> None:
+            if host is None:
+                return super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+            home = winfo.__dict__.setdefault("home_device", host if self.host_depth else winfo.device)
+
+            def device_of(reftype: Any) -> torch.device:
+                return host if reftype in host_categories else home
+
+            if u_type == update.REF and device_of(old_reftype) != device_of(winfo.reftype):
+                # refiled across the boundary: leave the old device's snapshot, join the new one's
+                new = winfo.reftype
+                winfo.reftype, winfo.device = old_reftype, device_of(old_reftype)
+                super()._update_snap(update.DEL, winfo)
+                winfo.reftype, winfo.device = new, device_of(new)
+                return super()._update_snap(update.ADD, winfo)
+            winfo.device = device_of(winfo.reftype)
+            return super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+
         def track_optimizer_state(self, tensor: torch.Tensor) -> None:
             self._update_and_maybe_create_winfos(tensor, category.OPT)
 
+        @contextmanager
+        def on_host(self) -> Iterator[None]:
+            self.host_depth += 1
+            try:
+                yield
+            finally:
+                self.host_depth -= 1
+
     category = resolve(_EXPORTS["FSDP_CATEGORY"])
-    return PeakTracker(model)
+    tracker = PeakTracker(model)
+    tracker.host_depth = 0
+    return tracker

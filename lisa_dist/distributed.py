@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,21 @@ def sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = t.to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def in_place_sum(device: torch.device, group: Any = None) -> Callable[[torch.Tensor], None]:
+    """Sums a tensor over the ranks of `group` in place, through `device` when the tensor is elsewhere. With
+    FSDP2's parameter offload a shard's statistics (AdaLomo's) are made in host memory; `init_distributed`
+    gives CPU tensors a gloo backend, but a process group another launcher started (accelerate, the HF
+    Trainer) may be NCCL alone, which reduces only device tensors."""
+    def reduce_sum(t: torch.Tensor) -> None:
+        if t.device == device:
+            dist.all_reduce(t, group=group)
+            return
+        moved = t.to(device)
+        dist.all_reduce(moved, group=group)
+        t.copy_(moved)
+    return reduce_sum
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -74,11 +74,14 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
         with FakeTensorMode(allow_non_fake_inputs=True):
             core = TrainingCore.build(config, runtime, source, mesh=mesh, shapes_only=True)
             trainer = Trainer(config, runtime, source, sequences, core=core)
-            peak, host_peak = _tracked_peak(trainer, _schedule(config))
+            peak, host_peak = _tracked_peak(trainer, _schedule(config), config.engine.offload_params)
+            staging = _host_to_device_staging(core.model) if config.engine.offload_params else 0
     finally:
         dist.destroy_process_group()
     categories = {CATEGORIES.get(k, str(k)): v / GIB for k, v in peak.items() if k != "Total"}
-    total = peak["Total"] / GIB
+    if staging:
+        categories["host_to_device_copies"] = staging / GIB
+    total = (peak["Total"] + staging) / GIB
     return {"peak_gib": total, "fits": total <= gpu_mem_gib - reserve_gib, "world_size": world_size,
             "gpu_mem_gib": gpu_mem_gib, "reserve_gib": reserve_gib, "budget_gib": gpu_mem_gib - reserve_gib,
             "host_offload_gib": host_peak / GIB, "categories": categories, "method": config.method, "optim": config.optim.name,
@@ -97,9 +100,28 @@ def _not_modelled(config: Config) -> dict[str, str]:
     return out
 
 
-def _tracked_peak(trainer: Trainer, steps: list[int]) -> tuple[dict[Any, int], int]:
+# With FSDP2's parameter offload these live in host memory. The fake device stands for both the GPU and
+# the host's processor, so the tracker files them, and what each shard's update allocates, on the host.
+OFFLOADED = frozenset({C.SHARDED_PARAM, C.SHARDED_GRAD, C.OPT})
+HOST_WORK = ("_new_slot", "stash_grad", "full_grad", "apply")
+"""The `ShardedOptimizer` methods that allocate on the device of the shard they work on."""
+
+
+def _tracked_peak(trainer: Trainer, steps: list[int], offload_params: bool = False) -> tuple[dict[Any, int], int]:
     """Rank 0's device peak by category, and the peak bytes it keeps in host memory."""
-    tracker = peak_tracker(trainer.core.model)
+    host = torch.device("meta")
+    tracker = peak_tracker(trainer.core.model, host, OFFLOADED) if offload_params else peak_tracker(trainer.core.model)
+    if offload_params:  # a shard's state, accumulation and update are made where the shard is: the host
+        optimizer = trainer.core.optimizer
+
+        def on_host(method):
+            def wrapped(*args, **kwargs):
+                with tracker.on_host():
+                    return method(*args, **kwargs)
+            return wrapped
+
+        for name in HOST_WORK:
+            setattr(optimizer, name, on_host(getattr(optimizer, name)))
     with tracker:
         for step in steps:
             trainer.core.switch(step)  # before the step: new optimizer state is then filed as such
@@ -109,7 +131,26 @@ def _tracked_peak(trainer: Trainer, steps: list[int]) -> tuple[dict[Any, int], i
             trainer.train_step(step)
     snapshot = tracker.get_tracker_snapshot("peak")
     device_peak = snapshot.get(torch.device("cpu"), {"Total": 0})
-    return device_peak, snapshot.get(torch.device("meta"), {}).get("Total", 0)
+    return device_peak, snapshot.get(host, {}).get("Total", 0)
+
+
+def _host_to_device_staging(model: torch.nn.Module) -> int:
+    """Bytes of the largest FSDP2 unit's local shards in the compute dtype. With parameter offload FSDP2
+    copies them to the device before each all-gather, and the copies live until the all-gather's input
+    is filled. Under `estimate` the copy is from the fake device to itself, which allocates nothing, so it
+    is added here: at most one unit's copies exist at a time, and counting them at the peak is an upper
+    bound (they are transient)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    largest = 0
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        if group is not None:
+            largest = max(largest, sum(p.padded_sharded_param_size.numel() * p.param_dtype.itemsize
+                                       if p.param_dtype is not None else
+                                       p.padded_sharded_param_size.numel() * p.sharded_param.element_size()
+                                       for p in group.fsdp_params))
+    return largest
 
 
 def print_estimate(result: dict[str, Any], as_json: bool) -> None:

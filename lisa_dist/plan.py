@@ -25,6 +25,10 @@ from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.validation import check_world_size
 
 
+PCIE_GIB_S = 25.0
+"""A PCIe 4.0 x16 link's practical rate in each direction (32 GB/s raw), for the time `plan` prints beside
+the host-device bytes: the two directions run at once, and FSDP2 overlaps its copies with compute."""
+
 # Levers in the order `plan` tries them: cheapest in speed first (docs/estimate.md measures each cost).
 LEVERS: list[tuple[str, Any]] = [
     ("train.reduce_dtype", "param"),  # half the gradient traffic, bf16 summation
@@ -33,6 +37,7 @@ LEVERS: list[tuple[str, Any]] = [
     ("engine.split_layers", True),  # more, smaller all-gathers and reduce-scatters per layer
     ("model.activation_offload", True),  # two host-device copies of each layer input per step
     ("optim.offload_state", True),  # two host-device copies of the active optimizer state per step
+    ("engine.offload_params", True),  # FSDP2: every all-gather's shards from the host, the update on its processor
 ]
 
 
@@ -167,11 +172,22 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     layer, block = max(shape.layers), shape.largest_block
     zero3 = c.engine.name == "zero3"
     prefetch, kept, offload_params = _zero3_gathered(c, n, shape.total, layer) if zero3 else (layer, 0, False)
+    # FSDP2's parameter offload keeps the shards in host memory, and with them their gradients, the
+    # optimizer state and each update (FSDP2 copies gradients to the host after the reduce-scatter); the
+    # device holds one unit's shards copied in for its all-gather.
+    fsdp2_offload = c.engine.offload_params and not zero3
     per_layer, held_layers = _saved_activations(c, shape, tokens, p)
     checkpoints = 0.0 if c.model.activation_offload else held_layers * per_layer
     all_grads, mid_backward_grads = _gradient_bytes(c, shape, n, p)
-    resident = {"sharded_params": 0.0 if offload_params else shape.total * p / n,
-                "optimizer_state": 0.0 if c.optim.offload_state else state_bytes}
+    host_grads = all_grads if fsdp2_offload else 0.0
+    if fsdp2_offload:
+        all_grads = mid_backward_grads = 0.0
+    state_on_host = c.optim.offload_state or fsdp2_offload
+    resident = {"sharded_params": 0.0 if offload_params or fsdp2_offload else shape.total * p / n,
+                "optimizer_state": 0.0 if state_on_host else state_bytes}
+    if fsdp2_offload:
+        unit = block if c.engine.split_layers else layer
+        resident["host_to_device_copies"] = max(unit, shape.embeddings, shape.head + shape.norm) * p / n
 
     # A layer's backward: the gathered layer, the next one prefetched (FSDP2 without split: a whole layer;
     # ZeRO-3: its prefetch bucket or what it keeps for reuse), the previous unit's reduce-scatter input,
@@ -198,8 +214,8 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
         phases["update"] = {"sharded_grads": all_grads, "temporaries": shape.largest_param / n * (12 + staged)}
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     phase = max(totals, key=totals.get)
-    host = ((shape.total * p / n if offload_params else 0) + (state_bytes if c.optim.offload_state else 0)
-            + (len(shape.layers) * per_layer if c.model.activation_offload else 0))
+    host = ((shape.total * p / n if offload_params or fsdp2_offload else 0) + (state_bytes if state_on_host else 0)
+            + host_grads + (len(shape.layers) * per_layer if c.model.activation_offload else 0))
     return {**resident, **phases[phase], "peak": sum(resident.values()) + totals[phase], "phase": phase,
             "host": host}
 
@@ -218,6 +234,33 @@ def plan_communication(config: Config, shape: ModelShape, world_size: int) -> di
     return {"all_gather": all_gather, "reduce_scatter": reduce_scatter, "total": all_gather + reduce_scatter}
 
 
+def plan_host_traffic(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
+    """Bytes each rank copies between host and device memory per optimizer step (PCIe on a GPU machine):
+    offloaded parameter shards to the device for every all-gather, with FSDP2 their gradient shards back
+    after every reduce-scatter; offloaded activations both ways; offloaded optimizer state both ways for
+    each update (not with FSDP2's parameter offload, where the update runs on the host)."""
+    c, n = config, world_size
+    p = 2 if c.train.dtype in ("bf16", "fp16") else 4
+    r = 4 if c.train.reduce_dtype == "fp32" else p
+    zero3 = c.engine.name == "zero3"
+    micro_batches = c.train.global_batch_size // (c.train.micro_batch_size * n)
+    passes = micro_batches * (2 if c.optim.name in ("lomo", "adalomo") and c.optim.fused_precheck else 1)
+    offload_params = _zero3_gathered(c, n, shape.total, max(shape.layers))[2] if zero3 else c.engine.offload_params
+    to_device = to_host = 0.0
+    if offload_params:
+        gathers = 2 if c.engine.reshard_after_forward or zero3 else 1
+        to_device += shape.total * p / n * gathers * passes
+        to_host += 0.0 if zero3 else shape.trainable(c) * r / n * passes
+    if c.model.activation_offload:
+        per_layer = _saved_activations(c, shape, c.train.micro_batch_size * c.data.seq_len, p)[0]
+        to_device += len(shape.layers) * per_layer * passes
+        to_host += len(shape.layers) * per_layer * passes
+    if c.optim.offload_state and not (offload_params and not zero3):
+        state = shape.trainable(c) * _state_bytes_per_param(c) / n
+        to_device, to_host = to_device + state, to_host + state
+    return {"to_device": to_device, "to_host": to_host, "total": to_device + to_host}
+
+
 def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB,
              suggest: bool = True) -> dict[str, Any]:
     from lisa_dist.models.build import check_against_model, load_hf_config
@@ -229,6 +272,7 @@ def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: f
     budget = gpu_mem_gib - reserve_gib
     memory = plan_memory(config, shape, world_size)
     comm = plan_communication(config, shape, world_size)
+    traffic = plan_host_traffic(config, shape, world_size)
     result: dict[str, Any] = {
         "engine": config.engine.name, "method": config.method, "optim": config.optim.name,
         "world_size": world_size, "parameters": shape.total, "trainable": shape.trainable(config),
@@ -237,6 +281,7 @@ def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: f
         "host_offload_gib": memory["host"] / GIB,
         "categories": {k: v / GIB for k, v in memory.items() if k not in ("peak", "phase", "host")},
         "send_gib_per_step": {k: v / GIB for k, v in comm.items()},
+        "host_device_gib_per_step": {k: v / GIB for k, v in traffic.items()},
     }
     if suggest:
         result["suggestion"] = suggest_levers(config, shape, world_size, budget)
@@ -244,17 +289,22 @@ def run_plan(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: f
 
 
 def suggest_levers(config: Config, shape: ModelShape, world_size: int, budget_gib: float) -> dict[str, Any] | None:
-    """The cheapest set of levers (fewest, then cheapest by LEVERS order) under which the plan fits."""
+    """The cheapest set of levers (fewest, then cheapest by LEVERS order) under which the plan fits.
+    Parameter offload is the last resort, tried only when nothing without it fits: it copies every shard
+    to the device for each all-gather and runs the update on the host."""
     available = [(key, value) for key, value in LEVERS if _get(config, key) != value
-                 and not (key == "engine.split_layers" and config.engine.name == "zero3")]
-    for size in range(len(available) + 1):
-        for combo in itertools.combinations(available, size):
-            candidate = config
-            for key, value in combo:
-                candidate = _set(candidate, key, value)
-            peak = plan_memory(candidate, shape, world_size)["peak"] / GIB
-            if peak <= budget_gib:
-                return {"overrides": [f"{key}={json.dumps(value)}" for key, value in combo], "peak_gib": peak}
+                 and not (key in ("engine.split_layers", "engine.offload_params") and config.engine.name == "zero3")]
+    cheap = [lever for lever in available if lever[0] != "engine.offload_params"]
+    last_resort = [lever for lever in available if lever[0] == "engine.offload_params"]
+    ordered = [combo for size in range(len(cheap) + 1) for combo in itertools.combinations(cheap, size)]
+    for combo in ordered + [(*combo, *last_resort) for combo in ordered if last_resort]:
+        candidate = config
+        for key, value in combo:
+            candidate = _set(candidate, key, value)
+        memory = plan_memory(candidate, shape, world_size)
+        if memory["peak"] / GIB <= budget_gib:
+            return {"overrides": [f"{key}={json.dumps(value)}" for key, value in combo],
+                    "peak_gib": memory["peak"] / GIB, "host_offload_gib": memory["host"] / GIB}
     return None
 
 
@@ -282,9 +332,17 @@ def print_plan(result: dict[str, Any], as_json: bool) -> None:
     send = result["send_gib_per_step"]
     print(f"sends per rank per step: {send['total']:.2f} GiB (all-gather {send['all_gather']:.2f}, "
           f"reduce-scatter {send['reduce_scatter']:.2f})")
+    copies = result["host_device_gib_per_step"]
+    if copies["total"]:
+        print(f"host-device copies per rank per step: {copies['to_device']:.2f} GiB to the device, "
+              f"{copies['to_host']:.2f} GiB to the host (at least "
+              f"{max(copies['to_device'], copies['to_host']) / PCIE_GIB_S:.1f} s on a PCIe 4.0 x16 link, "
+              f"{PCIE_GIB_S:g} GiB/s each way)")
     suggestion = result.get("suggestion")
     if not result["fits"]:
         if suggestion is None:
             print("no combination of levers fits: add ranks (--world-size) or use a larger card")
         else:
-            print(f"cheapest settings that fit ({suggestion['peak_gib']:.2f} GiB): {' '.join(suggestion['overrides'])}")
+            host = f", {suggestion['host_offload_gib']:.2f} GiB of host memory per rank" if suggestion["host_offload_gib"] else ""
+            print(f"cheapest settings that fit ({suggestion['peak_gib']:.2f} GiB{host}): "
+                  f"{' '.join(suggestion['overrides'])}")

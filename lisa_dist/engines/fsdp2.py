@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -14,6 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist._compat import compute_local_shape_and_global_offset, lazy_init_fsdp
+from lisa_dist.distributed import in_place_sum
 from lisa_dist.engines.base import Engine
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
@@ -142,7 +142,7 @@ class FSDP2Engine(Engine):
         row_numel = param.numel() // param.shape[0] if param.dim() else 1
         group = param.device_mesh.get_group()
         return ShardInfo(global_shape=tuple(param.shape), flat_start=(offset[0] if offset else 0) * row_numel,
-                         numel=self.local_shard(param).numel(), reduce_sum=lambda t: dist.all_reduce(t, group=group))
+                         numel=self.local_shard(param).numel(), reduce_sum=in_place_sum(self.runtime.device, group))
 
     def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
         # FSDP2 runs post-accumulate-grad hooks on the sharded parameter right after its reduce-scatter

@@ -4,6 +4,8 @@ import pytest
 
 from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
+from lisa_dist.memory import GIB
+from lisa_dist.plan import ModelShape
 from tests.cli.test_train_cli import REPO
 from tests.helpers import run_distributed, start_trainer, tiny_config
 
@@ -74,3 +76,19 @@ def test_offload_moves_optimizer_state_and_checkpointed_activations_to_host_memo
     # LOMO peaks in backward, where the checkpointed layer inputs are
     assert offloaded_lomo["categories"]["activations"] < resident_lomo["categories"]["activations"]
     assert offloaded_lomo["host_offload_gib"] > 0 and offloaded_lomo["peak_gib"] < resident_lomo["peak_gib"]
+
+
+def test_parameter_offload_keeps_shards_gradients_and_updates_in_host_memory():
+    """engine.offload_params (FSDP2's CPUOffloadPolicy): the shards, their gradients, the optimizer state and
+    each update are on the host. Op for op the step is the same, so at every moment the device holds at most
+    what it held without offload, less the shards, plus one unit's shards copied in for its all-gather."""
+    common = [*TINY, *SHALLOW_7B, "model.activation_checkpointing=true", "train.dtype=bf16"]
+    resident, offloaded = estimates(common, [*common, "engine.offload_params=true"])
+    on_card, off_card = resident["categories"], offloaded["categories"]
+    assert on_card["sharded_params"] > 0 and on_card["optimizer_state"] > 0 and resident["host_offload_gib"] == 0
+    assert off_card["sharded_params"] == off_card["optimizer_state"] == off_card["sharded_grads"] == 0
+    assert offloaded["host_offload_gib"] >= on_card["sharded_params"] + on_card["optimizer_state"]
+    shape = ModelShape.of(load_config(REPO / "configs" / "tiny.yaml", common))
+    largest_unit = max(max(shape.layers), shape.embeddings, shape.head + shape.norm)
+    assert off_card["host_to_device_copies"] * GIB == largest_unit * 2 // 2  # bf16, 2 ranks: FSDP2's own sizes
+    assert offloaded["peak_gib"] <= resident["peak_gib"] - on_card["sharded_params"] + off_card["host_to_device_copies"]
