@@ -1,6 +1,6 @@
 """Median step time and peak memory per rank, side by side in one invocation: plain FSDP2 + AdamW,
 DeepSpeed ZeRO-3 + AdamW (`benchmarks/baselines.py`), and lisa_dist's methods on both engines. Each run is
-its own 2-rank launch, one after another; the first step is left out of the medians (it builds optimizer
+its own launch (2 ranks unless `--nproc`), one after another; the first step is left out of the medians (it builds optimizer
 state and, on ZeRO-3, DeepSpeed's prefetch trace).
 
     .venv/bin/python -m benchmarks.speed_memory                      # issue 17's shape (docs/zero3.md)
@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lisa_dist.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "benchmarks" / "shapes" / "issue17_lomo.yaml"
 LOWMEM = str(REPO / "configs" / "deepspeed" / "zero3_lowmem.json")
@@ -37,31 +39,34 @@ RUNS: dict[str, str | list[str]] = {
 }
 
 
-def _torchrun(*args: str) -> None:
+def _torchrun(*args: str, nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", *args], cwd=REPO, env=env,
+    done = subprocess.run([str(torchrun), "--nproc_per_node", str(nproc), *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
 
 
-def run_one(name: str, config: Path, overrides: list[str], steps: int, out: Path) -> dict:
+def run_one(name: str, config: Path, overrides: list[str], steps: int, out: Path, nproc: int = 2) -> dict:
     common = [f"max_steps={steps}", "save_every=0", f"output_dir={out / name}", "overwrite=true", *overrides]
     spec = RUNS[name]
     if isinstance(spec, str):
         (out / name).mkdir(parents=True, exist_ok=True)
         result = out / name / "result.json"
         _torchrun("-m", "benchmarks.baselines", spec, str(config), str(result), *common, "method=full",
-                  "optim.name=adamw", f"optim.lr={LR['adamw']}")
+                  "optim.name=adamw", f"optim.lr={LR['adamw']}", nproc=nproc)
         records = json.loads(result.read_text())["records"]
     else:
-        _torchrun("-m", "lisa_dist", "train", str(config), *common, *spec, "progress_bar=false")
+        _torchrun("-m", "lisa_dist", "train", str(config), *common, *spec, "progress_bar=false", nproc=nproc)
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if "step_time_s" in r]
     later = records[1:]
-    return {"name": name, "median_step_s": statistics.median(r["step_time_s"] for r in later),
+    job = load_config(config, overrides)
+    median = statistics.median(r["step_time_s"] for r in later)
+    tokens = job.train.global_batch_size * job.data.seq_len  # positions per step (all tokens when packed)
+    return {"name": name, "median_step_s": median, "tokens_per_s": tokens / median,
             "peak_mib": max(r["peak_mem_gib"] for r in records) * 1024,
             "final_loss": records[-1]["loss"]}
 
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per run (one GPU each on a GPU machine)")
     parser.add_argument("overrides", nargs="*", help="key=value changes to the config, for every run")
     args = parser.parse_args(argv)
     names = args.runs.split(",")
@@ -82,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 3 (the first step is left out of the medians)")
     out = args.out or Path(tempfile.mkdtemp(prefix="speed_memory_"))
     print(f"config {args.config} {' '.join(args.overrides)}; {args.steps} steps; medians over steps 2..{args.steps}")
-    print("| run | median step s | peak MiB per rank | loss at the last step |")
-    print("| --- | --- | --- | --- |")
+    print("| run | median step s | tokens/s, all ranks | peak MiB per rank | loss at the last step |")
+    print("| --- | --- | --- | --- | --- |")
     for name in names:
-        row = run_one(name, args.config, args.overrides, args.steps, out)
-        print(f"| {name} | {row['median_step_s']:.3f} | {row['peak_mib']:.1f} | {row['final_loss']:.4f} |", flush=True)
+        row = run_one(name, args.config, args.overrides, args.steps, out, args.nproc)
+        print(f"| {name} | {row['median_step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['peak_mib']:.1f} | "
+              f"{row['final_loss']:.4f} |", flush=True)
     return 0
 
 
