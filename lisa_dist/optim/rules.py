@@ -30,6 +30,22 @@ class UpdateRule(Protocol):
         """Update `master` (fp32, this rank's shard) in place. Rules that reduce across ranks must do so
         on every rank, also for empty shards, in the same order."""
 
+    def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                    states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
+                    shards: list[ShardInfo]) -> None:
+        """`update` of each (master, grad, state, step, shard), with torch's multi-tensor kernels where the
+        rule has them; the same numbers as one `update` after another."""
+
+
+class OneAtATime:
+    """`update_many` as a loop over `update`, for rules without a multi-tensor form."""
+
+    def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                    states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
+                    shards: list[ShardInfo]) -> None:
+        for master, grad, state, step, shard in zip(masters, grads, states, steps, shards):
+            self.update(master, grad, state, step, lr, shard)
+
 
 class AdamW:
     """Decoupled weight decay Adam, the same arithmetic as `torch.optim.AdamW` (amsgrad off)."""
@@ -46,17 +62,27 @@ class AdamW:
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
                step: int, lr: float, shard: ShardInfo) -> None:
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        self.update_many([master], [grad], [state], [step], lr, [shard])
+
+    def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                    states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
+                    shards: list[ShardInfo]) -> None:
+        """torch's multi-tensor AdamW (`torch.optim.AdamW(foreach=True)`, one kernel per operation for all
+        the shards on a GPU), with a step count per shard: LISA's layers enter at different steps."""
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         if self.weight_decay:
-            master.mul_(1 - lr * self.weight_decay)
-        exp_avg.lerp_(grad, 1 - self.beta1)
-        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        step_size = lr / (1 - self.beta1 ** step)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - self.beta2 ** step)).add_(self.eps)
-        master.addcdiv_(exp_avg, denom, value=-step_size)
+            torch._foreach_mul_(masters, 1 - lr * self.weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - self.beta1)
+        torch._foreach_mul_(exp_avg_sqs, self.beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - self.beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [math.sqrt(1 - self.beta2 ** step) for step in steps])
+        torch._foreach_add_(denoms, self.eps)
+        torch._foreach_addcdiv_(masters, exp_avgs, denoms, [-lr / (1 - self.beta1 ** step) for step in steps])
 
 
-class Sgd:
+class Sgd(OneAtATime):
     """SGD with optional momentum (no dampening) and L2 weight decay, as `torch.optim.SGD`.
 
     Fused without momentum it is LOMO (arXiv 2306.09782): no state at all.
@@ -84,7 +110,7 @@ class Sgd:
         master.add_(grad, alpha=-lr)
 
 
-class AdaLomo:
+class AdaLomo(OneAtATime):
     """AdaLomo (arXiv 2310.10195): factored second moment, grouped update normalization, relative step.
 
     Per matrix: exponential averages of the row and column means of g^2 + eps1 (decay 1 - t^decay_rate),

@@ -147,51 +147,77 @@ class ShardedOptimizer:
         a shard whose gradient is not finite keeps its value (and the rule sees zeros), without a host sync.
         Returns 1 if the gradient was non-finite. Besides the rule's own, one temporary of the shard's size:
         its value before the update, for the change sums and the guard."""
-        grad32 = grad.float()  # no copy when already fp32 (accumulated, or reduced in fp32)
+        return self.apply_many([slot], [grad], options, guard)[0]
+
+    @torch.no_grad()
+    def apply_many(self, slots: list[_Slot], grads: list[torch.Tensor], options: UpdateOptions,
+                   guard: bool = False) -> list[torch.Tensor]:
+        """`apply` to several shards at once, through the rule's multi-tensor form (`update_many`)."""
+        grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
         if options.grad_scale != 1.0:
-            grad32 = grad32.mul_(options.grad_scale)
-        finite = torch.isfinite(grad32).all() if guard else None
-        if guard:
-            grad32.masked_fill_(~finite, 0.0)
+            torch._foreach_mul_(grads32, options.grad_scale)
+        finite = [torch.isfinite(g).all() for g in grads32] if guard else []
+        for g, ok in zip(grads32, finite):
+            g.masked_fill_(~ok, 0.0)
         if options.clip_value:
-            grad32 = grad32.clamp_(-options.clip_value, options.clip_value)
-        slot.step += 1
-        master, state = slot.master, slot.state
-        if self.host is not None:  # offloaded: this shard's state comes to the device for its update only
-            device = slot.shard.device
-            master = None if master is None else master.to(device, non_blocking=True)
-            state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
-        target = master if master is not None else slot.shard.float()
-        before = target.clone()
-        self.rule.update(target, grad32, state, int(item(slot.step)), options.lr, slot.info)
-        if guard:
-            torch.where(finite, target, before, out=target)
-        # For the per-layer relative change ||dW|| / ||W||: two sums per shard, reduced per layer by the core.
-        slot.value_sq = squared_sum(before)
-        slot.change_sq = squared_sum(before.sub_(target))
-        del before
-        if self.host is not None:
-            for key, t in state.items():
-                slot.state[key].copy_(t)
-            if master is not None:
-                slot.master.copy_(master)
-        if target is not slot.shard:
-            if options.generator is not None and slot.shard.dtype == torch.bfloat16:
-                slot.shard.copy_(stochastic_round_bf16(target, options.generator))
-            else:
-                slot.shard.copy_(target)
-        return (~finite).to(torch.int64) if guard else torch.zeros((), dtype=torch.int64)
+            torch._foreach_clamp_min_(grads32, -options.clip_value)
+            torch._foreach_clamp_max_(grads32, options.clip_value)
+        masters, states = [], []
+        for slot in slots:
+            slot.step += 1
+            master, state = slot.master, slot.state
+            if self.host is not None:  # offloaded: this shard's state comes to the device for its update only
+                device = slot.shard.device
+                master = None if master is None else master.to(device, non_blocking=True)
+                state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
+            masters.append(master)
+            states.append(state)
+        targets = [master if master is not None else slot.shard.float() for master, slot in zip(masters, slots)]
+        befores = [target.clone() for target in targets]
+        self.rule.update_many(targets, grads32, states, [int(item(slot.step)) for slot in slots], options.lr,
+                              [slot.info for slot in slots])
+        for target, before, ok in zip(targets, befores, finite):
+            torch.where(ok, target, before, out=target)
+        for slot, master, state, target, before in zip(slots, masters, states, targets, befores):
+            # For the per-layer relative change ||dW|| / ||W||: two sums per shard, reduced per layer by the core.
+            slot.value_sq = squared_sum(before)
+            slot.change_sq = squared_sum(before.sub_(target))
+            if self.host is not None:
+                for key, t in state.items():
+                    slot.state[key].copy_(t)
+                if master is not None:
+                    slot.master.copy_(master)
+            if target is not slot.shard:
+                if options.generator is not None and slot.shard.dtype == torch.bfloat16:
+                    slot.shard.copy_(stochastic_round_bf16(target, options.generator))
+                else:
+                    slot.shard.copy_(target)
+        del befores
+        return [(~ok).to(torch.int64) for ok in finite] if guard else [torch.zeros((), dtype=torch.int64)] * len(slots)
 
     def step(self, options: UpdateOptions) -> int:
-        """Post-backward update of every trainable shard with a gradient; returns how many were updated."""
-        updated = 0
-        for slot in self.slots.values():
-            grad = self.full_grad(slot)
-            if grad is None:
-                continue
-            updated += 1
-            self.apply(slot, grad, options)
-        return updated
+        """Post-backward update of every trainable shard with a gradient; returns how many were updated.
+
+        Shards go to the rule together, in groups of at most the largest shard's elements: the multi-tensor
+        kernels then run over many shards at once while the fp32 gradients and values-before they need stay
+        within what one shard at a time would need for the largest. With offloaded state, one at a time (each
+        shard's state visits the device alone)."""
+        pending = [slot for slot in self.slots.values()
+                   if self.access.local_grad(slot.param) is not None or slot.grad_accum is not None]
+        budget = max((slot.shard.numel() for slot in pending), default=0) if self.host is None else 0
+        group: list[_Slot] = []
+        for slot in pending:
+            if group and sum(s.shard.numel() for s in group) + slot.shard.numel() > budget:
+                self._apply_group(group, options)
+                group = []
+            group.append(slot)
+        if group:
+            self._apply_group(group, options)
+        return len(pending)
+
+    def _apply_group(self, group: list[_Slot], options: UpdateOptions) -> None:
+        grads = [self.full_grad(slot) for slot in group]
+        self.apply_many(group, grads, options)
 
     def take_change_sums(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{name: (squared change, squared value before)} of the shards updated since the last call."""

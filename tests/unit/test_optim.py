@@ -139,3 +139,34 @@ def test_the_last_micro_batch_counts_once_when_the_norm_is_taken_before_the_upda
     assert float(opt.grad_sq_sum()) == 16.0  # (1 + 1)^2 over 4 elements
     opt.step(UpdateOptions(lr=1.0))
     assert p.data.tolist() == [-2.0] * 4
+
+
+def test_adamw_over_many_shards_at_once_is_torchs_multi_tensor_adamw_bit_for_bit():
+    """Shards of three sizes, updated in groups (of at most the largest shard's elements) through
+    torch._foreach_*: the same numbers as torch.optim.AdamW(foreach=True), and as one shard at a time."""
+    torch.manual_seed(0)
+    shapes = [(64, 8), (8,), (16, 8), (3, 5), (64, 8)]
+    ours = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    alone = [nn.Parameter(p.detach().clone()) for p in ours]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    config = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1)
+    opt = ShardedOptimizer(make_rule(config), PLAIN)
+    opt.set_trainable({f"p{i}": p for i, p in enumerate(ours)})
+    one_by_one = ShardedOptimizer(make_rule(config), PLAIN)
+    one_by_one.set_trainable({f"p{i}": p for i, p in enumerate(alone)})
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=True)
+    groups = []
+    opt.apply_many = lambda slots, grads, options, guard=False: (
+        groups.append([s.shard.numel() for s in slots]), ShardedOptimizer.apply_many(opt, slots, grads, options, guard))[1]
+    for _ in range(4):
+        grads = [torch.randn(*s) for s in shapes]
+        for params in (ours, alone, ref):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        opt.step(UpdateOptions(lr=1e-2))
+        for slot in one_by_one.slots.values():
+            one_by_one.apply(slot, one_by_one.full_grad(slot), UpdateOptions(lr=1e-2))
+        ref_opt.step()
+    assert groups[:3] == [[512], [8, 128, 15], [512]]  # in order, each group up to 512 elements, the largest shard
+    for p, q, r in zip(ours, alone, ref):
+        assert torch.equal(p.data, q.data) and torch.equal(p.data, r.data)
