@@ -75,7 +75,8 @@ def test_pinned_offload_with_non_blocking_copies_trains_bit_for_bit_like_residen
 def test_lomo_in_post_reduce_hooks_equals_post_backward_sgd(tmp_path):
     """FSDP2 runs the post-reduce hooks, and so LOMO's update, on its reduce-scatter stream; SGD updates after
     backward on the compute stream. Same gradients, same update (tests/gloo/test_fused.py on CPU)."""
-    full = [*SMALL, "method=full", "optim.lr=0.05", "optim.max_grad_norm=0", "optim.weight_decay=0.1"]
+    full = [*SMALL, "train.micro_batch_size=8", "method=full", "optim.lr=0.05", "optim.max_grad_norm=0",
+            "optim.weight_decay=0.1"]  # one micro-batch: LOMO does not accumulate
     lomo = train(tmp_path / "lomo", *full, "optim.name=lomo")
     sgd = train(tmp_path / "sgd", *full, "optim.name=sgd", "optim.momentum=0")
     assert losses(lomo) == losses(sgd)
