@@ -43,13 +43,14 @@ def _finetune_config(base: Path, train_path: Path, out: Path, seed: int, steps: 
                       "min_lr_ratio": MIN_LR_RATIO}}
 
 
-def _run_lisa_dist(method: Method, base: Path, train_path: Path, out: Path, seed: int, steps: int) -> dict:
+def _run_lisa_dist(method: Method, base: Path, train_path: Path, out: Path, seed: int, steps: int,
+                   extra: tuple[str, ...] = ()) -> dict:
     config = out.with_suffix(".yaml")
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(_finetune_config(base, train_path, out, seed, steps)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "lisa_dist", "train", str(config), *method.overrides]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "lisa_dist", "train", str(config), *method.overrides, *extra]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{method.name} seed {seed} failed:\n{done.stderr[-3000:]}")
@@ -84,7 +85,7 @@ def _score(model_dir: Path, rows: dict[str, list[dict]], held_path: Path) -> dic
 
 
 def run_one(method: Method, base: Path, data: dict[str, Path], rows: dict[str, list[dict]], out: Path, seed: int,
-            steps: int) -> dict:
+            steps: int, extra: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
     if method.lora:
         from benchmarks.quality.lora import train_lora  # peft: pip install -e '.[benchmark]'
@@ -92,7 +93,7 @@ def run_one(method: Method, base: Path, data: dict[str, Path], rows: dict[str, l
         measured = train_lora(base, data["train"], out, seed, steps, LORA_LR, SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH,
                               WARMUP, MIN_LR_RATIO)
     else:
-        measured = _run_lisa_dist(method, base, data["train"], out, seed, steps)
+        measured = _run_lisa_dist(method, base, data["train"], out, seed, steps, extra)
     return {"method": method.name, "seed": seed, **measured, **_score(out / "final", rows, data["held"]),
             "wall_s": time.perf_counter() - start}
 
@@ -122,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "quality" / ".cache")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="appended to every lisa-dist method's overrides (say optim.lr=3e-4, to see how "
+                             "another rate moves the table); use another --out")
     args = parser.parse_args(argv)
     methods = args.methods or (["full_adamw"] if args.quick else list(METHODS))
+    if args.override and any(METHODS[name].lora for name in methods):
+        parser.error("--override applies to lisa-dist methods; leave lora out (--methods ...)")
     steps = args.steps or (30 if args.quick else 150)
     seeds = 1 if args.quick else args.seeds
     base = pretrain(QUICK_BASE if args.quick else BaseModel(), args.cache_dir)
@@ -141,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(seeds):
             if any(r["method"] == name and r["seed"] == seed and r.get("steps") == steps for r in results):
                 continue
-            row = {**run_one(METHODS[name], base, data, rows, args.out / name / f"seed{seed}", seed, steps),
-                   "steps": steps}
+            row = {**run_one(METHODS[name], base, data, rows, args.out / name / f"seed{seed}", seed, steps,
+                             tuple(args.override)), "steps": steps, "overrides": args.override}
             results.append(row)
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{name} seed {seed}: exact match {100 * row['exact_match']:.1f} % (training questions "
