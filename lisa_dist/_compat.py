@@ -52,6 +52,11 @@ PRIVATE = [
     Private("torch.distributed._tools.mem_tracker:MemTracker._update_snap",
             "charges the storages FSDP2's parameter offload keeps in host memory to the host under `estimate`"),
     Private("torch.distributed._tools.mem_tracker:_UpdateType", "the kinds of snapshot update"),
+    Private("torch.distributed.fsdp._fully_shard._fsdp_state:FSDPState",
+            "`estimate` reads each unit's `_fsdp_param_group` to size the shards FSDP2's parameter offload "
+            "copies to the device"),
+    Private("torch.distributed.fsdp._fully_shard._fsdp_param:FSDPParam",
+            "`estimate` reads `padded_sharded_param_size` and `param_dtype`: the bytes of a unit's copied-in shards"),
     Private("torch.utils._python_dispatch:TorchDispatchMode", "CPU storage accounting sees every op's outputs",
             export="TorchDispatchMode"),
     Private("torch.utils._pytree:tree_flatten", "the tensors among an op's outputs", export="tree_flatten"),
@@ -182,6 +187,9 @@ def peak_tracker(model: nn.Module, host: torch.device | None = None, host_catego
     update = resolve("torch.distributed._tools.mem_tracker:_UpdateType")
 
     class PeakTracker(tracker_class):
+        host_depth = 0
+        """How many `on_host()` blocks are open."""
+
         def _update_peak_stats(self, peak_state: Any) -> None:
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[total]:
@@ -219,6 +227,4 @@ def peak_tracker(model: nn.Module, host: torch.device | None = None, host_catego
                 self.host_depth -= 1
 
     category = resolve(_EXPORTS["FSDP_CATEGORY"])
-    tracker = PeakTracker(model)
-    tracker.host_depth = 0
-    return tracker
+    return PeakTracker(model)

@@ -146,9 +146,7 @@ def _host_to_device_staging(model: torch.nn.Module) -> int:
     for module in model.modules():
         group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
         if group is not None:
-            largest = max(largest, sum(p.padded_sharded_param_size.numel() * p.param_dtype.itemsize
-                                       if p.param_dtype is not None else
-                                       p.padded_sharded_param_size.numel() * p.sharded_param.element_size()
+            largest = max(largest, sum(p.padded_sharded_param_size.numel() * (p.param_dtype or p.sharded_param.dtype).itemsize
                                        for p in group.fsdp_params))
     return largest
 

@@ -112,6 +112,23 @@ def _state_bytes_per_param(config: Config) -> float:
     return 0
 
 
+def _element_bytes(config: Config) -> tuple[int, int]:
+    """(bytes per parameter element, bytes per reduced gradient element)."""
+    p = 2 if config.train.dtype in ("bf16", "fp16") else 4
+    return p, 4 if config.train.reduce_dtype == "fp32" else p
+
+
+def _backward_passes(config: Config, world_size: int) -> int:
+    """Forward-backward passes per optimizer step on each rank: its micro-batches, twice with LOMO's precheck."""
+    micro_batches = config.train.global_batch_size // (config.train.micro_batch_size * world_size)
+    return micro_batches * (2 if config.optim.name in ("lomo", "adalomo") and config.optim.fused_precheck else 1)
+
+
+def _gathers_per_pass(config: Config) -> int:
+    """All-gathers of each parameter per pass: forward, and backward again once resharded."""
+    return 2 if config.engine.reshard_after_forward or config.engine.name == "zero3" else 1
+
+
 def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> tuple[int, int, bool]:
     """Parameters DeepSpeed holds gathered beyond the current layer: (prefetched, kept for reuse), and
     whether it offloads parameters to the host.
@@ -165,8 +182,7 @@ def _gradient_bytes(c: Config, shape: ModelShape, n: int, p: int) -> tuple[float
 def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
     """Per-rank bytes by category at the peak moment of a step, plus `peak`, `phase` and `host`."""
     c, n = config, world_size
-    p = 2 if c.train.dtype in ("bf16", "fp16") else 4
-    r = 4 if c.train.reduce_dtype == "fp32" else p
+    p, r = _element_bytes(c)
     tokens = c.train.micro_batch_size * c.data.seq_len
     state_bytes = shape.trainable(c) * _state_bytes_per_param(c) / n
     layer, block = max(shape.layers), shape.largest_block
@@ -223,14 +239,11 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
 def plan_communication(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
     """Bytes each rank sends per optimizer step (ring collectives: (n-1)/n of the full tensor each)."""
     c, n = config, world_size
-    p = 2 if c.train.dtype in ("bf16", "fp16") else 4
-    r = 4 if c.train.reduce_dtype == "fp32" else p
-    micro_batches = c.train.global_batch_size // (c.train.micro_batch_size * n)
+    p, r = _element_bytes(c)
     ring = (n - 1) / n
-    gathers = 2 if c.engine.reshard_after_forward or c.engine.name == "zero3" else 1  # forward, and backward
-    passes = 2 if c.optim.name in ("lomo", "adalomo") and c.optim.fused_precheck else 1
-    all_gather = ring * shape.total * p * gathers * micro_batches * passes
-    reduce_scatter = ring * shape.trainable(c) * r * micro_batches * passes
+    passes = _backward_passes(c, n)
+    all_gather = ring * shape.total * p * _gathers_per_pass(c) * passes
+    reduce_scatter = ring * shape.trainable(c) * r * passes
     return {"all_gather": all_gather, "reduce_scatter": reduce_scatter, "total": all_gather + reduce_scatter}
 
 
@@ -240,16 +253,13 @@ def plan_host_traffic(config: Config, shape: ModelShape, world_size: int) -> dic
     after every reduce-scatter; offloaded activations both ways; offloaded optimizer state both ways for
     each update (not with FSDP2's parameter offload, where the update runs on the host)."""
     c, n = config, world_size
-    p = 2 if c.train.dtype in ("bf16", "fp16") else 4
-    r = 4 if c.train.reduce_dtype == "fp32" else p
+    p, r = _element_bytes(c)
     zero3 = c.engine.name == "zero3"
-    micro_batches = c.train.global_batch_size // (c.train.micro_batch_size * n)
-    passes = micro_batches * (2 if c.optim.name in ("lomo", "adalomo") and c.optim.fused_precheck else 1)
+    passes = _backward_passes(c, n)
     offload_params = _zero3_gathered(c, n, shape.total, max(shape.layers))[2] if zero3 else c.engine.offload_params
     to_device = to_host = 0.0
     if offload_params:
-        gathers = 2 if c.engine.reshard_after_forward or zero3 else 1
-        to_device += shape.total * p / n * gathers * passes
+        to_device += shape.total * p / n * _gathers_per_pass(c) * passes
         to_host += 0.0 if zero3 else shape.trainable(c) * r / n * passes
     if c.model.activation_offload:
         per_layer = _saved_activations(c, shape, c.train.micro_batch_size * c.data.seq_len, p)[0]

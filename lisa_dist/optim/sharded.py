@@ -206,11 +206,13 @@ class ShardedOptimizer:
                    if self.access.local_grad(slot.param) is not None or slot.grad_accum is not None]
         budget = max((slot.shard.numel() for slot in pending), default=0) if self.host is None else 0
         group: list[_Slot] = []
+        size = 0
         for slot in pending:
-            if group and sum(s.shard.numel() for s in group) + slot.shard.numel() > budget:
+            if group and size + slot.shard.numel() > budget:
                 self._apply_group(group, options)
-                group = []
+                group, size = [], 0
             group.append(slot)
+            size += slot.shard.numel()
         if group:
             self._apply_group(group, options)
         return len(pending)
