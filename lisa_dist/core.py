@@ -106,7 +106,8 @@ class TrainingCore:
                                     config_key={key: getattr(lisa, key) for key in options})
         self.optimizer = ShardedOptimizer(make_rule(config.optim), engine,
                                           host=runtime.host_device if config.optim.offload_state else None)
-        hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook)
+        hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook,
+                          engine.grad_units())
         runner = FusedStep if self.optimizer.rule.fused else PostBackwardStep
         self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks, shapes_only)
         layer_ids = {id(p): i for i, layer in enumerate(self.parts.layers) for p in layer.parameters()}

@@ -103,7 +103,7 @@ def _not_modelled(config: Config) -> dict[str, str]:
 # With FSDP2's parameter offload these live in host memory. The fake device stands for both the GPU and
 # the host's processor, so the tracker files them, and what each shard's update allocates, on the host.
 OFFLOADED = frozenset({C.SHARDED_PARAM, C.SHARDED_GRAD, C.OPT})
-HOST_WORK = ("_new_slot", "stash_grad", "full_grad", "apply")
+HOST_WORK = ("_new_slot", "stash_grad", "full_grad", "apply_many")
 """The `ShardedOptimizer` methods that allocate on the device of the shard they work on."""
 
 

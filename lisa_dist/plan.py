@@ -129,9 +129,10 @@ def _gathers_per_pass(config: Config) -> int:
     return 2 if config.engine.reshard_after_forward or config.engine.name == "zero3" else 1
 
 
-def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> tuple[int, int, bool]:
-    """Parameters DeepSpeed holds gathered beyond the current layer: (prefetched, kept for reuse), and
-    whether it offloads parameters to the host.
+def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> tuple[int, int, bool, int | None]:
+    """Parameters DeepSpeed holds gathered beyond the current layer: (prefetched, kept for reuse), whether
+    it offloads parameters to the host, and the engine's gradient bucket (`reduce_bucket_size`, None for
+    its default: the largest parameter).
 
     Backward prefetches up to `stage3_prefetch_bucket_size` parameters ahead; from the second step on,
     parameters whose next use is within `stage3_max_reuse_distance` stay gathered, up to
@@ -146,7 +147,7 @@ def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> 
     prefetch = min(int(zero.get("stage3_prefetch_bucket_size", 50_000_000)), rest)
     reuse = min(int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
                 int(zero.get("stage3_max_reuse_distance", 1_000_000_000)) // 2, rest)
-    return prefetch, reuse, offload
+    return prefetch, reuse, offload, zero.get("reduce_bucket_size")
 
 
 def _saved_activations(c: Config, shape: ModelShape, tokens: int, p: int) -> tuple[float, float]:
@@ -187,7 +188,8 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     state_bytes = shape.trainable(c) * _state_bytes_per_param(c) / n
     layer, block = max(shape.layers), shape.largest_block
     zero3 = c.engine.name == "zero3"
-    prefetch, kept, offload_params = _zero3_gathered(c, n, shape.total, layer) if zero3 else (layer, 0, False)
+    gathered = _zero3_gathered(c, n, shape.total, layer) if zero3 else (layer, 0, False, None)
+    prefetch, kept, offload_params, bucket = gathered
     # FSDP2's parameter offload keeps the shards in host memory, and with them their gradients, the
     # optimizer state and each update (FSDP2 copies gradients to the host after the reduce-scatter); the
     # device holds one unit's shards copied in for its all-gather.
@@ -206,7 +208,8 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
         resident["host_to_device_copies"] = max(unit, shape.embeddings, shape.head + shape.norm) * p / n
 
     # A layer's backward: the gathered layer, the next one prefetched (FSDP2 without split: a whole layer;
-    # ZeRO-3: its prefetch bucket or what it keeps for reuse), the previous unit's reduce-scatter input,
+    # ZeRO-3: its prefetch bucket or what it keeps for reuse), the previous unit's reduce-scatter input
+    # (ZeRO-3: a gradient bucket, by default the largest parameter's, within a block; at most a layer),
     # and the weight gradients of the block being differentiated with the MLP-wide activation gradients.
     # ZeRO-3 also holds the flat buffer of a prefetch bucket in flight: its coalesced all-gather lands every
     # rank's partitions in one buffer and copies each parameter out of it, so the bucket exists twice until
@@ -217,7 +220,7 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     phases = {"layer backward": {
         "sharded_grads": mid_backward_grads, "unsharded_params": layer * p,
         "all_gather_buffers": gathered_next * p,
-        "reduce_scatter_buffers": 0 if split else (block if zero3 else layer) * r,
+        "reduce_scatter_buffers": 0 if split else (min(layer, max(block, bucket or 0)) if zero3 else layer) * r,
         "temporaries": block * p + 4 * tokens * shape.intermediate * p, "activations": checkpoints + recomputed}}
     # The head and loss: logits, their fp32 copy and the saved fp32 log-softmax (offloaded with activations).
     chunk = min(c.train.loss_chunk_tokens or tokens, tokens)

@@ -12,9 +12,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
-from lisa_dist.distributed import Runtime
+from lisa_dist.distributed import Runtime, in_place_sum
 from lisa_dist.errors import ConfigError
 from lisa_dist.models import ModelParts, ModelSource, find_parts
+from lisa_dist.models.parts import layer_blocks
 from lisa_dist.optim.shard import ShardInfo
 
 
@@ -34,6 +35,14 @@ class Engine(ABC):
         self.shapes_only = shapes_only
         self.model: nn.Module | None = None
         self.parts: ModelParts | None = None
+        self._group_sums: dict[Any, Callable[[torch.Tensor], None]] = {}
+
+    def group_sum(self, group: Any) -> Callable[[torch.Tensor], None]:
+        """The in-place sum over `group` for its parameters' `ShardInfo`s: one function per group, so a rule
+        can tell which shards' statistics may travel in one collective."""
+        if group not in self._group_sums:
+            self._group_sums[group] = in_place_sum(self.runtime.device, group)
+        return self._group_sums[group]
 
     def world_mesh(self) -> DeviceMesh:
         """The mesh to shard over: the one given, else (built once) every rank of the world."""
@@ -56,6 +65,21 @@ class Engine(ABC):
         if self.config.model.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return parts
+
+    def grad_units(self) -> list[list[nn.Parameter]]:
+        """The model's parameters by sharding unit (`sharding_units`, then the rest as the root's): the
+        gradient shards of one unit reach the hooks one after another, so the fused update can take them
+        together (one collective for their statistics instead of one per parameter)."""
+        split = self.config.engine.split_layers
+        claimed: set[int] = set()
+        units = []
+        for unit in [*sharding_units(self.parts, split), [self.model]]:
+            modules = unit if isinstance(unit, list) else [unit]
+            params = [p for m in modules for p in m.parameters() if id(p) not in claimed]
+            claimed.update(id(p) for p in params)
+            if params:
+                units.append(params)
+        return units
 
     @abstractmethod
     def local_shard(self, param: nn.Parameter) -> torch.Tensor:
@@ -117,6 +141,23 @@ class Engine(ABC):
         if self.runtime.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.runtime.device)
         return None
+
+
+def sharding_units(parts: ModelParts, split_layers: bool) -> list[nn.Module | list[nn.Module]]:
+    """One unit per decoder layer, and (untied) the embeddings and [final norm, head] as their own units:
+    the head's gradients are then reduced and released as soon as backward leaves it, instead of living
+    through the whole backward in the root unit. With `split_layers` (FSDP2) the attention and MLP blocks of
+    each layer are units of their own, listed before their layer (smaller gathered and reduced buffers).
+    A parameter belongs to the first unit that holds it, as with FSDP2's nested `fully_shard`."""
+    units: list[nn.Module | list[nn.Module]] = []
+    for layer in parts.layers:
+        if split_layers:
+            units += [block for _, block in layer_blocks(layer)]
+        units.append(layer)
+    if not parts.tied_embeddings:
+        units.append(list(parts.embeddings))
+        units.append([m for m in (parts.norm, parts.head) if m is not None])
+    return units
 
 
 def engine_class(name: str) -> type[Engine]:

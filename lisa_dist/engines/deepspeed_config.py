@@ -61,6 +61,16 @@ def _check_zero(ds: dict[str, Any], where: str) -> None:
     if "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none":
         raise ConfigError(f"{where}: zero_optimization.offload_optimizer: lisa_dist owns the optimizer state and "
                           "does not offload it yet; remove the block")
+    size = zero.get("reduce_bucket_size", "auto")
+    whole = isinstance(size, (int, float)) and not isinstance(size, bool) and size >= 1 and float(size).is_integer()
+    if size != "auto" and not whole:
+        raise ConfigError(f"{where}: zero_optimization.reduce_bucket_size={size!r}: lisa_dist reduce-scatters each "
+                          "unit's gradients in buckets of at most this many elements; give a positive whole number, "
+                          "or \"auto\" for the largest parameter's size")
+    if whole:
+        zero["reduce_bucket_size"] = int(size)
+    else:  # "auto": the engine's default; DeepSpeed itself would refuse the string and has no use for it here
+        zero.pop("reduce_bucket_size", None)
     # DeepSpeed's global F.linear replacement would also reach code outside the model.
     zero.setdefault("memory_efficient_linear", False)
 

@@ -13,11 +13,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist._compat import compute_local_shape_and_global_offset, lazy_init_fsdp
-from lisa_dist.distributed import in_place_sum
-from lisa_dist.engines.base import Engine
+from lisa_dist.engines.base import Engine, sharding_units
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
-from lisa_dist.models.parts import layer_blocks
 from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard import ShardInfo, local_shard_info
 from lisa_dist.scalars import real_tensors
@@ -57,7 +55,7 @@ class FSDP2Engine(Engine):
         options = dict(mesh=self.world_mesh(), reshard_after_forward=c.engine.reshard_after_forward,
                        mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype),
                        offload_policy=self._offload_policy())
-        for unit in self._units(parts, c.engine.split_layers):
+        for unit in sharding_units(parts, c.engine.split_layers):
             fully_shard(unit, **options)
         fully_shard(model, **options)
         if not c.engine.backward_prefetch:
@@ -80,22 +78,6 @@ class FSDP2Engine(Engine):
             return OffloadPolicy()
         # Pinned memory needs an accelerator; on a CPU-only machine the shards are in host memory anyway.
         return CPUOffloadPolicy(pin_memory=self.runtime.device.type == "cuda")
-
-    @staticmethod
-    def _units(parts: ModelParts, split_layers: bool) -> list[nn.Module | list[nn.Module]]:
-        """One FSDP unit per decoder layer, and (untied) the embeddings and [final norm, head] as their own
-        units: the head's gradients are then reduced and released as soon as backward leaves it, instead
-        of living through the whole backward in the root unit. With `split_layers` the attention and MLP
-        blocks of each layer are units of their own (smaller gathered and reduced buffers)."""
-        units: list[nn.Module | list[nn.Module]] = []
-        for layer in parts.layers:
-            if split_layers:
-                units += [block for _, block in layer_blocks(layer)]
-            units.append(layer)
-        if not parts.tied_embeddings:
-            units.append(list(parts.embeddings))
-            units.append([m for m in (parts.norm, parts.head) if m is not None])
-        return units
 
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
         if self.shapes_only:
@@ -142,7 +124,7 @@ class FSDP2Engine(Engine):
         row_numel = param.numel() // param.shape[0] if param.dim() else 1
         group = param.device_mesh.get_group()
         return ShardInfo(global_shape=tuple(param.shape), flat_start=(offset[0] if offset else 0) * row_numel,
-                         numel=self.local_shard(param).numel(), reduce_sum=in_place_sum(self.runtime.device, group))
+                         numel=self.local_shard(param).numel(), reduce_sum=self.group_sum(group))
 
     def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
         # FSDP2 runs post-accumulate-grad hooks on the sharded parameter right after its reduce-scatter

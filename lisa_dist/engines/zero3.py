@@ -4,9 +4,11 @@ DeepSpeed partitions every parameter into flat per-rank slices (`param.ds_tensor
 releases them around each module's forward and backward (its stage-3 parameter coordinator, driven by
 `DeepSpeedZeRoOffload` without `deepspeed.initialize`). No DeepSpeed optimizer exists: its trainable set
 would be fixed at initialize (DeepSpeed issue 5639). Instead a post-accumulate-grad hook on each
-parameter reduce-scatters the full gradient into this rank's partition in fp32 and frees it, then calls
-the hooks lisa_dist registered (fused updates, accumulation), exactly like FSDP2's post-reduce hooks.
-Frozen parameters compute no gradient, so their hooks never fire and nothing is communicated for them.
+parameter copies the full gradient into a bucket and frees it; a bucket (one unit's parameters, at most
+`zero_optimization.reduce_bucket_size` elements) is reduce-scattered into each rank's partitions in fp32
+in one collective, then the hooks lisa_dist registered run for its parameters (fused updates,
+accumulation), exactly like FSDP2's post-reduce hooks. Frozen parameters compute no gradient, so their
+hooks never fire and nothing is communicated for them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections.abc import Callable
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
@@ -85,9 +86,20 @@ class Zero3Engine(Engine):
         self.world_mesh()  # partitions are saved as DTensor shards over it
         self._grads: dict[nn.Parameter, torch.Tensor] = {}
         self._user_hooks: dict[nn.Parameter, dict[int, Callable[[nn.Parameter], None]]] = defaultdict(OrderedDict)
-        self._handles = [p.register_post_accumulate_grad_hook(self._reduce_scatter) for p in model.parameters()]
         self.model, self.parts = model, parts
+        self._units = self.grad_units()
+        self._unit_of = {id(p): u for u, unit in enumerate(self._units) for p in unit}
+        self._bucket = _Bucket(self._bucket_cap(model))
+        self._waiting: dict[int, set[int]] = {}
+        """Per unit with gradients this backward: the trainable parameters whose gradients are still to come."""
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in model.parameters()]
         return model, parts
+
+    def _bucket_cap(self, model: nn.Module) -> int:
+        """`zero_optimization.reduce_bucket_size` elements as the user set it; by default (not set, or "auto")
+        the largest parameter's, so a bucket never holds more than the largest gradient already needs."""
+        size = self.ds_config["zero_optimization"].get("reduce_bucket_size")
+        return max(p.ds_numel for p in model.parameters()) if size is None else size
 
     def _restore_buffers(self, model: nn.Module, reference: nn.Module) -> None:
         """zero.Init casts buffers to the training dtype; rotary tables must stay as the model builds them."""
@@ -126,26 +138,46 @@ class Zero3Engine(Engine):
             reader.close()
 
     @torch.no_grad()
-    def _reduce_scatter(self, param: nn.Parameter) -> None:
-        group = param.ds_process_group
-        world = dist.get_world_size(group=group)
+    def _on_grad(self, param: nn.Parameter) -> None:
+        """Move the full gradient into the bucket and free it; reduce the bucket when the unit's last gradient
+        is in, or before a gradient that would overfill it."""
+        unit = self._unit_of[id(param)]
+        if unit not in self._waiting:
+            self._waiting[unit] = {id(p) for p in self._units[unit] if p.requires_grad}
+        waiting = self._waiting[unit]
+        waiting.discard(id(param))
+        bucket = self._bucket
         size = param.ds_tensor.ds_numel
-        reduce_dtype = torch.float32 if self.config.train.reduce_dtype == "fp32" else param.grad.dtype
-        grad = param.grad.reshape(-1).to(reduce_dtype)
-        padding = size * world - param.ds_numel
-        # Without padding and in the gradient's dtype this is the gradient itself, not a second full copy.
-        flat = F.pad(grad, (0, padding)) if padding else grad
-        del grad
+        if bucket.params and (bucket.unit != unit or not bucket.fits(size)):
+            self._reduce_bucket()
+        if not bucket.params:
+            later = sum(p.ds_tensor.ds_numel for p in self._units[unit] if id(p) in waiting)
+            reduce_dtype = torch.float32 if self.config.train.reduce_dtype == "fp32" else param.grad.dtype
+            bucket.open(unit, dist.get_world_size(group=param.ds_process_group), size, later, reduce_dtype,
+                        param.grad.device)
+        bucket.add(param, param.grad.reshape(-1), size)
         param.grad = None
-        part = flat.new_empty(size)
-        dist.reduce_scatter_single(part, flat, group=group)
+        if not waiting:
+            del self._waiting[unit]
+            self._reduce_bucket()
+
+    def _reduce_bucket(self) -> None:
+        bucket = self._bucket
+        params, offsets = bucket.params, bucket.offsets
+        world = bucket.buffer.shape[0]
+        flat = bucket.take_input()
+        out = flat.new_empty(flat.numel() // world)
+        dist.reduce_scatter_single(out, flat, group=params[0].ds_process_group)
         del flat
-        _, count = self._range(param)
-        part = part[:count].float().div_(world)
-        previous = self._grads.get(param)
-        self._grads[param] = part if previous is None else previous.add_(part)
-        for hook in list(self._user_hooks[param].values()):
-            hook(param)
+        out = out.float().div_(world)
+        for param, offset in zip(params, offsets):
+            part = out[offset:offset + self._range(param)[1]]
+            previous = self._grads.get(param)
+            self._grads[param] = part if previous is None else previous.add_(part)
+        del out
+        for param in params:
+            for hook in list(self._user_hooks[param].values()):
+                hook(param)
 
     def local_shard(self, param: nn.Parameter) -> torch.Tensor:
         return param.ds_tensor[: self._range(param)[1]]
@@ -161,7 +193,7 @@ class Zero3Engine(Engine):
         start, count = self._range(param)
         group = param.ds_process_group
         return ShardInfo(global_shape=tuple(param.ds_shape), flat_start=start, numel=count,
-                         reduce_sum=lambda t: dist.all_reduce(t, group=group))
+                         reduce_sum=self.group_sum(group))
 
     def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
         handle = RemovableHandle(self._user_hooks[param])
@@ -170,6 +202,9 @@ class Zero3Engine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self._bucket.params:  # a unit with a trainable parameter that got no gradient
+            self._reduce_bucket()
+        self._waiting.clear()
         # Parameters below DeepSpeed's persistence threshold stay gathered; release every gathered copy so
         # the next forward gathers the partitions lisa_dist updated.
         self.coordinator.release_backward_leftovers()
@@ -210,3 +245,50 @@ class Zero3Engine(Engine):
                 if self.runtime.is_main:
                     out[name] = param.detach().to("cpu", copy=True)
         return out if self.runtime.is_main else None
+
+
+class _Bucket:
+    """Full gradients waiting for one reduce-scatter, laid out rank-major: row r holds, for each parameter
+    in turn, the r-th partition's slice of its flat gradient (zeros past its end), so each rank's
+    partitions come back side by side."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.params: list[nn.Parameter] = []
+        self.offsets: list[int] = []
+        self.unit = -1
+        self.used = 0
+        self.buffer = torch.empty(0)
+
+    def open(self, unit: int, world: int, size: int, later: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Columns for the cap, or for what the unit still has to send when that is less (`later`, besides
+        this parameter's `size`), and at least this parameter's partition."""
+        cols = max(size, min(-(-self.cap // world), size + later))
+        self.buffer = torch.empty(world, cols, dtype=dtype, device=device)
+        self.unit = unit
+
+    def fits(self, size: int) -> bool:
+        return self.used + size <= self.buffer.shape[1]
+
+    def add(self, param: nn.Parameter, grad: torch.Tensor, size: int) -> None:
+        rows = self.buffer[:, self.used:self.used + size]
+        full, rest = divmod(grad.numel(), size)
+        rows[:full].copy_(grad[:full * size].view(full, size))
+        if rest:
+            rows[full, :rest].copy_(grad[full * size:])
+            rows[full, rest:].zero_()
+        rows[full + (rest > 0):].zero_()  # padding, and partitions past the parameter's end
+        self.params.append(param)
+        self.offsets.append(self.used)
+        self.used += size
+
+    def take_input(self) -> torch.Tensor:
+        """The filled columns as one contiguous rank-major tensor (in place: row r moves to r * used), and the
+        bucket emptied."""
+        buffer, used = self.buffer, self.used
+        flat = buffer.view(-1)
+        if used < buffer.shape[1]:
+            for r in range(1, buffer.shape[0]):
+                flat[r * used:(r + 1) * used].copy_(buffer[r, :used].clone())  # the ranges may overlap
+        self.params, self.offsets, self.used, self.buffer = [], [], 0, torch.empty(0)
+        return flat[:buffer.shape[0] * used]

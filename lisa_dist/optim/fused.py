@@ -2,12 +2,14 @@
 fp32 accumulation of micro-batches for every optimizer.
 
 The engine calls the hook on a parameter once its gradient shard has been reduced (FSDP2: the
-post-accumulate-grad hooks it runs on sharded parameters after reduce-scatter). Only one FSDP unit's
-gradients are alive at a time, and there is no gradient left after backward.
+post-accumulate-grad hooks it runs on sharded parameters after reduce-scatter, one unit's parameters one
+after another). The updates of a unit run together once its last gradient shard is in, through the rule's
+multi-tensor form. Only one unit's gradients are alive at a time, and none is left after backward.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.errors import FusedPathError
 from lisa_dist.optim.rules import squared_sum
-from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions
+from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions, _Slot
 
 
 GradHookRegistrar = Callable[[nn.Parameter, Callable[[nn.Parameter], None]], RemovableHandle]
@@ -37,9 +39,14 @@ class GradHooks:
     `accumulate` mode (post-backward optimizers: only sum micro-batches in fp32)."""
 
     def __init__(self, optimizer: ShardedOptimizer, named_params: dict[str, nn.Parameter],
-                 register: GradHookRegistrar) -> None:
+                 register: GradHookRegistrar, units: list[list[nn.Parameter]] | None = None) -> None:
+        """`units`: parameters whose gradient shards arrive together (the engine's `grad_units`); a unit's
+        updates run once its last trainable gradient is in. Without, each parameter is its own unit."""
         self.optimizer = optimizer
         self.handles = register_fused_hooks(named_params, register, self._on_grad)
+        self.unit_of = {id(p): i for i, unit in enumerate(units or []) for p in unit}
+        self.pending: dict[int, list[tuple[_Slot, torch.Tensor]]] = {}
+        self.expected: Counter[int] = Counter()
         self.mode: Literal["check", "apply", "accumulate"] = "apply"
         self.options = UpdateOptions(lr=0.0)
         self.guard = True
@@ -53,10 +60,15 @@ class GradHooks:
         self.seen = set()
         self.sq_sum = None
         self.nonfinite = None
+        self.pending = {}
+        self.expected = Counter(self._unit(slot.param) for slot in self.optimizer.slots.values())
 
-    def _accumulate(self, sq: torch.Tensor, bad: torch.Tensor) -> None:
-        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
-        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+    def _unit(self, param: nn.Parameter) -> int:
+        return self.unit_of.get(id(param), -1 - id(param))
+
+    def _count_nonfinite(self, bad: list[torch.Tensor]) -> None:
+        for b in bad:
+            self.nonfinite = b if self.nonfinite is None else self.nonfinite + b
 
     @torch.no_grad()
     def _on_grad(self, name: str, param: nn.Parameter) -> None:
@@ -71,15 +83,36 @@ class GradHooks:
         grad32 = self.optimizer.full_grad(slot)
         self.seen.add(name)
         sq = slot.grad_sq = squared_sum(grad32)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         if self.mode == "check":
-            self._accumulate(sq, (~torch.isfinite(sq)).to(torch.int64))
-        else:
-            self._accumulate(sq, self.optimizer.apply(slot, grad32, self.options, guard=self.guard))
-        self.optimizer.access.release_grad(param)  # the point of fusing: the memory goes right here
+            self._count_nonfinite([(~torch.isfinite(sq)).to(torch.int64)])
+            self._release(slot)
+            return
+        unit = self._unit(param)
+        arrived = self.pending.setdefault(unit, [])
+        arrived.append((slot, grad32))
+        if len(arrived) == self.expected[unit]:
+            self._apply(self.pending.pop(unit))
+
+    def _apply(self, arrived: list[tuple[_Slot, torch.Tensor]]) -> None:
+        """Update a unit's shards together (`ShardedOptimizer.update_runs`), then free their gradients."""
+        for run in self.optimizer.update_runs([slot for slot, _ in arrived]):
+            slots = [slot for slot, _ in arrived[run]]
+            grads = [grad for _, grad in arrived[run]]
+            self._count_nonfinite(self.optimizer.apply_many(slots, grads, self.options, guard=self.guard,
+                                                            grad_sqs=[slot.grad_sq for slot in slots]))
+            del grads
+            for slot in slots:
+                self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        self.optimizer.access.release_grad(slot.param)  # the point of fusing: the memory goes right here
         slot.grad_accum = None
 
     def end_pass(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Local (sum of squared gradients, count of non-finite shards); raises if a parameter was missed."""
+        for unit in list(self.pending):  # a unit with a trainable parameter that got no gradient
+            self._apply(self.pending.pop(unit))
         missing = [n for n in self.optimizer.slots if n not in self.seen]
         if missing:
             raise FusedPathError(

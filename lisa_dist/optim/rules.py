@@ -22,6 +22,9 @@ def squared_sum(t: torch.Tensor) -> torch.Tensor:
 class UpdateRule(Protocol):
     fused: bool
     """Applied inside backward as each gradient shard is ready (LOMO family) rather than after it."""
+    needs_finite_grads: bool
+    """The rule's state, or its statistics across ranks, take each gradient in: the non-finite guard gives
+    it zeros for a bad shard. A stateless rule only needs the shard's value restored afterwards."""
 
     def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]: ...
 
@@ -51,6 +54,7 @@ class AdamW:
     """Decoupled weight decay Adam, the same arithmetic as `torch.optim.AdamW` (amsgrad off)."""
 
     fused = False
+    needs_finite_grads = True
 
     def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         self.beta1, self.beta2 = betas
@@ -92,6 +96,7 @@ class Sgd(OneAtATime):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.fused = fused
+        self.needs_finite_grads = bool(momentum)
 
     def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]:
         return {"momentum_buffer": torch.zeros_like(master)} if self.momentum else {}
@@ -110,7 +115,7 @@ class Sgd(OneAtATime):
         master.add_(grad, alpha=-lr)
 
 
-class AdaLomo(OneAtATime):
+class AdaLomo:
     """AdaLomo (arXiv 2310.10195): factored second moment, grouped update normalization, relative step.
 
     Per matrix: exponential averages of the row and column means of g^2 + eps1 (decay 1 - t^decay_rate),
@@ -120,6 +125,7 @@ class AdaLomo(OneAtATime):
     """
 
     fused = True
+    needs_finite_grads = True
 
     def __init__(self, eps: tuple[float, float], decay_rate: float, clip_threshold: float, weight_decay: float) -> None:
         self.eps1, self.eps2 = eps
@@ -135,33 +141,68 @@ class AdaLomo(OneAtATime):
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
                step: int, lr: float, shard: ShardInfo) -> None:
-        beta2t = 1.0 - step ** self.decay_rate
-        sq = grad.pow(2).add_(self.eps1)
-        param_sq = squared_sum(master).reshape(1)
-        if shard.matrix is None:
-            avg = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
-            update = avg.rsqrt().mul_(grad)
-            totals = torch.cat([param_sq, squared_sum(update).reshape(1)])
-            shard.reduce_sum(totals)
-            param_sq, update_sq = totals[0], totals[1]
-        else:
+        self.update_many([master], [grad], [state], [step], lr, [shard])
+
+    def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                    states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
+                    shards: list[ShardInfo]) -> None:
+        """The shards' statistics go across ranks in two collectives for all of them (`_sum_over_ranks`):
+        first the row and column means and the parameters' squared sums (with vectors' update sums), then
+        the matrices' update sums. Each update is made in its gradient's storage (the gradient is consumed),
+        so the temporaries stay one shard's at a time. Per shard, the arithmetic of `update` alone."""
+        beta2ts = [1.0 - step ** self.decay_rate for step in steps]
+        stats = []
+        for master, grad, state, beta2t, shard in zip(masters, grads, states, beta2ts, shards):
+            sq = grad.pow(2).add_(self.eps1)
+            param_sq = squared_sum(master).reshape(1)
+            if shard.matrix is None:
+                avg = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+                update = grad.mul_(avg.rsqrt())
+                stats.append(torch.cat([param_sq, squared_sum(update).reshape(1)]))
+            else:
+                rows, cols = shard.matrix
+                row_sums, col_sums = row_col_sums(sq.reshape(-1), shard.flat_start, rows, cols)
+                stats.append(torch.cat([row_sums / cols, col_sums / rows, param_sq]))
+            del sq
+        self._sum_over_ranks(stats, shards)
+        update_sqs: list[torch.Tensor] = []
+        for grad, state, beta2t, shard, totals in zip(grads, states, beta2ts, shards, stats):
+            if shard.matrix is None:
+                update_sqs.append(totals[1:])
+                continue
             rows, cols = shard.matrix
-            row_sums, col_sums = row_col_sums(sq.reshape(-1), shard.flat_start, rows, cols)
-            totals = torch.cat([row_sums / cols, col_sums / rows, param_sq])
-            shard.reduce_sum(totals)
             row = state["exp_avg_sq_row"].mul_(beta2t).add_(totals[:rows], alpha=1.0 - beta2t)
             col = state["exp_avg_sq_col"].mul_(beta2t).add_(totals[rows:rows + cols], alpha=1.0 - beta2t)
-            param_sq = totals[-1]
             row_factor = (row / row.mean()).rsqrt_()
-            update = outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel).view_as(grad).mul_(grad)
-            update_sq = squared_sum(update).reshape(1)
-            shard.reduce_sum(update_sq)
-        numel = shard.global_numel
-        update.div_(((update_sq / numel).sqrt() / self.clip_threshold).clamp(min=1.0))
-        step_size = lr * (param_sq / numel).sqrt().clamp(min=self.eps2)
-        if self.weight_decay:
-            master.mul_(1.0 - step_size * self.weight_decay)
-        master.sub_(update.mul_(step_size))
+            update = grad.mul_(outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel).view_as(grad))
+            update_sqs.append(squared_sum(update).reshape(1))
+        matrices = [i for i, shard in enumerate(shards) if shard.matrix is not None]
+        matrix_sqs = [update_sqs[i] for i in matrices]
+        self._sum_over_ranks(matrix_sqs, [shards[i] for i in matrices])
+        for i, total in zip(matrices, matrix_sqs):
+            update_sqs[i] = total
+        for master, update, shard, totals, update_sq in zip(masters, grads, shards, stats, update_sqs):
+            param_sq = totals[0] if shard.matrix is None else totals[-1]
+            numel = shard.global_numel
+            update.div_(((update_sq / numel).sqrt() / self.clip_threshold).clamp(min=1.0))
+            step_size = lr * (param_sq / numel).sqrt().clamp(min=self.eps2)
+            if self.weight_decay:
+                master.mul_(1.0 - step_size * self.weight_decay)
+            master.sub_(update.mul_(step_size))
+
+    @staticmethod
+    def _sum_over_ranks(tensors: list[torch.Tensor], shards: list[ShardInfo]) -> None:
+        """Replace each tensor by its sum over its shard's ranks: one collective per distinct `reduce_sum` (an
+        engine gives every parameter over the same ranks the same one), in the order they first appear, so
+        every rank issues the same collectives."""
+        by_reducer: dict[int, list[int]] = {}
+        for i, shard in enumerate(shards):
+            by_reducer.setdefault(id(shard.reduce_sum), []).append(i)
+        for indices in by_reducer.values():
+            flat = torch.cat([tensors[i] for i in indices])
+            shards[indices[0]].reduce_sum(flat)
+            for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+                tensors[i] = piece
 
 
 def make_rule(c: OptimConfig) -> UpdateRule:

@@ -151,14 +151,25 @@ class ShardedOptimizer:
 
     @torch.no_grad()
     def apply_many(self, slots: list[_Slot], grads: list[torch.Tensor], options: UpdateOptions,
-                   guard: bool = False) -> list[torch.Tensor]:
-        """`apply` to several shards at once, through the rule's multi-tensor form (`update_many`)."""
+                   guard: bool = False, grad_sqs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """`apply` to several shards at once, through the rule's multi-tensor form (`update_many`).
+
+        The guard reads each gradient's squared sum (`grad_sqs`, as the fused path has already measured it
+        for the norm) instead of a pass of its own over the shard: a sum is finite only if every element is.
+        Scaled by grad_scale^2 it bounds every scaled element's square, so a shard passes only if its scaled
+        gradient is finite; one whose squared norm overflows fp32 (a norm above 1.8e19) is held back too."""
         grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
         if options.grad_scale != 1.0:
             torch._foreach_mul_(grads32, options.grad_scale)
-        finite = [torch.isfinite(g).all() for g in grads32] if guard else []
-        for g, ok in zip(grads32, finite):
-            g.masked_fill_(~ok, 0.0)
+        finite = []
+        if guard:
+            sqs = grad_sqs if grad_sqs is not None else [squared_sum(g) for g in grads32]
+            scale_sq = options.grad_scale ** 2 if grad_sqs is not None else 1.0
+            finite = [torch.isfinite(sq * scale_sq) for sq in sqs]
+        if self.rule.needs_finite_grads:
+            # The rule's state or its statistics across ranks would take a non-finite gradient in: it sees zeros.
+            for g, ok in zip(grads32, finite):
+                g.masked_fill_(~ok, 0.0)
         if options.clip_value:
             torch._foreach_clamp_min_(grads32, -options.clip_value)
             torch._foreach_clamp_max_(grads32, options.clip_value)
@@ -196,26 +207,29 @@ class ShardedOptimizer:
         return [(~ok).to(torch.int64) for ok in finite] if guard else [torch.zeros((), dtype=torch.int64)] * len(slots)
 
     def step(self, options: UpdateOptions) -> int:
-        """Post-backward update of every trainable shard with a gradient; returns how many were updated.
-
-        Shards go to the rule together, in groups of at most the largest shard's elements: the multi-tensor
-        kernels then run over many shards at once while the fp32 gradients and values-before they need stay
-        within what one shard at a time would need for the largest. With offloaded state, one at a time (each
-        shard's state visits the device alone)."""
+        """Post-backward update of every trainable shard with a gradient, in `update_runs`; returns how many
+        were updated."""
         pending = [slot for slot in self.slots.values()
                    if self.access.local_grad(slot.param) is not None or slot.grad_accum is not None]
-        budget = max((slot.shard.numel() for slot in pending), default=0) if self.host is None else 0
-        group: list[_Slot] = []
-        size = 0
-        for slot in pending:
-            if group and size + slot.shard.numel() > budget:
-                self._apply_group(group, options)
-                group, size = [], 0
-            group.append(slot)
-            size += slot.shard.numel()
-        if group:
-            self._apply_group(group, options)
+        for run in self.update_runs(pending):
+            self._apply_group(pending[run], options)
         return len(pending)
+
+    def update_runs(self, slots: list[_Slot]) -> list[slice]:
+        """`slots` cut, in order, into runs of at most the largest trainable shard's elements: the multi-tensor
+        kernels run over many shards at once while the fp32 gradients, values-before and rule temporaries
+        they need stay within what one shard at a time would need for the largest. With offloaded state, one
+        at a time (each shard's state visits the device alone)."""
+        budget = max((slot.shard.numel() for slot in self.slots.values()), default=0) if self.host is None else 0
+        runs, start, size = [], 0, 0
+        for i, slot in enumerate(slots):
+            if i > start and size + slot.shard.numel() > budget:
+                runs.append(slice(start, i))
+                start, size = i, 0
+            size += slot.shard.numel()
+        if start < len(slots):
+            runs.append(slice(start, len(slots)))
+        return runs
 
     def _apply_group(self, group: list[_Slot], options: UpdateOptions) -> None:
         grads = [self.full_grad(slot) for slot in group]

@@ -197,7 +197,19 @@ def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
         handle.remove()
     updater.handles = [trainer.core.engine.register_grad_hook(p, lambda p, n=n: measuring(n, p))
                        for n, p in trainer.core.model.named_parameters()]
+    runs = []
+    apply_many = trainer.core.optimizer.apply_many
+
+    def recording(slots, grads, options, guard=False, grad_sqs=None):
+        runs.append([id(slot.param) for slot in slots])
+        return apply_many(slots, grads, options, guard, grad_sqs)
+
+    trainer.core.optimizer.apply_many = recording
     trainer.train_step(0)
+    engine = trainer.core.engine
+    unit_ids = [[id(p) for p in unit] for unit in engine.grad_units()]
+    run_units = [{i for i, unit in enumerate(unit_ids) if pid in unit} for run in runs for pid in run]
+    numel = {id(p): engine.local_shard(p).numel() for p in trainer.core.model.parameters()}
     parts = trainer.core.parts
     units = [list(layer.parameters()) for layer in parts.layers]
     units.append([p for m in parts.embeddings for p in m.parameters()])
@@ -209,7 +221,10 @@ def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
         trainer.train_step(1)
     except FusedPathError as e:
         bypassed = str(e)
-    return {"live": live, "units": unit_bytes, "bypassed": bypassed}
+    return {"live": live, "units": unit_bytes, "bypassed": bypassed, "runs": [[numel[p] for p in run] for run in runs],
+            "runs_in_one_unit": all(len({u for pid in run for i, unit in enumerate(unit_ids) if pid in unit
+                                         for u in [i]}) == 1 for run in runs),
+            "params": len(numel)}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +237,83 @@ def test_live_gradients_never_exceed_one_fsdp_unit(memory):
         largest = max(obs["units"])
         assert max(obs["live"]) <= largest * 1.02  # FSDP2 pads each unit's flat buffer slightly
         assert max(obs["live"]) < sum(obs["units"]) / 2
+
+
+def test_fused_updates_run_per_unit_in_runs_within_the_largest_shard(memory):
+    for obs in memory:
+        assert obs["runs_in_one_unit"]
+        assert sum(len(run) for run in obs["runs"]) == obs["params"]
+        assert len(obs["runs"]) < obs["params"]  # the tiny model's layers' small shards go together
+        largest = max(max(run) for run in obs["runs"])
+        assert all(len(run) == 1 or sum(run) <= largest for run in obs["runs"])
+
+
+def _adalomo_batch_worker(rank: int, world_size: int, output_dir: str) -> dict:
+    """A matrix cut mid-row (ZeRO-3's flat partitions), one cut on a row boundary, and a vector, each sharded
+    over 2 ranks: every shard updated at once, one at a time, and the whole tensors in one process."""
+    import torch.distributed as dist
+
+    from lisa_dist.optim.rules import AdaLomo
+    from lisa_dist.optim.shard import ShardInfo, local_shard_info
+
+    dist.init_process_group("gloo")
+    calls = []
+
+    def reduce_sum(t):
+        calls.append(t.numel())
+        dist.all_reduce(t)
+
+    generator = torch.Generator()
+    shapes = [(7, 5), (6, 4), (9,)]
+    # A clip threshold under the updates' RMS (about 1 at the first steps), so the update sums matter too.
+    rule = AdaLomo((1e-3, 1e-3), -0.8, 0.5, 0.1)
+    runs = {}
+    for mode in ("together", "one_at_a_time", "whole"):
+        generator.manual_seed(0)
+        masters, grads, states, shards = [], [], [], []
+        for shape in shapes:
+            full, full_grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+            flat, numel = full.reshape(-1), full.numel()
+            lo, hi = rank * -(-numel // 2), min(numel, (rank + 1) * -(-numel // 2))
+            if mode == "whole":
+                lo, hi, info = 0, numel, local_shard_info(full)
+            else:
+                info = ShardInfo(shape, lo, hi - lo, reduce_sum)
+            masters.append(flat[lo:hi].clone())
+            grads.append(full_grad.reshape(-1)[lo:hi].clone())
+            states.append(rule.init_state(masters[-1] if mode != "whole" else full.clone(), info))
+            shards.append(info)
+        if mode == "whole":
+            masters = [m.view(shape) for m, shape in zip(masters, shapes)]
+            grads = [g.view(shape) for g, shape in zip(grads, shapes)]
+        calls.clear()
+        for step in (1, 2):
+            step_grads = [g.clone() for g in grads]
+            if mode == "one_at_a_time":
+                for m, g, s, info in zip(masters, step_grads, states, shards):
+                    rule.update(m, g, s, step, 0.01, info)
+            else:
+                rule.update_many(masters, step_grads, states, [step] * 3, 0.01, shards)
+        if mode == "whole":  # this rank's slices of the whole result
+            masters = [m.reshape(-1)[rank * -(-m.numel() // 2):(rank + 1) * -(-m.numel() // 2)] for m in masters]
+        runs[mode] = {"masters": masters, "states": states, "collectives": len(calls)}
+    return runs
+
+
+def test_adalomo_statistics_of_many_shards_go_in_two_collectives_with_the_same_numbers():
+    for rank in run_distributed(_adalomo_batch_worker, 2, output_dir=""):
+        together, alone, whole = rank["together"], rank["one_at_a_time"], rank["whole"]
+        # Sums of two ranks are the same whether reduced alone or in a longer vector: bit for bit.
+        for a, b in zip(together["masters"] + [t for s in together["states"] for t in s.values()],
+                        alone["masters"] + [t for s in alone["states"] for t in s.values()]):
+            assert torch.equal(a, b)
+        assert together["collectives"] == 2 * 2  # two per step
+        assert alone["collectives"] == 2 * (2 + 2 + 1)  # two per matrix and one per vector, per step
+        # Against the whole tensors: only the order of the statistics' sums differs (at most 35 terms in
+        # fp32, relative 35 * 2^-24 = 2.1e-6 in the update; the step is lr * RMS(w) ~ 0.01 of weights ~1, so
+        # about 2e-8 absolute per step, below the weights' own rounding of 6e-8). 2 steps: 1e-6 is 5x that.
+        for a, b in zip(together["masters"], whole["masters"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_a_bypassed_fused_path_fails_loudly(memory):

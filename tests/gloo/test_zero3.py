@@ -58,9 +58,9 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
     calls = []
     original = dist.reduce_scatter_single
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counting(output, input, *args, **kwargs):
+        calls.append(input.numel())
+        return original(output, input, *args, **kwargs)
 
     dist.reduce_scatter_single = counting
     start = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
@@ -68,7 +68,10 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
     for step in range(3):
         calls.clear()
         trainer.train_step(step)
-        counts.append(len(calls))
+        trainable = [p for p in trainer.core.model.parameters() if p.requires_grad]
+        units = {u for u, unit in enumerate(engine.grad_units()) for p in unit if p.requires_grad}
+        counts.append({"collectives": len(calls), "elements": sum(calls), "params": len(trainable),
+                       "units": len(units), "partitions": sum(p.ds_tensor.ds_numel * world_size for p in trainable)})
     dist.reduce_scatter_single = original
     end = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
     active = trainer.core.active_layers
@@ -91,6 +94,20 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
     obs["delta"] = tracker.live - before
     obs["state_delta"] = trainer.core.optimizer.state_bytes() - state_before
     obs["leaving_freed"] = bool(refs) and all(r() is None for r in refs)
+    trainer.core.stepper.hooks.remove()
+    # A bucket size the user set is honoured: one element per bucket leaves every gradient alone.
+    path = os.path.join(output_dir, "one_per_bucket.json")
+    if rank == 0:
+        with open(path, "w") as f:
+            f.write('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 1}}')
+    dist.barrier()
+    trainer = start_trainer(tiny_config(output_dir, engine={"name": "zero3", "deepspeed_config": path},
+                                        method="full", train={"micro_batch_size": 4}))
+    calls.clear()
+    dist.reduce_scatter_single = counting
+    trainer.train_step(0)
+    dist.reduce_scatter_single = original
+    obs["one_per_bucket"] = (len(calls), len(list(trainer.core.model.parameters())))
     return obs
 
 
@@ -105,9 +122,38 @@ def test_zero3_frozen_layers_bit_identical_and_active_layers_change(invariants):
             assert unchanged == (i not in obs["active"]), f"layer {i}"
 
 
-def test_zero3_reduces_only_trainable_gradients(invariants):
+def test_zero3_reduces_only_trainable_gradients_in_buckets_per_unit(invariants):
     for obs in invariants:
-        assert obs["counts"] == [obs["trainable"] * obs["micro_batches"]] * 3
+        for step in obs["counts"]:
+            # Exactly the trainable parameters' padded partitions, once per micro-batch, in fewer collectives
+            # than parameters (each unit's small gradients share one) and at least one per trainable unit.
+            assert step["elements"] == step["partitions"] * obs["micro_batches"]
+            assert step["units"] * obs["micro_batches"] <= step["collectives"] < step["params"] * obs["micro_batches"]
+
+
+def test_zero3_honours_the_reduce_bucket_size_it_is_given(invariants):
+    for obs in invariants:
+        collectives, params = obs["one_per_bucket"]
+        assert collectives == params
+
+
+def test_a_bucket_lays_out_each_ranks_partitions_side_by_side():
+    """Three ranks, two gradients whose partitions (3 and 2 elements) leave padding: the reduce-scatter
+    input must be, row by row, each parameter's padded flat gradient cut into partitions."""
+    from lisa_dist.engines.zero3 import _Bucket
+
+    grads = [torch.arange(7.0), torch.arange(10.0, 14.0)]
+    sizes = [3, 2]
+    bucket = _Bucket(cap=100)
+    bucket.open(unit=0, world=3, size=3, later=2 + 6, dtype=torch.float32, device=torch.device("cpu"))
+    for i, (grad, size) in enumerate(zip(grads, sizes)):
+        bucket.add(f"param{i}", grad, size)
+    assert bucket.buffer.shape == (3, 3 + 2 + 6)  # room for what the unit still had to send
+    assert bucket.offsets == [0, 3]
+    flat = bucket.take_input()
+    padded = [torch.nn.functional.pad(g, (0, 3 * s - g.numel())).view(3, s) for g, s in zip(grads, sizes)]
+    assert torch.equal(flat, torch.cat(padded, dim=1).reshape(-1))
+    assert bucket.params == [] and bucket.used == 0
 
 
 def test_zero3_optimizer_state_only_for_active_partitions_and_freed_at_a_switch(invariants):
@@ -132,7 +178,7 @@ def _checkpointing_worker(rank: int, world_size: int, output_dir: str) -> dict:
     original = trainer.core.stepper.hooks._on_grad
 
     def measuring(name, param):
-        live.append(len(trainer.core.engine._grads))
+        live.append(sum(g.numel() for g in trainer.core.engine._grads.values()))
         original(name, param)
 
     for handle in trainer.core.stepper.hooks.handles:
@@ -142,14 +188,18 @@ def _checkpointing_worker(rank: int, world_size: int, output_dir: str) -> dict:
     trainer.train_step(0)
     out["live"] = live
     out["left"] = len(trainer.core.engine._grads)
+    engine = trainer.core.engine
+    out["units"] = [sum(engine.local_shard(p).numel() for p in unit) for unit in engine.grad_units()]
     return out
 
 
 def test_zero3_activation_checkpointing_with_frozen_layers_and_lomo_gradient_lifetime(tmp_path):
     obs = run_distributed(_checkpointing_worker, 2, output_dir=str(tmp_path))[0]
     assert obs[True] == obs[False]  # the recomputed forward is the same arithmetic
-    # fused LOMO on ZeRO-3: one parameter's gradient partition alive at a time, none after backward
-    assert max(obs["live"]) == 1 and obs["left"] == 0
+    # fused LOMO on ZeRO-3: one unit's gradient partitions alive at a time (their update runs together),
+    # none after backward
+    assert 0 < max(obs["live"]) <= max(obs["units"]) and obs["left"] == 0
+    assert max(obs["live"]) < sum(obs["units"]) / 2
 
 
 def _fresh_build_worker(rank: int, world_size: int, output_dir: str) -> dict:

@@ -32,6 +32,9 @@ def test_batch_sizes_and_precision_are_filled_from_the_run(tmp_path):
     ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu=4 contradicts"),
     ({"fp16": {"enabled": True}}, "fp16.enabled=True contradicts train.dtype=fp32"),
     ({"gradient_clipping": 5.0}, "gradient_clipping=5.0 contradicts optim.max_grad_norm"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 0}}, "reduce_bucket_size=0: lisa_dist reduce-scatters"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "5e8"}}, "reduce_bucket_size='5e8'"),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": 2.5}}, "give a positive whole number"),
 ])
 def test_contradictions_name_the_key(tmp_path, ds, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
@@ -45,3 +48,13 @@ def test_shipped_configs_load(tmp_path):
     for name in ("zero3.json", "zero3_offload.json"):
         config = tiny_config(tmp_path, engine={"name": "zero3", "deepspeed_config": str(root / name)})
         assert load_deepspeed_config(config, 2)["zero_optimization"]["stage"] == 3
+
+
+def test_reduce_bucket_size_is_kept_whole_and_auto_is_the_engines_default(tmp_path):
+    ds = _load(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5e8}})
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert isinstance(ds["zero_optimization"]["reduce_bucket_size"], int)
+    # "auto" (as Hugging Face's example configs write it) would fail DeepSpeed's own validation: the engine
+    # then buckets by its default, the largest parameter
+    auto = _load(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
+    assert "reduce_bucket_size" not in auto["zero_optimization"]
