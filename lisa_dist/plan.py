@@ -129,10 +129,10 @@ def _gathers_per_pass(config: Config) -> int:
     return 2 if config.engine.reshard_after_forward or config.engine.name == "zero3" else 1
 
 
-def _zero3_gathered(config: Config, world_size: int, total: int, layer: int) -> tuple[int, int, bool, int | None]:
+def _zero3_settings(config: Config, world_size: int, total: int, layer: int) -> tuple[int, int, bool, int | None]:
     """Parameters DeepSpeed holds gathered beyond the current layer: (prefetched, kept for reuse), whether
     it offloads parameters to the host, and the engine's gradient bucket (`reduce_bucket_size`, None for
-    its default: the largest parameter).
+    its default: the largest decoder-layer parameter).
 
     Backward prefetches up to `stage3_prefetch_bucket_size` parameters ahead; from the second step on,
     parameters whose next use is within `stage3_max_reuse_distance` stay gathered, up to
@@ -188,7 +188,7 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     state_bytes = shape.trainable(c) * _state_bytes_per_param(c) / n
     layer, block = max(shape.layers), shape.largest_block
     zero3 = c.engine.name == "zero3"
-    gathered = _zero3_gathered(c, n, shape.total, layer) if zero3 else (layer, 0, False, None)
+    gathered = _zero3_settings(c, n, shape.total, layer) if zero3 else (layer, 0, False, None)
     prefetch, kept, offload_params, bucket = gathered
     # FSDP2's parameter offload keeps the shards in host memory, and with them their gradients, the
     # optimizer state and each update (FSDP2 copies gradients to the host after the reduce-scatter); the
@@ -209,7 +209,7 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
 
     # A layer's backward: the gathered layer, the next one prefetched (FSDP2 without split: a whole layer;
     # ZeRO-3: its prefetch bucket or what it keeps for reuse), the previous unit's reduce-scatter input
-    # (ZeRO-3: a gradient bucket, by default the largest parameter's, within a block; at most a layer),
+    # (ZeRO-3: a gradient bucket, by default the largest layer parameter's, so within a block; at most a layer),
     # and the weight gradients of the block being differentiated with the MLP-wide activation gradients.
     # ZeRO-3 also holds the flat buffer of a prefetch bucket in flight: its coalesced all-gather lands every
     # rank's partitions in one buffer and copies each parameter out of it, so the bucket exists twice until
@@ -259,7 +259,7 @@ def plan_host_traffic(config: Config, shape: ModelShape, world_size: int) -> dic
     p, r = _element_bytes(c)
     zero3 = c.engine.name == "zero3"
     passes = _backward_passes(c, n)
-    offload_params = _zero3_gathered(c, n, shape.total, max(shape.layers))[2] if zero3 else c.engine.offload_params
+    offload_params = _zero3_settings(c, n, shape.total, max(shape.layers))[2] if zero3 else c.engine.offload_params
     to_device = to_host = 0.0
     if offload_params:
         to_device += shape.total * p / n * _gathers_per_pass(c) * passes

@@ -67,19 +67,20 @@ class Engine(ABC):
         return parts
 
     def grad_units(self) -> list[list[nn.Parameter]]:
-        """The model's parameters by sharding unit (`sharding_units`, then the rest as the root's): the
-        gradient shards of one unit reach the hooks one after another, so the fused update can take them
-        together (one collective for their statistics instead of one per parameter)."""
-        split = self.config.engine.split_layers
+        """The model's parameters by sharding unit (`sharding_units`): the gradient shards of one unit reach
+        the hooks one after another, so the fused update can take them together (one collective for their
+        statistics instead of one per parameter). The root's leftovers (with tied embeddings: the embedding
+        and the final norm) are one parameter each: on ZeRO-3 their gradients come at opposite ends of
+        backward."""
         claimed: set[int] = set()
         units = []
-        for unit in [*sharding_units(self.parts, split), [self.model]]:
+        for unit in sharding_units(self.parts, self.config.engine.split_layers):
             modules = unit if isinstance(unit, list) else [unit]
             params = [p for m in modules for p in m.parameters() if id(p) not in claimed]
             claimed.update(id(p) for p in params)
             if params:
                 units.append(params)
-        return units
+        return units + [[p] for p in self.model.parameters() if id(p) not in claimed]
 
     @abstractmethod
     def local_shard(self, param: nn.Parameter) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _check_zero(ds: dict[str, Any], where: str) -> None:
     if size != "auto" and not whole:
         raise ConfigError(f"{where}: zero_optimization.reduce_bucket_size={size!r}: lisa_dist reduce-scatters each "
                           "unit's gradients in buckets of at most this many elements; give a positive whole number, "
-                          "or \"auto\" for the largest parameter's size")
+                          "or \"auto\" for the largest decoder-layer parameter's size")
     if whole:
         zero["reduce_bucket_size"] = int(size)
     else:  # "auto": the engine's default; DeepSpeed itself would refuse the string and has no use for it here

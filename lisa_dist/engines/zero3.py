@@ -5,9 +5,9 @@ releases them around each module's forward and backward (its stage-3 parameter c
 `DeepSpeedZeRoOffload` without `deepspeed.initialize`). No DeepSpeed optimizer exists: its trainable set
 would be fixed at initialize (DeepSpeed issue 5639). Instead a post-accumulate-grad hook on each
 parameter copies the full gradient into a bucket and frees it; a bucket (one unit's parameters, at most
-`zero_optimization.reduce_bucket_size` elements) is reduce-scattered into each rank's partitions in fp32
-in one collective, then the hooks lisa_dist registered run for its parameters (fused updates,
-accumulation), exactly like FSDP2's post-reduce hooks. Frozen parameters compute no gradient, so their
+`zero_optimization.reduce_bucket_size` elements or one parameter) is reduce-scattered into each rank's
+partitions in fp32 in one collective, then the hooks lisa_dist registered run for its parameters (fused
+updates, accumulation), exactly like FSDP2's post-reduce hooks. Frozen parameters compute no gradient, so their
 hooks never fire and nothing is communicated for them.
 """
 
@@ -96,10 +96,14 @@ class Zero3Engine(Engine):
         return model, parts
 
     def _bucket_cap(self, model: nn.Module) -> int:
-        """`zero_optimization.reduce_bucket_size` elements as the user set it; by default (not set, or "auto")
-        the largest parameter's, so a bucket never holds more than the largest gradient already needs."""
+        """`zero_optimization.reduce_bucket_size` elements as the user set it (a bucket still takes one
+        parameter larger than that); by default (not set, or "auto") the largest decoder-layer parameter's:
+        a layer's backward then holds no more gradient than its largest matrix already needed, alone."""
         size = self.ds_config["zero_optimization"].get("reduce_bucket_size")
-        return max(p.ds_numel for p in model.parameters()) if size is None else size
+        if size is not None:
+            return size
+        layer_params = [p for layer in self.parts.layers for p in layer.parameters()] or list(model.parameters())
+        return max(p.ds_numel for p in layer_params)
 
     def _restore_buffers(self, model: nn.Module, reference: nn.Module) -> None:
         """zero.Init casts buffers to the training dtype; rotary tables must stay as the model builds them."""

@@ -18,8 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.errors import FusedPathError
-from lisa_dist.optim.rules import squared_sum
-from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions, _Slot
+from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions, Slot
 
 
 GradHookRegistrar = Callable[[nn.Parameter, Callable[[nn.Parameter], None]], RemovableHandle]
@@ -45,7 +44,7 @@ class GradHooks:
         self.optimizer = optimizer
         self.handles = register_fused_hooks(named_params, register, self._on_grad)
         self.unit_of = {id(p): i for i, unit in enumerate(units or []) for p in unit}
-        self.pending: dict[int, list[tuple[_Slot, torch.Tensor]]] = {}
+        self.pending: dict[int, list[Slot]] = {}
         self.expected: Counter[int] = Counter()
         self.mode: Literal["check", "apply", "accumulate"] = "apply"
         self.options = UpdateOptions(lr=0.0)
@@ -80,9 +79,8 @@ class GradHooks:
             return
         if self.mode == "accumulate":
             return  # the post-backward optimizer takes the last micro-batch's gradient from the engine
-        grad32 = self.optimizer.full_grad(slot)
         self.seen.add(name)
-        sq = slot.grad_sq = squared_sum(grad32)
+        sq = self.optimizer.measure_grad(slot)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         if self.mode == "check":
             self._count_nonfinite([(~torch.isfinite(sq)).to(torch.int64)])
@@ -90,28 +88,29 @@ class GradHooks:
             return
         unit = self._unit(param)
         arrived = self.pending.setdefault(unit, [])
-        arrived.append((slot, grad32))
+        arrived.append(slot)
         if len(arrived) == self.expected[unit]:
             self._apply(self.pending.pop(unit))
 
-    def _apply(self, arrived: list[tuple[_Slot, torch.Tensor]]) -> None:
-        """Update a unit's shards together (`ShardedOptimizer.update_runs`), then free their gradients."""
-        for run in self.optimizer.update_runs([slot for slot, _ in arrived]):
-            slots = [slot for slot, _ in arrived[run]]
-            grads = [grad for _, grad in arrived[run]]
+    def _apply(self, arrived: list[Slot]) -> None:
+        """Update a unit's shards together (`ShardedOptimizer.update_runs`), then free their gradients. The
+        fp32 gradients (copies, for low-precision ones) are made a run at a time."""
+        for run in self.optimizer.update_runs(arrived):
+            slots = arrived[run]
+            grads = [self.optimizer.full_grad(slot) for slot in slots]
             self._count_nonfinite(self.optimizer.apply_many(slots, grads, self.options, guard=self.guard,
                                                             grad_sqs=[slot.grad_sq for slot in slots]))
             del grads
             for slot in slots:
                 self._release(slot)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         self.optimizer.access.release_grad(slot.param)  # the point of fusing: the memory goes right here
         slot.grad_accum = None
 
     def end_pass(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Local (sum of squared gradients, count of non-finite shards); raises if a parameter was missed."""
-        for unit in list(self.pending):  # a unit with a trainable parameter that got no gradient
+        for unit in list(self.pending):  # units short of a gradient: update what came, then report the rest
             self._apply(self.pending.pop(unit))
         missing = [n for n in self.optimizer.slots if n not in self.seen]
         if missing:

@@ -168,7 +168,7 @@ class AdaLomo:
         update_sqs: list[torch.Tensor] = []
         for grad, state, beta2t, shard, totals in zip(grads, states, beta2ts, shards, stats):
             if shard.matrix is None:
-                update_sqs.append(totals[1:])
+                update_sqs.append(totals[1])
                 continue
             rows, cols = shard.matrix
             row = state["exp_avg_sq_row"].mul_(beta2t).add_(totals[:rows], alpha=1.0 - beta2t)

@@ -33,7 +33,7 @@ class ShardAccess(Protocol):
 
 
 @dataclass(slots=True)
-class _Slot:
+class Slot:
     param: nn.Parameter
     shard: torch.Tensor
     """The parameter's local shard in the training dtype (shares storage with the parameter)."""
@@ -67,7 +67,7 @@ class ShardedOptimizer:
         self.access = access
         self.host = host
         """Set: state and masters live on this device and visit the shard's device only for an update."""
-        self.slots: dict[str, _Slot] = {}
+        self.slots: dict[str, Slot] = {}
 
     def set_trainable(self, params: dict[str, nn.Parameter]) -> tuple[list[str], list[str]]:
         """Returns (entered, left) parameter names."""
@@ -83,7 +83,7 @@ class ShardedOptimizer:
             self.slots[name] = kept.pop(name) if name in kept else self._new_slot(param)
         return entered, left
 
-    def _new_slot(self, param: nn.Parameter) -> _Slot:
+    def _new_slot(self, param: nn.Parameter) -> Slot:
         shard = self.access.local_shard(param)
         info = self.access.shard_info(param)
         keep_master = not self.rule.fused and shard.dtype != torch.float32
@@ -92,7 +92,7 @@ class ShardedOptimizer:
         if self.host is not None:
             master = None if master is None else to_host(master, self.host)
             state = {key: to_host(t, self.host) for key, t in state.items()}
-        return _Slot(param=param, shard=shard, info=info, master=master, state=state)
+        return Slot(param=param, shard=shard, info=info, master=master, state=state)
 
     @property
     def names(self) -> list[str]:
@@ -120,7 +120,7 @@ class ShardedOptimizer:
             slot.grad_accum.add_(grad)
         self.access.release_grad(slot.param)
 
-    def full_grad(self, slot: _Slot) -> torch.Tensor | None:
+    def full_grad(self, slot: Slot) -> torch.Tensor | None:
         """This step's fp32 gradient shard: the accumulator plus the last micro-batch's gradient. The last
         gradient is folded in once and freed, so asking again (the norm, then the update) gives the same sum."""
         grad = self.access.local_grad(slot.param)
@@ -130,6 +130,13 @@ class ShardedOptimizer:
             slot.grad_accum.add_(grad)
             self.access.release_grad(slot.param)
         return slot.grad_accum
+
+    def measure_grad(self, slot: Slot) -> torch.Tensor:
+        """This step's squared gradient norm of the shard (as `full_grad` would give it), kept as `grad_sq`.
+        A low-precision gradient is summed in fp32 as it is read, without an fp32 copy of it."""
+        grad = self.access.local_grad(slot.param) if slot.grad_accum is None else self.full_grad(slot)
+        slot.grad_sq = squared_sum(grad)
+        return slot.grad_sq
 
     def grad_sq_sum(self) -> torch.Tensor:
         """Sum of squared local gradient shards (fp32), before any scaling."""
@@ -142,7 +149,7 @@ class ShardedOptimizer:
         return sq
 
     @torch.no_grad()
-    def apply(self, slot: _Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
+    def apply(self, slot: Slot, grad: torch.Tensor, options: UpdateOptions, guard: bool = False) -> torch.Tensor:
         """Update one shard from its gradient, which is consumed (scaled and zeroed in place). With `guard`,
         a shard whose gradient is not finite keeps its value (and the rule sees zeros), without a host sync.
         Returns 1 if the gradient was non-finite. Besides the rule's own, one temporary of the shard's size:
@@ -150,7 +157,7 @@ class ShardedOptimizer:
         return self.apply_many([slot], [grad], options, guard)[0]
 
     @torch.no_grad()
-    def apply_many(self, slots: list[_Slot], grads: list[torch.Tensor], options: UpdateOptions,
+    def apply_many(self, slots: list[Slot], grads: list[torch.Tensor], options: UpdateOptions,
                    guard: bool = False, grad_sqs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """`apply` to several shards at once, through the rule's multi-tensor form (`update_many`).
 
@@ -161,15 +168,7 @@ class ShardedOptimizer:
         grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
         if options.grad_scale != 1.0:
             torch._foreach_mul_(grads32, options.grad_scale)
-        finite = []
-        if guard:
-            sqs = grad_sqs if grad_sqs is not None else [squared_sum(g) for g in grads32]
-            scale_sq = options.grad_scale ** 2 if grad_sqs is not None else 1.0
-            finite = [torch.isfinite(sq * scale_sq) for sq in sqs]
-        if self.rule.needs_finite_grads:
-            # The rule's state or its statistics across ranks would take a non-finite gradient in: it sees zeros.
-            for g, ok in zip(grads32, finite):
-                g.masked_fill_(~ok, 0.0)
+        finite = self._finite(grads32, options.grad_scale, grad_sqs) if guard else []
         if options.clip_value:
             torch._foreach_clamp_min_(grads32, -options.clip_value)
             torch._foreach_clamp_max_(grads32, options.clip_value)
@@ -206,6 +205,18 @@ class ShardedOptimizer:
         del befores
         return [(~ok).to(torch.int64) for ok in finite] if guard else [torch.zeros((), dtype=torch.int64)] * len(slots)
 
+    def _finite(self, grads32: list[torch.Tensor], grad_scale: float,
+                grad_sqs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Per shard, whether its scaled gradient is finite (0-dim bools, no host sync). A rule whose state or
+        statistics across ranks would take a non-finite gradient in sees zeros instead."""
+        sqs = grad_sqs if grad_sqs is not None else [squared_sum(g) for g in grads32]
+        scale_sq = grad_scale ** 2 if grad_sqs is not None else 1.0
+        finite = [torch.isfinite(sq * scale_sq) for sq in sqs]
+        if self.rule.needs_finite_grads:
+            for g, ok in zip(grads32, finite):
+                g.masked_fill_(~ok, 0.0)
+        return finite
+
     def step(self, options: UpdateOptions) -> int:
         """Post-backward update of every trainable shard with a gradient, in `update_runs`; returns how many
         were updated."""
@@ -215,23 +226,25 @@ class ShardedOptimizer:
             self._apply_group(pending[run], options)
         return len(pending)
 
-    def update_runs(self, slots: list[_Slot]) -> list[slice]:
-        """`slots` cut, in order, into runs of at most the largest trainable shard's elements: the multi-tensor
-        kernels run over many shards at once while the fp32 gradients, values-before and rule temporaries
-        they need stay within what one shard at a time would need for the largest. With offloaded state, one
-        at a time (each shard's state visits the device alone)."""
-        budget = max((slot.shard.numel() for slot in self.slots.values()), default=0) if self.host is None else 0
+    def update_runs(self, slots: list[Slot]) -> list[slice]:
+        """`slots` cut, in order, into runs of parameters of at most the largest trainable parameter's
+        elements: the multi-tensor kernels run over many shards at once while the fp32 gradients,
+        values-before and rule temporaries they need stay about what one shard at a time needs for the
+        largest. Cut by whole parameters' sizes, which every rank agrees on (shards of uneven splits differ
+        between ranks), so rules that reduce across ranks per run (AdaLomo) issue the same collectives on
+        every rank. With offloaded state, one at a time (each shard's state visits the device alone)."""
+        budget = max((slot.info.global_numel for slot in self.slots.values()), default=0) if self.host is None else 0
         runs, start, size = [], 0, 0
         for i, slot in enumerate(slots):
-            if i > start and size + slot.shard.numel() > budget:
+            if i > start and size + slot.info.global_numel > budget:
                 runs.append(slice(start, i))
                 start, size = i, 0
-            size += slot.shard.numel()
+            size += slot.info.global_numel
         if start < len(slots):
             runs.append(slice(start, len(slots)))
         return runs
 
-    def _apply_group(self, group: list[_Slot], options: UpdateOptions) -> None:
+    def _apply_group(self, group: list[Slot], options: UpdateOptions) -> None:
         grads = [self.full_grad(slot) for slot in group]
         self.apply_many(group, grads, options)
 

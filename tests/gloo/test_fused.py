@@ -209,7 +209,7 @@ def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
     engine = trainer.core.engine
     unit_ids = [[id(p) for p in unit] for unit in engine.grad_units()]
     run_units = [{i for i, unit in enumerate(unit_ids) if pid in unit} for run in runs for pid in run]
-    numel = {id(p): engine.local_shard(p).numel() for p in trainer.core.model.parameters()}
+    numel = {id(p): p.numel() for p in trainer.core.model.parameters()}  # whole parameters: update_runs' sizes
     parts = trainer.core.parts
     units = [list(layer.parameters()) for layer in parts.layers]
     units.append([p for m in parts.embeddings for p in m.parameters()])

@@ -55,6 +55,6 @@ def test_reduce_bucket_size_is_kept_whole_and_auto_is_the_engines_default(tmp_pa
     assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert isinstance(ds["zero_optimization"]["reduce_bucket_size"], int)
     # "auto" (as Hugging Face's example configs write it) would fail DeepSpeed's own validation: the engine
-    # then buckets by its default, the largest parameter
+    # then buckets by its default, the largest decoder-layer parameter
     auto = _load(tmp_path, {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}})
     assert "reduce_bucket_size" not in auto["zero_optimization"]

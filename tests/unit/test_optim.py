@@ -4,7 +4,7 @@ from torch import nn
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
-from lisa_dist.optim.shard import local_shard_info
+from lisa_dist.optim.shard import ShardInfo, local_shard_info
 from lisa_dist.optim.sharded import UpdateOptions
 
 
@@ -170,3 +170,33 @@ def test_adamw_over_many_shards_at_once_is_torchs_multi_tensor_adamw_bit_for_bit
     assert groups[:3] == [[512], [8, 128, 15], [512]]  # in order, each group up to 512 elements, the largest shard
     for p, q, r in zip(ours, alone, ref):
         assert torch.equal(p.data, q.data) and torch.equal(p.data, r.data)
+
+
+class _RowShards(_Unsharded):
+    """Dim-0 shards of `rank` among `world` ranks, as FSDP2 cuts them (ceil rows per rank; the last may get fewer)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def local_shard(self, param):
+        rows = -(-param.shape[0] // self.world)
+        return param.data[self.rank * rows:(self.rank + 1) * rows]
+
+    def shard_info(self, param):
+        shard = self.local_shard(param)
+        return ShardInfo(tuple(param.shape), self.rank * -(-param.shape[0] // self.world) * param.shape[1],
+                         shard.numel(), lambda t: None)
+
+
+def test_update_runs_are_cut_the_same_on_every_rank_when_shards_split_unevenly():
+    """Rows 3, 2, 2 on 2 ranks: rank 0 holds 2, 1, 1 rows and rank 1 holds 1, 1, 1. Cut by their own
+    shards the ranks would disagree ([A] [B, C] against [A] [B] [C]), and a rule reducing per run (AdaLomo)
+    would issue different collectives on each: runs follow whole parameters' sizes."""
+    params = {name: nn.Parameter(torch.zeros(rows, 4)) for name, rows in (("a", 3), ("b", 2), ("c", 2))}
+    cuts = []
+    for rank in (0, 1):
+        opt = ShardedOptimizer(make_rule(OptimConfig(name="adalomo", lr=1e-2)), _RowShards(rank, 2))
+        opt.set_trainable(params)
+        assert [s.shard.numel() for s in opt.slots.values()] == ([8, 4, 4] if rank == 0 else [4, 4, 4])
+        cuts.append([(run.start, run.stop) for run in opt.update_runs(list(opt.slots.values()))])
+    assert cuts[0] == cuts[1] == [(0, 1), (1, 2), (2, 3)]
