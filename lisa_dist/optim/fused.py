@@ -38,12 +38,12 @@ class GradHooks:
     `accumulate` mode (post-backward optimizers: only sum micro-batches in fp32)."""
 
     def __init__(self, optimizer: ShardedOptimizer, named_params: dict[str, nn.Parameter],
-                 register: GradHookRegistrar, units: list[list[nn.Parameter]] | None = None) -> None:
-        """`units`: parameters whose gradient shards arrive together (the engine's `grad_units`); a unit's
-        updates run once its last trainable gradient is in. Without, each parameter is its own unit."""
+                 register: GradHookRegistrar, units: list[list[nn.Parameter]]) -> None:
+        """`units`: every parameter, by the groups whose gradient shards arrive together (the engine's
+        `grad_units`); a unit's updates run once its last trainable gradient is in."""
         self.optimizer = optimizer
         self.handles = register_fused_hooks(named_params, register, self._on_grad)
-        self.unit_of = {id(p): i for i, unit in enumerate(units or []) for p in unit}
+        self.unit_of = {id(p): i for i, unit in enumerate(units) for p in unit}
         self.pending: dict[int, list[Slot]] = {}
         self.expected: Counter[int] = Counter()
         self.mode: Literal["check", "apply", "accumulate"] = "apply"
@@ -60,10 +60,7 @@ class GradHooks:
         self.sq_sum = None
         self.nonfinite = None
         self.pending = {}
-        self.expected = Counter(self._unit(slot.param) for slot in self.optimizer.slots.values())
-
-    def _unit(self, param: nn.Parameter) -> int:
-        return self.unit_of.get(id(param), -1 - id(param))
+        self.expected = Counter(self.unit_of[id(slot.param)] for slot in self.optimizer.slots.values())
 
     def _count_nonfinite(self, bad: list[torch.Tensor]) -> None:
         for b in bad:
@@ -86,7 +83,7 @@ class GradHooks:
             self._count_nonfinite([(~torch.isfinite(sq)).to(torch.int64)])
             self._release(slot)
             return
-        unit = self._unit(param)
+        unit = self.unit_of[id(param)]
         arrived = self.pending.setdefault(unit, [])
         arrived.append(slot)
         if len(arrived) == self.expected[unit]:

@@ -138,14 +138,17 @@ class ShardedOptimizer:
         slot.grad_sq = squared_sum(grad)
         return slot.grad_sq
 
+    def has_grad(self, slot: Slot) -> bool:
+        """Whether the shard has a gradient this step (the last micro-batch's, or an accumulated one)."""
+        return self.access.local_grad(slot.param) is not None or slot.grad_accum is not None
+
     def grad_sq_sum(self) -> torch.Tensor:
         """Sum of squared local gradient shards (fp32), before any scaling."""
         sq = torch.zeros((), dtype=torch.float32)
         for slot in self.slots.values():
-            grad = self.full_grad(slot)
-            if grad is not None and grad.numel():
-                slot.grad_sq = squared_sum(grad)
-                sq = sq.to(grad.device) + slot.grad_sq
+            if self.has_grad(slot) and slot.shard.numel():
+                grad_sq = self.measure_grad(slot)
+                sq = sq.to(grad_sq.device) + grad_sq
         return sq
 
     @torch.no_grad()
@@ -220,8 +223,7 @@ class ShardedOptimizer:
     def step(self, options: UpdateOptions) -> int:
         """Post-backward update of every trainable shard with a gradient, in `update_runs`; returns how many
         were updated."""
-        pending = [slot for slot in self.slots.values()
-                   if self.access.local_grad(slot.param) is not None or slot.grad_accum is not None]
+        pending = [slot for slot in self.slots.values() if self.has_grad(slot)]
         for run in self.update_runs(pending):
             self._apply_group(pending[run], options)
         return len(pending)

@@ -207,8 +207,7 @@ def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
     trainer.core.optimizer.apply_many = recording
     trainer.train_step(0)
     engine = trainer.core.engine
-    unit_ids = [[id(p) for p in unit] for unit in engine.grad_units()]
-    run_units = [{i for i, unit in enumerate(unit_ids) if pid in unit} for run in runs for pid in run]
+    unit_of = {id(p): u for u, unit in enumerate(engine.grad_units()) for p in unit}
     numel = {id(p): p.numel() for p in trainer.core.model.parameters()}  # whole parameters: update_runs' sizes
     parts = trainer.core.parts
     units = [list(layer.parameters()) for layer in parts.layers]
@@ -222,8 +221,7 @@ def _memory_worker(rank: int, world_size: int, output_dir: str) -> dict:
     except FusedPathError as e:
         bypassed = str(e)
     return {"live": live, "units": unit_bytes, "bypassed": bypassed, "runs": [[numel[p] for p in run] for run in runs],
-            "runs_in_one_unit": all(len({u for pid in run for i, unit in enumerate(unit_ids) if pid in unit
-                                         for u in [i]}) == 1 for run in runs),
+            "runs_in_one_unit": all(len({unit_of[pid] for pid in run}) == 1 for run in runs),
             "params": len(numel)}
 
 
