@@ -32,6 +32,7 @@ from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, apply_implied, from_dict
 from lisa_dist.core import StepResult, TrainingCore
 from lisa_dist.distributed import init_distributed
+from lisa_dist.engines.base import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import CheckpointError, ConfigError, DataError
 from lisa_dist.loss import loss_sum as token_loss_sum
@@ -97,6 +98,7 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     raw.setdefault("train", {}).setdefault("dtype", stored)
     config = from_dict(raw)
     validate_training(config)
+    engine_class(config.engine.name)  # a missing extra is refused before the process group starts
     check_architecture(model.config)
     check_model(config, model)
     if config.engine.name == "zero3" and config.train.dtype != stored:

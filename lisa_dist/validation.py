@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lisa_dist.errors import ConfigError
+from lisa_dist.extras import require_extra
 
 if TYPE_CHECKING:
     from lisa_dist.config import Config, EngineConfig, LisaConfig, OptimConfig, TrainConfig
@@ -49,6 +50,8 @@ def _validate_data(c: Config) -> None:
     _require(bool(d.path), "data.path must name a data file or a datasets.save_to_disk directory")
     for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         _require(path is None or Path(path).exists(), f"{key}: file not found: {path}")
+        if path is not None and (Path(path).is_dir() or Path(path).suffix == ".parquet"):
+            require_extra("datasets", f"{key}={path} (parquet or a datasets.save_to_disk directory)")
     _at_least("data.seq_len", d.seq_len, 2)
     _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     _require(not (d.eval_path and d.eval_fraction), "set one of data.eval_path and data.eval_fraction, not both")

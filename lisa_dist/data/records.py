@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lisa_dist.errors import DataError
+from lisa_dist.extras import require_extra
 
 Record = tuple[str, dict[str, Any]]
 """(where, record)."""
@@ -72,6 +73,7 @@ def _as_record(where: str, record: Any) -> Record:
 
 
 def _read_parquet(path: Path) -> list[Record]:
+    require_extra("datasets", f"reading {path}")
     import datasets
 
     try:
@@ -82,6 +84,7 @@ def _read_parquet(path: Path) -> list[Record]:
 
 
 def _read_saved_dataset(path: Path) -> list[Record]:
+    require_extra("datasets", f"reading {path}")
     import datasets
 
     try:

@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, in_place_sum
 from lisa_dist.errors import ConfigError
+from lisa_dist.extras import require_extra
 from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.models.parts import layer_blocks
 from lisa_dist.optim.shard import ShardInfo
@@ -168,6 +169,7 @@ def engine_class(name: str) -> type[Engine]:
 
         return FSDP2Engine
     if name == "zero3":
+        require_extra("deepspeed", "engine.name=zero3")
         from lisa_dist.engines.zero3 import Zero3Engine
 
         return Zero3Engine
