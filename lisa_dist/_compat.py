@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -95,6 +96,18 @@ PRIVATE = [
 ]
 
 
+# torch 2.13 renamed the flat collectives (`reduce_scatter_tensor` -> `reduce_scatter_single`, the old names
+# deprecated); FSDP2 calls whichever its torch has, by attribute at call time, so tests that count its
+# collectives wrap the attribute named here.
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
+def reduce_scatter(output: torch.Tensor, flat: torch.Tensor, group: Any) -> None:
+    """Sum `flat` over `group` and keep this rank's slice in `output` (torch.distributed's flat reduce-scatter)."""
+    getattr(dist, REDUCE_SCATTER)(output, flat, group=group)
+
+
 def resolve(symbol: str) -> Any:
     """The object `symbol` names; an ImportError naming it and the installed version if it is gone."""
     module_name, _, path = symbol.partition(":")
@@ -126,6 +139,17 @@ def __getattr__(name: str) -> Any:
 def lazy_init_fsdp(model: nn.Module) -> None:
     """Run FSDP2's lazy initialization of `model` (a `fully_shard`ed root) now."""
     model._get_fsdp_state()._lazy_init()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of each decoder layer. transformers 5.24 renamed
+    `gradient_checkpointing_enable(gradient_checkpointing_kwargs=)` to `activation_checkpointing_enable(
+    activation_checkpointing_kwargs=)`, deprecating the old name; each version gets its own."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def set_attn_implementation(hf_config: Any, name: str) -> None:

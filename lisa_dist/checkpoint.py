@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import transformers
-from accelerate import init_empty_weights
 from torch.distributed.tensor import DTensor
 
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine, engine_class
 from lisa_dist.errors import CheckpointError
+from lisa_dist.models.build import parameters_on_meta
 
 if TYPE_CHECKING:
     from lisa_dist.core import TrainingCore
@@ -155,7 +155,7 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.P
     """Write an HF directory that `AutoModelForCausalLM.from_pretrained` loads; `model_dir` gives the
     generation_config.json to carry over."""
     tied = getattr(hf_config, "tie_word_embeddings", False)
-    with init_empty_weights(include_buffers=False):
+    with parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
     if tied:
         model.tie_weights()

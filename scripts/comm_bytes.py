@@ -9,6 +9,7 @@ import sys
 
 import torch.distributed as dist
 
+from lisa_dist._compat import REDUCE_SCATTER
 from lisa_dist.config import load_config
 from lisa_dist.distributed import init_distributed
 from lisa_dist.env import read_launch_env
@@ -22,14 +23,14 @@ def main() -> None:
     runtime = init_distributed(env, config.engine.timeout_s)
     trainer = Trainer(config, runtime, source, sequences)
     sent = {"reduce_scatter": 0}
-    original = dist.reduce_scatter_single
+    original = getattr(dist, REDUCE_SCATTER)
 
     def counting(output, input, *args, **kwargs):
         world = dist.get_world_size(kwargs.get("group"))
         sent["reduce_scatter"] += input.numel() * input.element_size() * (world - 1) // world
         return original(output, input, *args, **kwargs)
 
-    dist.reduce_scatter_single = counting
+    setattr(dist, REDUCE_SCATTER, counting)
     trainer.train_step(0)  # lazy initialization and the first switch
     sent["reduce_scatter"] = 0
     trainer.train_step(1)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.hooks import RemovableHandle
 
+from lisa_dist._compat import enable_activation_checkpointing
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, in_place_sum
 from lisa_dist.errors import ConfigError
@@ -64,7 +65,7 @@ class Engine(ABC):
         """The model's layers and heads, with activation checkpointing turned on when configured."""
         parts = find_parts(model)
         if self.config.model.activation_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         return parts
 
     def grad_units(self) -> list[list[nn.Parameter]]:

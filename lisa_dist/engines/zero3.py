@@ -24,7 +24,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.hooks import RemovableHandle
 
-from lisa_dist._compat import init_deepspeed_distributed, no_init_weights, set_attn_implementation, zero3_coordinator
+from lisa_dist._compat import (init_deepspeed_distributed, no_init_weights, reduce_scatter, set_attn_implementation,
+                               zero3_coordinator)
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
@@ -171,7 +172,7 @@ class Zero3Engine(Engine):
         world = bucket.buffer.shape[0]
         flat = bucket.take_input()
         out = flat.new_empty(flat.numel() // world)
-        dist.reduce_scatter_single(out, flat, group=params[0].ds_process_group)
+        reduce_scatter(out, flat, params[0].ds_process_group)
         del flat
         out = out.float().div_(world)
         for param, offset in zip(params, offsets):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from accelerate import init_empty_weights
 from torch import nn
 
 from lisa_dist._compat import set_attn_implementation
@@ -163,11 +164,30 @@ def open_weights(source: ModelSource, model: nn.Module | None = None) -> Safeten
     return SafetensorsReader(source.weights_dir, model)
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter a module registers inside is moved to the meta device; buffers stay where they are
+    made. accelerate's `init_empty_weights(include_buffers=False)` does the same but rebuilds each parameter
+    from its `__dict__`, which fails for the fake tensors of `estimate` under torch 2.11."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
     """Parameters on the meta device in `dtype`; buffers (rotary tables) real, on CPU, in their own dtype."""
     hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
     set_attn_implementation(hf_config, attn_implementation)
-    with init_empty_weights(include_buffers=False):
+    with parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):

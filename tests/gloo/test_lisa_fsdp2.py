@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lisa_dist._compat import ALL_GATHER, REDUCE_SCATTER
 from lisa_dist.errors import RankDisagreementError
 from lisa_dist.memory import StorageTracker
 from tests.helpers import run_distributed, start_trainer, tiny_config
@@ -30,13 +31,13 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
                                         optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}))
     obs: dict = {"reduce_scatters": []}
     calls = []
-    original = dist.reduce_scatter_single
+    original = getattr(dist, REDUCE_SCATTER)
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("input", args[1] if len(args) > 1 else None).dtype)
         return original(*args, **kwargs)
 
-    dist.reduce_scatter_single = counting
+    setattr(dist, REDUCE_SCATTER, counting)
     start = _layer_shards(trainer)
     for step in range(INTERVAL):
         calls.clear()
@@ -85,7 +86,7 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     obs["left_layers_unchanged"] = all(
         torch.equal(a, trainer.core.engine.local_shard(p)) for i in left_layers
         for a, p in zip(before_step[i], trainer.core.parts.layers[i].parameters()))
-    dist.reduce_scatter_single = original
+    setattr(dist, REDUCE_SCATTER, original)
     obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters()) for layer in trainer.core.parts.layers]
     return obs
 
@@ -174,7 +175,7 @@ def _traffic_worker(rank: int, world_size: int, output_dir: str, method: str, op
     config = tiny_config(output_dir, method=method, optim={"name": optim, "lr": 1e-3}, train={"micro_batch_size": 4})
     trainer = start_trainer(config)
     sent = {"all_gather": 0, "reduce_scatter": 0}
-    originals = {"all_gather": dist.all_gather_single, "reduce_scatter": dist.reduce_scatter_single}
+    originals = {"all_gather": getattr(dist, ALL_GATHER), "reduce_scatter": getattr(dist, REDUCE_SCATTER)}
 
     def counting(kind, original):
         def call(*args, **kwargs):
@@ -186,8 +187,8 @@ def _traffic_worker(rank: int, world_size: int, output_dir: str, method: str, op
         return call
 
     trainer.train_step(0)  # lazy initialization
-    dist.all_gather_single = counting("all_gather", originals["all_gather"])
-    dist.reduce_scatter_single = counting("reduce_scatter", originals["reduce_scatter"])
+    setattr(dist, ALL_GATHER, counting("all_gather", originals["all_gather"]))
+    setattr(dist, REDUCE_SCATTER, counting("reduce_scatter", originals["reduce_scatter"]))
     trainer.train_step(1)
     return {"sent": sent, "planned": plan_communication(config, ModelShape.of(config), world_size)}
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lisa_dist._compat import REDUCE_SCATTER
 from lisa_dist.memory import StorageTracker
 from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, engine_weights, full_weights, parity_atol,
                            run_distributed, start_trainer, tiny_config)
@@ -56,13 +57,13 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
                                         lisa={"gamma": 2, "interval": 3}))
     engine, layers = trainer.core.engine, trainer.core.parts.layers
     calls = []
-    original = dist.reduce_scatter_single
+    original = getattr(dist, REDUCE_SCATTER)
 
     def counting(output, input, *args, **kwargs):
         calls.append(input.numel())
         return original(output, input, *args, **kwargs)
 
-    dist.reduce_scatter_single = counting
+    setattr(dist, REDUCE_SCATTER, counting)
     start = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
     counts = []
     for step in range(3):
@@ -72,7 +73,7 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
         units = {u for u, unit in enumerate(engine.grad_units()) for p in unit if p.requires_grad}
         counts.append({"collectives": len(calls), "elements": sum(calls), "params": len(trainable),
                        "units": len(units), "partitions": sum(p.ds_tensor.ds_numel * world_size for p in trainable)})
-    dist.reduce_scatter_single = original
+    setattr(dist, REDUCE_SCATTER, original)
     end = [[engine.local_shard(p).clone() for p in layer.parameters()] for layer in layers]
     active = trainer.core.active_layers
     obs = {"active": active, "counts": counts, "trainable": len(trainer.core.optimizer.names),
@@ -104,9 +105,9 @@ def _invariants_worker(rank: int, world_size: int, output_dir: str) -> dict:
     trainer = start_trainer(tiny_config(output_dir, engine={"name": "zero3", "deepspeed_config": path},
                                         method="full", train={"micro_batch_size": 4}))
     calls.clear()
-    dist.reduce_scatter_single = counting
+    setattr(dist, REDUCE_SCATTER, counting)
     trainer.train_step(0)
-    dist.reduce_scatter_single = original
+    setattr(dist, REDUCE_SCATTER, original)
     obs["one_per_bucket"] = (len(calls), len(list(trainer.core.model.parameters())))
     return obs
 
@@ -229,7 +230,8 @@ def fresh_build(tmp_path_factory):
 def test_zero3_builds_in_a_process_that_never_imported_the_model_code(fresh_build):
     """transformers.modeling_utils (and torch._dynamo with it) first imported inside deepspeed.zero.Init fails on
     the patched tensor constructors; the engine imports the model code before entering it."""
-    assert fresh_build["imported_before"] is False  # the situation the test is about
+    if fresh_build["imported_before"]:  # DeepSpeed before 0.19.8 imports transformers' OPT model at import
+        pytest.skip("this DeepSpeed imports transformers.modeling_utils itself: the situation cannot arise")
     assert fresh_build["layers"] == 8
 
 

@@ -28,6 +28,17 @@ def test_everything_the_package_imports_from_compat_resolves_to_its_listed_symbo
         assert getattr(_compat, name) is _compat.resolve(_compat._EXPORTS[name])
 
 
+def test_fsdp2_calls_the_flat_collectives_by_the_names_compat_resolves():
+    """Tests count FSDP2's collectives by wrapping `torch.distributed.<name>`: the names must be the ones this
+    torch's FSDP2 looks up at call time (renamed in torch 2.13)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+
+    source = inspect.getsource(_fsdp_collectives)
+    for name in (_compat.REDUCE_SCATTER, _compat.ALL_GATHER):
+        assert callable(getattr(torch.distributed, name))
+        assert f"dist.{name}(" in source, name
+
+
 def test_every_entry_says_why():
     assert all(len(p.reason) > 20 for p in _compat.PRIVATE)
     assert len({p.symbol for p in _compat.PRIVATE}) == len(_compat.PRIVATE)
