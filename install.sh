@@ -2,20 +2,13 @@
 # Create .venv and install lisa_dist with exactly the versions the suite last passed with
 # (requirements/lock.txt, as pip constraints). torch comes first, pinned, so that no other requirement
 # pulls a CUDA build; deepspeed builds against that torch (hence no build isolation).
-# LISA_DIST_UNLOCKED=1 skips the lock: the newest versions pyproject.toml's ranges allow
-# (scripts/check_latest.sh uses it in a scratch venv).
+# Other versions: scripts/check_versions.sh (the oldest and newest the ranges in pyproject.toml admit).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-if [ "${LISA_DIST_UNLOCKED:-0}" = 1 ]; then
-  # Everything newest but torch: the CPU build on this disk (a newer torch from PyPI is a CUDA build).
-  VERSIONS=(--upgrade --upgrade-strategy eager -c "$VENV/torch-pin.txt")
-else
-  VERSIONS=(-c requirements/lock.txt)
-fi
+VERSIONS=(-c requirements/lock.txt)
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-echo "torch==2.13.0" > "$VENV/torch-pin.txt"
 PIP=("$VENV/bin/python" -m pip install -q)
 "${PIP[@]}" "${VERSIONS[@]}" pip setuptools wheel
 "${PIP[@]}" "torch==2.13.0"

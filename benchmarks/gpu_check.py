@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from benchmarks.speed_memory import RUNS, run_one
 from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("overrides", nargs="*", help="key=value changes to the job, for every run")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device here (torch {torch.__version__}, CUDA build {torch.version.cuda}): the "
+              "benchmark measures the GPU's allocator and step time, so it ran nothing", file=sys.stderr)
+        return 3
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [run_one(name, CONFIG, args.overrides, args.steps, args.out / "runs", nproc=1) for name in NAMES]
     baseline = rows[0]

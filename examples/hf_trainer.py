@@ -32,7 +32,9 @@ class Record(transformers.TrainerCallback):
                 f.write(json.dumps({"step": state.global_step + 1, "active_layers": sorted(core.active_layers),
                                     "optim_state": sorted(core.optimizer.names),
                                     "fused_updates": len(core.stepper.hooks.seen),
-                                    "grad_norm": self.trainer.last_result.grad_norm}) + "\n")
+                                    "grad_norm": self.trainer.last_result.grad_norm,
+                                    "dtype": core.config.train.dtype,
+                                    "checkpointing": core.config.model.activation_checkpointing}) + "\n")
 
 
 def main() -> None:
@@ -49,6 +51,11 @@ def main() -> None:
                         help="lisa_dist engine.name (default: from the accelerate config file, else fsdp2)")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="TrainingArguments.label_smoothing_factor (the Trainer then computes the loss)")
+    parser.add_argument("--bf16", action="store_true", help="TrainingArguments.bf16 (lisa_dist: train.dtype=bf16)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="TrainingArguments.gradient_checkpointing (lisa_dist: model.activation_checkpointing)")
+    parser.add_argument("--lisa-dist-bf16-checkpointing", action="store_true",
+                        help="the same two settings given to lisa_dist= instead")
     parser.add_argument("--save-steps", type=int, default=0, help="write checkpoint-N/ every this many steps")
     parser.add_argument("--resume", default=None, help="a checkpoint-N/ directory to continue from, exactly")
     parser.add_argument("--record", default=None)
@@ -65,12 +72,15 @@ def main() -> None:
         output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size, learning_rate=cli.lr,
         lr_scheduler_type="constant", logging_steps=1, report_to=[],
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, seed=0, data_seed=0,
-        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, label_smoothing_factor=cli.label_smoothing, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available())
+        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, label_smoothing_factor=cli.label_smoothing, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
+        bf16=cli.bf16, gradient_checkpointing=cli.gradient_checkpointing)
+    settings = {"train": {"dtype": "bf16"}, "model": {"activation_checkpointing": True}} \
+        if cli.lisa_dist_bf16_checkpointing else {}
     trainer = LisaDistTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
         lisa_dist={"method": cli.method, "lisa": {"gamma": 2, "interval": 2},
                    "optim": {"name": cli.optim, "adalomo_eps": [cli.adalomo_eps1, 1e-3]},
-                   **({"engine": {"name": cli.engine}} if cli.engine else {})})
+                   **({"engine": {"name": cli.engine}} if cli.engine else {}), **settings})
     if cli.record:
         trainer.add_callback(Record(trainer, cli.record))
     trainer.train(resume_from_checkpoint=cli.resume)

@@ -103,6 +103,13 @@ REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single
 ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+RECOMPUTES_GROUPED_UNITS = TORCH_VERSION >= (2, 13)
+"""Whether FSDP2 gathers a grouped unit's parameters (`fully_shard([final norm, head])`) when backward recomputes
+one of its modules alone, as `train.loss_chunk_tokens` recomputes the head per chunk: torch 2.11 hands the
+head its sharded weight there (checked on 2.11 and 2.13; 2.12 untested, so refused too)."""
+
+
 def reduce_scatter(output: torch.Tensor, flat: torch.Tensor, group: Any) -> None:
     """Sum `flat` over `group` and keep this rank's slice in `output` (torch.distributed's flat reduce-scatter)."""
     getattr(dist, REDUCE_SCATTER)(output, flat, group=group)

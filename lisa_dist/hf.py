@@ -77,12 +77,6 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
         scope = raw.get(section) if section else raw
         if isinstance(scope, dict) and name in scope:
             raise ConfigError(f"lisa_dist={{...}} sets {key}: with the Trainer it comes from {where}")
-    if args.fp16 or args.bf16:
-        raise ConfigError("TrainingArguments fp16/bf16 (autocast) is not used with lisa_dist: set "
-                          "lisa_dist={'train': {'dtype': 'bf16'}} or mixed_precision in the accelerate file")
-    if args.gradient_checkpointing:
-        raise ConfigError("TrainingArguments.gradient_checkpointing: set lisa_dist={'model': "
-                          "{'activation_checkpointing': True}} (lisa_dist applies it before sharding)")
     if not str(args.optim).split(".")[-1].lower().startswith("adamw_torch"):
         raise ConfigError(f"TrainingArguments.optim={args.optim}: the optimizer is lisa_dist's; choose it with "
                           "lisa_dist={'optim': {'name': 'adamw' | 'sgd' | 'lomo' | 'adalomo'}}")
@@ -90,6 +84,7 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     raw["seed"] = args.seed
     raw.setdefault("optim", {}).update(lr=args.learning_rate, weight_decay=args.weight_decay, eps=args.adam_epsilon,
                                        max_grad_norm=args.max_grad_norm, betas=[args.adam_beta1, args.adam_beta2])
+    apply_implied(raw, implied_by_arguments(args), "TrainingArguments")
     launcher = read_accelerate_settings(dict(env.accelerate))
     if launcher.gradient_accumulation_steps not in (None, args.gradient_accumulation_steps):
         raise ConfigError(f"accelerate config: gradient_accumulation_steps={launcher.gradient_accumulation_steps} "
@@ -98,13 +93,52 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     raw.setdefault("train", {}).setdefault("dtype", stored)
     config = from_dict(raw)
     validate_training(config)
-    engine_class(config.engine.name)  # a missing extra is refused before the process group starts
+    # before the process group starts: a missing extra, what this engine cannot run
+    engine_class(config.engine.name).check_config(config, env.world_size)
     check_architecture(model.config)
     check_model(config, model)
     if config.engine.name == "zero3" and config.train.dtype != stored:
         raise ConfigError(f"engine zero3 trains the parameters in their stored dtype: the model is {stored} but "
                           f"train.dtype is {config.train.dtype}; load the model with that dtype")
     return config
+
+
+# TrainingArguments flags whose meaning lisa_dist carries out itself: the Trainer gets a copy with them off, so
+# it neither autocasts nor wraps the layers in checkpoints of its own.
+TAKEN_OVER = ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing")
+
+
+def implied_by_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
+    """The lisa_dist settings that TrainingArguments' precision and checkpointing flags mean: `bf16` / `fp16`
+    train in that dtype with fp32 masters for the trainable shards (`train.dtype`; fp16 with dynamic loss
+    scaling); `gradient_checkpointing` (`activation_checkpointing` from transformers 5.24) is
+    `model.activation_checkpointing`, which is non-reentrant. Checkpointing options lisa_dist cannot honour
+    are refused by name."""
+    implied: dict[str, Any] = {}
+    if args.bf16 or args.fp16:
+        implied["train.dtype"] = "bf16" if args.bf16 else "fp16"
+    if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
+        name = "activation_checkpointing_kwargs" if hasattr(args, "activation_checkpointing_kwargs") else \
+            "gradient_checkpointing_kwargs"
+        options = dict(getattr(args, name) or {})
+        honoured = {"use_reentrant": False, "every_n_layers": 1, "offload": False}
+        refused = sorted(k for k, v in options.items() if k not in honoured or v != honoured[k])
+        if refused:
+            raise ConfigError(f"TrainingArguments.{name} {', '.join(f'{k}={options[k]!r}' for k in refused)}: "
+                              "lisa_dist checkpoints every decoder layer, non-reentrant, activations on the "
+                              "device (model.activation_checkpointing; train.activation_offload offloads them)")
+        implied["model.activation_checkpointing"] = True
+    return implied
+
+
+def for_the_trainer(args: transformers.TrainingArguments, env: LaunchEnv) -> transformers.TrainingArguments:
+    """A copy of `args` with the `TAKEN_OVER` flags off and the mixed precision the launcher alone sets."""
+    trainer_args = copy.copy(args)
+    for name in TAKEN_OVER:
+        if getattr(trainer_args, name, None):
+            setattr(trainer_args, name, False)
+    trainer_args.mixed_precision = dict(env.accelerate).get("ACCELERATE_MIXED_PRECISION", "no")
+    return trainer_args
 
 
 class LisaDistOptimizer(torch.optim.Optimizer):
@@ -123,9 +157,19 @@ class LisaDistOptimizer(torch.optim.Optimizer):
 
 class LisaDistTrainer(transformers.Trainer):
     def __init__(self, *args: Any, lisa_dist: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         env = read_launch_env()
-        self.lisa_config = trainer_config(self.args, lisa_dist or {}, self.model, env)
+        given = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if given is not None:
+            if "args" in kwargs:
+                kwargs["args"] = for_the_trainer(given, env)
+            else:
+                args = (args[0], for_the_trainer(given, env), *args[2:])
+        super().__init__(*args, **kwargs)
+        if given is None and implied_by_arguments(self.args):
+            raise ConfigError(f"{type(self).__name__}: the arguments it made by default imply "
+                              f"{', '.join(implied_by_arguments(self.args))}; pass args= explicitly, so that "
+                              "lisa_dist takes those flags over before the Trainer starts")
+        self.lisa_config = trainer_config(given or self.args, lisa_dist or {}, self.model, env)
         self._custom_loss = (type(self).compute_loss is not transformers.Trainer.compute_loss
                              or self.compute_loss_func is not None or self.args.label_smoothing_factor > 0)
         if self._custom_loss and self.lisa_config.train.loss_chunk_tokens:

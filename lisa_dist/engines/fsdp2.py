@@ -12,8 +12,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from lisa_dist._compat import compute_local_shape_and_global_offset, lazy_init_fsdp
+from lisa_dist._compat import RECOMPUTES_GROUPED_UNITS, compute_local_shape_and_global_offset, lazy_init_fsdp
+from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine, sharding_units
+from lisa_dist.errors import ConfigError
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
 from lisa_dist.models.weights import random_init
@@ -23,6 +25,13 @@ from lisa_dist.scalars import real_tensors
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
+
+    @classmethod
+    def check_config(cls, config: Config, world_size: int) -> None:
+        if config.train.loss_chunk_tokens and not RECOMPUTES_GROUPED_UNITS:
+            raise ConfigError(f"train.loss_chunk_tokens={config.train.loss_chunk_tokens} on engine.name=fsdp2 needs "
+                              f"torch >= 2.13 (this is {torch.__version__}, whose FSDP2 does not gather the head "
+                              "again when backward recomputes a chunk); set it to 0 or upgrade torch")
 
     def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
         c = self.config

@@ -130,3 +130,16 @@ def test_a_loss_the_trainer_computes_trains_on_two_ranks_like_one_process(tmp_pa
     grad_scale = max(r["grad_norm"] for r in two + one)
     assert_weights_close(load_file(tmp_path / "two" / "model.safetensors"),
                          load_file(tmp_path / "one" / "model.safetensors"), parity_atol(OPTIM["sgd"], STEPS, grad_scale))
+
+
+def test_bf16_and_gradient_checkpointing_arguments_train_as_lisa_dists_own_settings(tmp_path):
+    """TrainingArguments bf16=True and gradient_checkpointing=True mean train.dtype=bf16 and
+    model.activation_checkpointing: two ranks given the flags train bit for bit like two ranks given the settings."""
+    flags = run_example(tmp_path / "flags", "--bf16", "--gradient-checkpointing", nproc=2)
+    settings = run_example(tmp_path / "settings", "--lisa-dist-bf16-checkpointing", nproc=2)
+    assert all(r["dtype"] == "bf16" and r["checkpointing"] is True for r in flags + settings)
+    assert [r["grad_norm"] for r in flags] == [r["grad_norm"] for r in settings]
+    final = {name: load_file(tmp_path / name / "model.safetensors") for name in ("flags", "settings")}
+    assert final["flags"].keys() == final["settings"].keys()
+    for key, value in final["flags"].items():
+        assert torch.equal(value, final["settings"][key]), key

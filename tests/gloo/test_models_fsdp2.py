@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from lisa_dist._compat import RECOMPUTES_GROUPED_UNITS
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.models.weights import SafetensorsReader
 from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, full_weights, parity_atol,
@@ -121,6 +122,8 @@ CHUNK_OPTIM = {"adamw": {"name": "adamw", "lr": 1e-2, "max_grad_norm": 0.0, "eps
                "adalomo": {"name": "adalomo", "lr": 1e-2, "max_grad_norm": 0.0, "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}}
 
 
+@pytest.mark.skipif(not RECOMPUTES_GROUPED_UNITS, reason="this torch's FSDP2 cannot recompute the head alone "
+                                                           "(train.loss_chunk_tokens is refused: tests/unit)")
 @pytest.mark.parametrize("optim", list(CHUNK_OPTIM))
 def test_chunked_loss_equals_the_whole_sequence_loss(tmp_path, optim):
     sections = dict(method="full", optim=CHUNK_OPTIM[optim])

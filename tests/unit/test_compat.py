@@ -90,3 +90,17 @@ def test_the_attention_kernel_of_a_model_built_from_a_config():
     assert model.config._attn_implementation == "eager"
     with _compat.no_init_weights():
         assert transformers.AutoModelForCausalLM.from_config(hf_config) is not None
+
+
+def test_a_chunked_loss_on_fsdp2_is_refused_exactly_where_torch_cannot_recompute_the_head(tmp_path):
+    from lisa_dist.engines.fsdp2 import FSDP2Engine
+    from lisa_dist.errors import ConfigError
+    from tests.helpers import tiny_config
+
+    config = tiny_config(tmp_path, train={"loss_chunk_tokens": 16})
+    if _compat.RECOMPUTES_GROUPED_UNITS:
+        FSDP2Engine.check_config(config, 2)
+    else:
+        with pytest.raises(ConfigError, match=r"train.loss_chunk_tokens=16 on engine.name=fsdp2 needs torch >= 2.13"):
+            FSDP2Engine.check_config(config, 2)
+    FSDP2Engine.check_config(tiny_config(tmp_path, train={"loss_chunk_tokens": 0}), 2)

@@ -8,7 +8,7 @@ import transformers
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.env import read_launch_env
 from lisa_dist.errors import ConfigError
-from lisa_dist.hf import trainer_config
+from lisa_dist.hf import for_the_trainer, trainer_config
 
 ZERO3_LAUNCH = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_DEEPSPEED": "true",
                 "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
@@ -40,3 +40,36 @@ def test_accumulation_in_the_accelerate_file_must_match_the_training_arguments(t
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=4 contradicts TrainingArguments"):
         trainer_config(training_args(tmp_path, gradient_accumulation_steps=2), {}, model, env)
     trainer_config(training_args(tmp_path, gradient_accumulation_steps=4), {}, model, env)
+
+
+@pytest.mark.parametrize(("flag", "dtype"), [("bf16", "bf16"), ("fp16", "fp16")])
+def test_the_precision_flags_mean_train_dtype(tmp_path, model, flag, dtype):
+    config = trainer_config(training_args(tmp_path, **{flag: True}), {}, model, read_launch_env({}))
+    assert config.train.dtype == dtype
+
+
+def test_gradient_checkpointing_means_model_activation_checkpointing(tmp_path, model):
+    args = training_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert trainer_config(args, {}, model, read_launch_env({})).model.activation_checkpointing is True
+    assert trainer_config(training_args(tmp_path), {}, model, read_launch_env({})).model.activation_checkpointing is False
+
+
+def test_a_flag_contradicting_lisa_dist_settings_is_an_error_naming_both(tmp_path, model):
+    with pytest.raises(ConfigError, match=r"TrainingArguments sets train.dtype='bf16' but the run config sets "
+                                          r"train.dtype='fp32'"):
+        trainer_config(training_args(tmp_path, bf16=True), {"train": {"dtype": "fp32"}}, model, read_launch_env({}))
+
+
+def test_checkpointing_options_lisa_dist_cannot_honour_are_refused_by_name(tmp_path, model):
+    args = training_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ConfigError, match=r"checkpointing_kwargs use_reentrant=True: lisa_dist checkpoints"):
+        trainer_config(args, {}, model, read_launch_env({}))
+
+
+def test_the_trainer_gets_the_taken_over_flags_off_and_the_launchers_mixed_precision(tmp_path):
+    args = training_args(tmp_path, bf16=True, gradient_checkpointing=True)
+    copy = for_the_trainer(args, read_launch_env({"ACCELERATE_MIXED_PRECISION": "bf16"}))
+    assert (copy.bf16, copy.fp16, copy.gradient_checkpointing, copy.mixed_precision) == (False, False, False, "bf16")
+    assert not getattr(copy, "activation_checkpointing", False)
+    assert args.bf16 and args.gradient_checkpointing and args.mixed_precision == "bf16"
+    assert for_the_trainer(args, read_launch_env({})).mixed_precision == "no"
