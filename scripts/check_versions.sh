@@ -75,7 +75,9 @@ EOF
   rows+=("| $set | $versions | $(echo $summary) ($(( $(date +%s) - start )) s) |")
   if [ "$set" = newest ]; then
     echo "versions that differ from requirements/lock.txt (lock -> newest):"
-    join -i -t= -j1 <(grep -v '^#' requirements/lock.txt | sort -f) "$dir/freeze.txt" -a2 -e '(none)' -o 0,1.2,2.2 \
+    lower() { sed 's/==/=/' | tr 'A-Z' 'a-z' | LC_ALL=C sort -t= -k1,1; }  # NAME=VERSION, one field each
+    LC_ALL=C join -t= -j1 <(grep -v '^#' requirements/lock.txt | lower) <(lower < "$dir/freeze.txt") -a2 -e '(none)' \
+      -o 0,1.2,2.2 \
       | awk -F= '$2 != $3 {printf "  %s: %s -> %s\n", $1, $2, $3; n++} END {if (!n) print "  none"}'
   fi
 done
