@@ -165,9 +165,10 @@ class LisaDistTrainer(transformers.Trainer):
             else:
                 args = (args[0], for_the_trainer(given, env), *args[2:])
         super().__init__(*args, **kwargs)
-        if given is None and implied_by_arguments(self.args):
+        implied_by_default = implied_by_arguments(self.args) if given is None else {}
+        if implied_by_default:
             raise ConfigError(f"{type(self).__name__}: the arguments it made by default imply "
-                              f"{', '.join(implied_by_arguments(self.args))}; pass args= explicitly, so that "
+                              f"{', '.join(implied_by_default)}; pass args= explicitly, so that "
                               "lisa_dist takes those flags over before the Trainer starts")
         self.lisa_config = trainer_config(given or self.args, lisa_dist or {}, self.model, env)
         self._custom_loss = (type(self).compute_loss is not transformers.Trainer.compute_loss

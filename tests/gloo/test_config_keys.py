@@ -87,7 +87,7 @@ VARIANTS: list[dict[str, Any]] = [
     {"method": "lisa", "save_every": 1, "save_total_limit": 1,
      "lisa": {"strategy": "weights", "layer_weights": [1.0] * 8},
      "model": {"activation_checkpointing": True},
-     # torch < 2.13 refuses loss_chunk_tokens on FSDP2 (_compat.RECOMPUTES_GROUPED_UNITS); the key is then unread
+     # FSDP2 below torch 2.13 refuses a nonzero loss_chunk_tokens (_compat.RECOMPUTES_GROUPED_UNITS); 0 is still read
      "train": {"loss_chunk_tokens": 16 if RECOMPUTES_GROUPED_UNITS else 0, "reduce_dtype": "param",
                "max_consecutive_skips": 5},
      "optim": {"name": "adamw", "clip_grad_value": 1.0, "schedule": "cosine", "warmup_steps": 1,
