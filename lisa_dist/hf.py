@@ -12,6 +12,10 @@ whose settings mean what they mean for `lisa-dist train`. lisa_dist, not acceler
 (`lisa_dist.core.TrainingCore`), so the guarantees of the CLI hold. The Trainer keeps the loop: data,
 learning-rate schedule (TrainingArguments), logging, callbacks and saving; its checkpoints also hold
 lisa_dist's sharded state, and `trainer.train(resume_from_checkpoint=...)` continues exactly.
+
+TRL's `SFTTrainer` takes the class the same way, `class LisaSFT(LisaDistTrainer, SFTTrainer)`: SFT prepares,
+packs and masks the data (completion-only or assistant-only labels), lisa_dist trains on its labels. TRL's
+other trainers (DPO, GRPO, KTO, reward...) are refused before they start.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lisa_dist.distributed import init_distributed
 from lisa_dist.engines.base import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import CheckpointError, ConfigError, DataError
+from lisa_dist.loss import logits_loss_sum
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.models.build import check_architecture, check_model
 from lisa_dist.steps import LossFn
@@ -104,17 +109,19 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
 
 
 # TrainingArguments flags whose meaning lisa_dist carries out itself: the Trainer gets a copy with them off, so
-# it neither autocasts nor wraps the layers in checkpoints of its own.
-TAKEN_OVER = ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing")
+# it neither autocasts nor wraps the layers in checkpoints (or TRL's activation offloading) of its own.
+TAKEN_OVER = ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing", "activation_offloading")
 
 
 def implied_by_arguments(args: transformers.TrainingArguments) -> dict[str, Any]:
     """The lisa_dist settings that TrainingArguments' precision and checkpointing flags mean: `bf16` / `fp16`
     train in that dtype with fp32 masters for the trainable shards (`train.dtype`; fp16 with dynamic loss
     scaling); `gradient_checkpointing` (`activation_checkpointing` from transformers 5.24) is
-    `model.activation_checkpointing`, which is non-reentrant. Checkpointing options lisa_dist cannot honour
-    are refused by name."""
+    `model.activation_checkpointing`, which is non-reentrant; TRL's `activation_offloading` (SFTConfig) is
+    `model.activation_offload`. Checkpointing options lisa_dist cannot honour are refused by name."""
     implied: dict[str, Any] = {}
+    if getattr(args, "activation_offloading", False):
+        implied["model.activation_offload"] = True
     if args.bf16 or args.fp16:
         implied["train.dtype"] = "bf16" if args.bf16 else "fp16"
     if getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing:
@@ -126,7 +133,7 @@ def implied_by_arguments(args: transformers.TrainingArguments) -> dict[str, Any]
         if refused:
             raise ConfigError(f"TrainingArguments.{name} {', '.join(f'{k}={options[k]!r}' for k in refused)}: "
                               "lisa_dist checkpoints every decoder layer, non-reentrant, activations on the "
-                              "device (model.activation_checkpointing; train.activation_offload offloads them)")
+                              "device (model.activation_checkpointing; model.activation_offload offloads them)")
         implied["model.activation_checkpointing"] = True
     return implied
 
@@ -139,6 +146,27 @@ def for_the_trainer(args: transformers.TrainingArguments, env: LaunchEnv) -> tra
             setattr(trainer_args, name, False)
     trainer_args.mixed_precision = dict(env.accelerate).get("ACCELERATE_MIXED_PRECISION", "no")
     return trainer_args
+
+
+# TRL's trainers lisa_dist runs: SFT's batches are a causal LM's labelled tokens. The others train on
+# preference pairs, generations or rewards, with reference or reward models outside lisa_dist's sharding.
+TRL_TRAINERS = ("SFTTrainer",)
+
+
+def _trl_trainer(cls: type) -> type | None:
+    """The TRL trainer class `cls` derives from, if any (found without importing trl)."""
+    return next((base for base in cls.__mro__ if base.__module__.split(".")[0] == "trl"
+                 and issubclass(base, transformers.Trainer) and base.__name__ != "_BaseTrainer"), None)
+
+
+def refuse_unsupported_trainer(cls: type) -> None:
+    """Before any work: a TRL trainer other than SFTTrainer is refused by name."""
+    trl_trainer = _trl_trainer(cls)
+    if trl_trainer is not None and trl_trainer.__name__ not in TRL_TRAINERS:
+        raise ConfigError(f"{cls.__name__} derives from TRL's {trl_trainer.__name__}, which lisa_dist does not run: "
+                          "its batches are not a causal LM's labelled tokens, and its reference or reward model "
+                          "would run outside lisa_dist's sharding; LisaDistTrainer mixes into transformers.Trainer "
+                          "and TRL's SFTTrainer")
 
 
 class LisaDistOptimizer(torch.optim.Optimizer):
@@ -157,6 +185,7 @@ class LisaDistOptimizer(torch.optim.Optimizer):
 
 class LisaDistTrainer(transformers.Trainer):
     def __init__(self, *args: Any, lisa_dist: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        refuse_unsupported_trainer(type(self))
         env = read_launch_env()
         given = kwargs.get("args", args[1] if len(args) > 1 else None)
         if given is not None:
@@ -171,12 +200,16 @@ class LisaDistTrainer(transformers.Trainer):
                               f"{', '.join(implied_by_default)}; pass args= explicitly, so that "
                               "lisa_dist takes those flags over before the Trainer starts")
         self.lisa_config = trainer_config(given or self.args, lisa_dist or {}, self.model, env)
-        self._custom_loss = (type(self).compute_loss is not transformers.Trainer.compute_loss
-                             or self.compute_loss_func is not None or self.args.label_smoothing_factor > 0)
-        if self._custom_loss and self.lisa_config.train.loss_chunk_tokens:
+        self._token_loss = self._computes_token_loss()
+        if not self._token_loss and self.lisa_config.train.loss_chunk_tokens:
             raise ConfigError("train.loss_chunk_tokens computes lisa_dist's own token loss, but this Trainer "
-                              "computes its own (compute_loss override, compute_loss_func or label smoothing); "
-                              "unset one of them")
+                              "computes its own (compute_loss override, compute_loss_func, label smoothing, "
+                              "or SFTConfig.loss_type other than 'nll'); unset one of them")
+        if not self._token_loss and _trl_trainer(type(self)) and self.lisa_config.engine.name == "zero3":
+            raise ConfigError("engine zero3 with SFTTrainer's own loss (loss_type='dft', compute_loss_func, label "
+                              "smoothing, a compute_loss override or an MoE auxiliary loss): SFT reads "
+                              "lm_head.weight outside the head's forward, where ZeRO-3 has not gathered it; use "
+                              "engine fsdp2, or the plain loss_type='nll'")
         runtime = init_distributed(env, self.lisa_config.engine.timeout_s)
         self.core = TrainingCore.adopt(self.lisa_config, runtime, self.model,
                                        last_checkpoint=self._last_checkpoint)
@@ -187,6 +220,18 @@ class LisaDistTrainer(transformers.Trainer):
         self.last_result: StepResult | None = None
         """The last optimizer step's outcome (loss, grad norm, active layers, skipped)."""
         self._micro_batches: list[dict[str, Any]] = []
+
+    def _computes_token_loss(self) -> bool:
+        """Whether this Trainer's loss is the mean cross-entropy of the labelled tokens, which lisa_dist then
+        computes itself (honouring train.loss_chunk_tokens, reading the head through the engine): the plain
+        Trainer's, and SFTTrainer's `loss_type='nll'` without an MoE auxiliary loss."""
+        if self.compute_loss_func is not None or self.args.label_smoothing_factor > 0:
+            return False
+        owner = next(c for c in type(self).__mro__ if c is not LisaDistTrainer and "compute_loss" in vars(c))
+        if owner is transformers.Trainer:
+            return True
+        return owner is _trl_trainer(type(self)) and owner.__name__ == "SFTTrainer" and \
+            getattr(self.args, "loss_type", "nll") == "nll" and not getattr(self, "aux_loss_enabled", False)
 
     def _last_checkpoint(self) -> str | None:
         from transformers.trainer_utils import get_last_checkpoint
@@ -232,11 +277,10 @@ class LisaDistTrainer(transformers.Trainer):
         """The Trainer's own loss when the script customizes it; otherwise lisa_dist's (which honours
         train.loss_chunk_tokens), given every tensor the collator produced."""
         core = self.core
-        if not self._custom_loss:
+        if self._token_loss:
             chunk = self.lisa_config.train.loss_chunk_tokens
-            return lambda batch, _: token_loss_sum(
-                core.model, core.parts.head, batch, chunk, core.runtime.device,
-                model_inputs=tuple(k for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)))
+            return lambda batch, _: token_loss_sum(core.model, core.parts.head, batch, chunk, core.runtime.device,
+                                                   model_inputs=_model_inputs(batch))
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:  # as Trainer.training_step decides it
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
@@ -253,6 +297,31 @@ class LisaDistTrainer(transformers.Trainer):
             return loss * (global_targets / core.runtime.world_size)
 
         return trainer_loss
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Evaluation's loss (training steps run in the core): with the token loss, lisa_dist's, so that it is
+        computed as in training on either engine; otherwise the Trainer's."""
+        if not self._token_loss:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        device, labels = self.core.runtime.device, inputs["labels"]
+        targets = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+        if return_outputs:
+            model_inputs = {key: inputs[key] for key in _model_inputs(inputs)}
+            outputs = model(**model_inputs, use_cache=False)
+            loss_sum = logits_loss_sum(outputs.logits, labels.to(device))
+        else:
+            loss_sum = token_loss_sum(model, self.core.parts.head, inputs, self.lisa_config.train.loss_chunk_tokens,
+                                      device, model_inputs=_model_inputs(inputs))
+        loss = loss_sum / torch.as_tensor(targets, device=device).clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.core.engine.after_forward_only()  # release what a backward would have released
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
         """Clipping is part of the core's step (the Trainer's would see no gradients under ZeRO-3 or fused)."""
@@ -291,3 +360,8 @@ class LisaDistTrainer(transformers.Trainer):
         recorded = TrainerState.load_from_json(str(directory / TRAINER_STATE_NAME)).global_step
         if step != recorded:
             raise CheckpointError(f"{directory}: lisa_dist state is of step {step}, the Trainer's of step {recorded}")
+
+
+def _model_inputs(batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every entry a collator gives but the labels: masks, position ids, and a packed row's sequence lengths."""
+    return tuple(key for key in batch if key != "labels")

@@ -3,6 +3,8 @@ the whole sequence never exist at once (32000 x seq_len x 4 bytes in fp32)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,22 +16,28 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
-def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int,
+def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, Any], chunk_tokens: int,
              device: torch.device, model_inputs: tuple[str, ...] = ("input_ids",)) -> torch.Tensor:
     """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one).
 
     By default no attention mask is passed (`lisa-dist train`): its sequences are right-padded and attention
     is causal, so no real token ever attends to padding, and padded positions carry no label. Without a mask,
     SDPA runs its causal flash/memory-efficient kernels instead of materializing seq_len x seq_len scores per
-    head. `model_inputs` names the batch entries the model gets (a Trainer script's collator may pad left)."""
-    inputs = {key: batch[key].to(device) for key in model_inputs if key in batch}
-    labels = batch["labels"].to(device)[:, 1:]
+    head. `model_inputs` names the batch entries the model gets (a Trainer script's collator may pad left, or
+    pack sequences into one row with their position ids and lengths)."""
+    inputs = {key: batch[key].to(device) if isinstance(batch[key], torch.Tensor) else batch[key]
+              for key in model_inputs if key in batch}
+    labels = batch["labels"].to(device)
     if chunk_tokens <= 0:
-        logits = model(**inputs, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                               reduction="sum")
+        return logits_loss_sum(model(**inputs, use_cache=False).logits, labels)
     hidden = model.base_model(**inputs, use_cache=False)[0][:, :-1]
-    return _ChunkedHeadLoss(head, chunk_tokens)(hidden, labels)
+    return _ChunkedHeadLoss(head, chunk_tokens)(hidden, labels[:, 1:])
+
+
+def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token losses of a forward's logits against the unshifted `labels`."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
 
 
 class _ChunkedHeadLoss(nn.Module):
