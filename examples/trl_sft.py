@@ -1,7 +1,7 @@
 """TRL's SFTTrainer with lisa_dist: one class line, the rest of the script as TRL documents it.
 
     accelerate launch --config_file configs/accelerate/fsdp2.yaml examples/trl_sft.py --out runs/sft_lisa
-    accelerate launch --config_file configs/accelerate/zero3.yaml examples/trl_sft.py --data tokens --packing
+    accelerate launch --config_file configs/accelerate/zero3.yaml examples/trl_sft.py --data tokens --packing --batch 1
     python examples/trl_sft.py --vanilla --train-layers 2,5      # TRL alone, those decoder layers trained
 
 `--data text` is prompt/completion text (TRL tokenizes it and trains on the completions only); `--data

@@ -159,6 +159,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def loss_is_scaled_for_accumulation(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether a Trainer's `compute_loss` already divides by the accumulation steps, as `Trainer.training_step`
+    decides it. transformers 5.24 lets a Trainer declare it (`loss_is_scaled_for_ga`, None: undeclared); 5.17
+    has only the rule, which both apply when nothing is declared."""
+    declared = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if declared is not None:
+        return declared
+    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+
+
 def set_attn_implementation(hf_config: Any, name: str) -> None:
     hf_config._attn_implementation = name
 

@@ -32,6 +32,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 
 from lisa_dist import checkpoint as ckpt
+from lisa_dist._compat import loss_is_scaled_for_accumulation
 from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, apply_implied, from_dict
 from lisa_dist.core import StepResult, TrainingCore
@@ -275,15 +276,13 @@ class LisaDistTrainer(transformers.Trainer):
 
     def _loss_fn(self, num_items_in_batch: Any, num_micro_batches: int) -> LossFn:
         """The Trainer's own loss when the script customizes it; otherwise lisa_dist's (which honours
-        train.loss_chunk_tokens), given every tensor the collator produced."""
+        train.loss_chunk_tokens), given every input the collator produced."""
         core = self.core
         if self._token_loss:
             chunk = self.lisa_config.train.loss_chunk_tokens
             return lambda batch, _: token_loss_sum(core.model, core.parts.head, batch, chunk, core.runtime.device,
                                                    model_inputs=_model_inputs(batch))
-        scaled = self.loss_is_scaled_for_ga
-        if scaled is None:  # as Trainer.training_step decides it
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        scaled = loss_is_scaled_for_accumulation(self, num_items_in_batch)
 
         def trainer_loss(batch: dict[str, Any], global_targets: float) -> torch.Tensor:
             device = core.runtime.device

@@ -104,3 +104,16 @@ def test_a_chunked_loss_on_fsdp2_is_refused_exactly_where_torch_cannot_recompute
         with pytest.raises(ConfigError, match=r"train.loss_chunk_tokens=16 on engine.name=fsdp2 needs torch >= 2.13"):
             FSDP2Engine.check_config(config, 2)
     FSDP2Engine.check_config(tiny_config(tmp_path, train={"loss_chunk_tokens": 0}), 2)
+
+
+@pytest.mark.parametrize("declared", [None, True, False, "absent"])
+def test_whether_a_trainers_loss_is_scaled_for_accumulation_follows_the_trainers_rule(declared):
+    from types import SimpleNamespace
+
+    for accepts, items, func in [(True, 10, None), (True, None, None), (False, 10, None), (False, None, len)]:
+        trainer = SimpleNamespace(model_accepts_loss_kwargs=accepts, compute_loss_func=func)
+        if declared != "absent":  # transformers 5.17's Trainer has no loss_is_scaled_for_ga
+            trainer.loss_is_scaled_for_ga = declared
+        rule = (accepts and items is not None) or func is not None
+        expected = rule if declared in (None, "absent") else declared
+        assert _compat.loss_is_scaled_for_accumulation(trainer, items) == expected
