@@ -4,7 +4,8 @@
 lisa_dist's config loader, data pipeline and token loss, and its StorageTracker on CPU (the CUDA
 allocator's peak on GPU).
 
-Usage: torchrun --nproc_per_node 2 -m benchmarks.baselines {fsdp2_adamw|zero3_adamw} CONFIG.yaml OUT.json [key=value ...]
+Usage: torchrun --nproc_per_node 2 -m benchmarks.baselines {fsdp2_adamw|zero3_adamw} CONFIG.yaml OUT.json
+       [key=value ...]
 """
 
 from __future__ import annotations
@@ -103,10 +104,12 @@ def _zero3_adamw(config: Config, hf_config, device: torch.device):
 
     def resident() -> list[torch.Tensor]:
         optimizer = engine.optimizer
-        flat = [*getattr(optimizer, "fp16_partitioned_groups_flat", []), *getattr(optimizer, "fp32_partitioned_groups_flat", [])]
+        flat = [*getattr(optimizer, "fp16_partitioned_groups_flat", []),
+                *getattr(optimizer, "fp32_partitioned_groups_flat", [])]
         state = [t for s in optimizer.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         # with contiguous_gradients (its default) the gradient bucket of reduce_bucket_size elements
-        buckets = [b.buffer for b in getattr(optimizer, "ipg_buckets", {}).values() if getattr(b, "buffer", None) is not None]
+        buckets = [b.buffer for b in getattr(optimizer, "ipg_buckets", {}).values()
+                   if getattr(b, "buffer", None) is not None]
         return [p.ds_tensor for p in model.parameters()] + flat + state + buckets
 
     return engine, backward_and_step, resident

@@ -1,7 +1,7 @@
 """Median step time and peak memory per rank, side by side in one invocation: plain FSDP2 + AdamW,
 DeepSpeed ZeRO-3 + AdamW (`benchmarks/baselines.py`), and lisa_dist's methods on both engines. Each run is
-its own launch (2 ranks unless `--nproc`), one after another; the first step is left out of the medians (it builds optimizer
-state and, on ZeRO-3, DeepSpeed's prefetch trace).
+its own launch (2 ranks unless `--nproc`), one after another; the first step is left out of the medians (it builds
+optimizer state and, on ZeRO-3, DeepSpeed's prefetch trace).
 
     .venv/bin/python -m benchmarks.speed_memory                      # issue 17's shape (docs/zero3.md)
     .venv/bin/python -m benchmarks.speed_memory --config my.yaml model.config=/path/config.json --steps 8

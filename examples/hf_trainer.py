@@ -69,10 +69,11 @@ def main() -> None:
                 "attention_mask": sequences.attention_mask[i]} for i in range(len(sequences))]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args = transformers.TrainingArguments(
-        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size, learning_rate=cli.lr,
-        lr_scheduler_type="constant", logging_steps=1, report_to=[],
+        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size,
+        learning_rate=cli.lr, lr_scheduler_type="constant", logging_steps=1, report_to=[],
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, seed=0, data_seed=0,
-        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, label_smoothing_factor=cli.label_smoothing, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
+        max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, label_smoothing_factor=cli.label_smoothing,
+        dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
         bf16=cli.bf16, gradient_checkpointing=cli.gradient_checkpointing)
     settings = {"train": {"dtype": "bf16"}, "model": {"activation_checkpointing": True}} \
         if cli.lisa_dist_bf16_checkpointing else {}

@@ -73,7 +73,8 @@ def main() -> None:
     rows = text_rows(8) if cli.data == "text" else token_rows(8, length=10, prompt=4)
     dataset = datasets.Dataset.from_list(rows)
     args = SFTConfig(
-        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.batch, per_device_eval_batch_size=cli.batch,
+        output_dir=cli.out, max_steps=cli.steps,
+        per_device_train_batch_size=cli.batch, per_device_eval_batch_size=cli.batch,
         gradient_accumulation_steps=cli.accumulation, learning_rate=cli.lr, lr_scheduler_type="constant",
         optim="sgd" if cli.vanilla and cli.optim == "sgd" else "adamw_torch", max_grad_norm=1.0,
         logging_steps=1, report_to=[], save_strategy="no", seed=0, data_seed=0, use_cpu=not torch.cuda.is_available(),
@@ -87,7 +88,8 @@ def main() -> None:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
                              processing_class=tokenizer)
     else:
-        trainer = LisaSFT(model=model, args=args, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
+        trainer = LisaSFT(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                          processing_class=tokenizer,
                           lisa_dist={"method": "lisa", "lisa": {"gamma": 2, "interval": cli.steps},
                                      "optim": {"name": cli.optim}})
     if cli.record:

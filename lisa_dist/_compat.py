@@ -166,7 +166,8 @@ def loss_is_scaled_for_accumulation(trainer: Any, num_items_in_batch: Any) -> bo
     declared = getattr(trainer, "loss_is_scaled_for_ga", None)
     if declared is not None:
         return declared
-    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    return ((trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or trainer.compute_loss_func is not None)
 
 
 def set_attn_implementation(hf_config: Any, name: str) -> None:

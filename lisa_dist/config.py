@@ -308,7 +308,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        raise ConfigError(f"unknown config key {prefix}{key}{hint}; allowed keys: {', '.join(prefix + n for n in names)}")
+        raise ConfigError(f"unknown config key {prefix}{key}{hint}; "
+                          f"allowed keys: {', '.join(prefix + n for n in names)}")
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
     return cls(**kwargs)
 

@@ -19,13 +19,15 @@ from lisa_dist.scalars import items
 
 # How gloo and NCCL word a dead or silent peer (gloo raises plain RuntimeErrors).
 _PEER_FAILURE_SIGNS = ("Timed out waiting", "Connection reset by peer", "Connection closed by peer",
-                       "Connection refused", "Broken pipe", "collective operation timeout", "NCCL communicator was aborted")
+                       "Connection refused", "Broken pipe", "collective operation timeout",
+                       "NCCL communicator was aborted")
 
 
 def as_peer_failure(error: RuntimeError, rank: int, timeout_s: int) -> PeerFailureError | None:
     """The user-facing error for a collective that a dead or stuck peer broke; None for any other error."""
     text = str(error)
-    if not (isinstance(error, (dist.DistNetworkError, dist.DistStoreError)) or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
+    if not (isinstance(error, (dist.DistNetworkError, dist.DistStoreError))
+            or any(sign in text for sign in _PEER_FAILURE_SIGNS)):
         return None
     cause = text.splitlines()[0] if text else type(error).__name__
     cause = cause.split("] ", 1)[-1][:200]
@@ -117,7 +119,8 @@ def _attempt_token(store: dist.Store, env: LaunchEnv, timeout: datetime.timedelt
             answered.add(nonce)
         if time.monotonic() > deadline:
             raise PeerFailureError(f"rank 0: only {store.add(joined + token, 0)} of {env.world_size - 1} other "
-                                   f"ranks reached the rendezvous within engine.timeout_s={int(timeout.total_seconds())} s")
+                                   "ranks reached the rendezvous within "
+                                   f"engine.timeout_s={int(timeout.total_seconds())} s")
         time.sleep(0.05)
     return token
 

@@ -58,7 +58,8 @@ def _schedule(config: Config) -> list[int]:
     return first if config.method == "full" else [*first, config.lisa.interval]
 
 
-def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
+def run_estimate(config: Config, world_size: int, gpu_mem_gib: float,
+                 reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
     if config.engine.name != "fsdp2":
         raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
     source, sequences, _ = prepare(config, world_size, check_output=False, shapes_only=True)
@@ -84,8 +85,8 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float, reserve_gi
     total = (peak["Total"] + staging) / GIB
     return {"peak_gib": total, "fits": total <= gpu_mem_gib - reserve_gib, "world_size": world_size,
             "gpu_mem_gib": gpu_mem_gib, "reserve_gib": reserve_gib, "budget_gib": gpu_mem_gib - reserve_gib,
-            "host_offload_gib": host_peak / GIB, "categories": categories, "method": config.method, "optim": config.optim.name,
-            "steps": _schedule(config), "not_modelled": _not_modelled(config)}
+            "host_offload_gib": host_peak / GIB, "categories": categories, "method": config.method,
+            "optim": config.optim.name, "steps": _schedule(config), "not_modelled": _not_modelled(config)}
 
 
 def _not_modelled(config: Config) -> dict[str, str]:
@@ -146,7 +147,8 @@ def _host_to_device_staging(model: torch.nn.Module) -> int:
     for module in model.modules():
         group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
         if group is not None:
-            largest = max(largest, sum(p.padded_sharded_param_size.numel() * (p.param_dtype or p.sharded_param.dtype).itemsize
+            largest = max(largest, sum(p.padded_sharded_param_size.numel()
+                                       * (p.param_dtype or p.sharded_param.dtype).itemsize
                                        for p in group.fsdp_params))
     return largest
 

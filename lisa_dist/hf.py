@@ -94,7 +94,8 @@ def trainer_config(args: transformers.TrainingArguments, settings: Mapping[str, 
     launcher = read_accelerate_settings(dict(env.accelerate))
     if launcher.gradient_accumulation_steps not in (None, args.gradient_accumulation_steps):
         raise ConfigError(f"accelerate config: gradient_accumulation_steps={launcher.gradient_accumulation_steps} "
-                          f"contradicts TrainingArguments.gradient_accumulation_steps={args.gradient_accumulation_steps}")
+                          "contradicts TrainingArguments.gradient_accumulation_steps="
+                          f"{args.gradient_accumulation_steps}")
     apply_implied(raw, launcher.config, "the accelerate config file")
     raw.setdefault("train", {}).setdefault("dtype", stored)
     config = from_dict(raw)

@@ -90,7 +90,7 @@ class StorageTracker(TorchDispatchMode):
                     self._add(storage)
         return out
 
-    def __enter__(self) -> "StorageTracker":
+    def __enter__(self) -> StorageTracker:
         # FSDP2 frees and re-allocates unsharded parameters with storage.resize_, which is no dispatched op.
         self._original_resize = torch.UntypedStorage.resize_
         tracker, original = self, self._original_resize

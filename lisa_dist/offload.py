@@ -48,7 +48,7 @@ class _ParameterView(NamedTuple):
     numel: int  # of the parameter's data then
 
     @classmethod
-    def of(cls, view: torch.Tensor) -> "_ParameterView | None":
+    def of(cls, view: torch.Tensor) -> _ParameterView | None:
         """None unless `view` is a view of the parameter's current data (same storage, same dtype)."""
         param = view._base
         if view.dtype != param.dtype or view.untyped_storage().data_ptr() != param.untyped_storage().data_ptr():

@@ -82,7 +82,7 @@ class ModelShape:
         else:
             unit_sizes = layers
         blocks = [count([child]) for layer in parts.layers[:1] for child in layer.children()]
-        hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "n_embd"))
+        hidden = int(getattr(hf_config, "hidden_size", 0) or hf_config.n_embd)
         intermediate = int(getattr(hf_config, "intermediate_size", 0) or getattr(hf_config, "n_inner", 0)
                            or 4 * hidden)
         return cls(total=sum(p.numel() for p in model.parameters()), layers=layers, units=unit_sizes,
@@ -356,6 +356,7 @@ def print_plan(result: dict[str, Any], as_json: bool) -> None:
         if suggestion is None:
             print("no combination of levers fits: add ranks (--world-size) or use a larger card")
         else:
-            host = f", {suggestion['host_offload_gib']:.2f} GiB of host memory per rank" if suggestion["host_offload_gib"] else ""
+            host = (f", {suggestion['host_offload_gib']:.2f} GiB of host memory per rank"
+                    if suggestion["host_offload_gib"] else "")
             print(f"cheapest settings that fit ({suggestion['peak_gib']:.2f} GiB{host}): "
                   f"{' '.join(suggestion['overrides'])}")

@@ -202,7 +202,8 @@ class LargestUnits(Strategy):
 def make_strategy(lisa: Any, num_units: int, seed: int) -> Strategy:
     """The strategy `lisa` (a LisaConfig) names, over `num_units` sampled units."""
     if not 1 <= lisa.gamma <= num_units:
-        raise ConfigError(f"lisa.gamma must be between 1 and the number of sampled units ({num_units}), got {lisa.gamma}")
+        raise ConfigError(f"lisa.gamma must be between 1 and the number of sampled units ({num_units}), "
+                          f"got {lisa.gamma}")
     if lisa.strategy == "uniform":
         return Strategy(num_units, lisa.gamma, seed)
     if lisa.strategy == "weights":

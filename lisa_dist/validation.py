@@ -129,7 +129,8 @@ def _validate_lisa(lisa: LisaConfig) -> None:
              f"lisa.outlier_threshold must be a positive number, got {lisa.outlier_threshold}")
     weights = lisa.layer_weights
     if weights is not None:
-        _require(all(0 <= w < float("inf") for w in weights), f"lisa.layer_weights must be finite and >= 0, got {weights}")
+        _require(all(0 <= w < float("inf") for w in weights),
+                 f"lisa.layer_weights must be finite and >= 0, got {weights}")
         positive = sum(w > 0 for w in weights)
         _require(positive >= lisa.gamma,
                  f"lisa.layer_weights has {positive} positive weights, fewer than lisa.gamma={lisa.gamma}")

@@ -10,7 +10,8 @@ from lisa_dist.config import load_config
 from lisa_dist.memory import GIB
 from lisa_dist.plan import ModelShape, plan_memory
 
-print("| preset | ranks | DeepSpeed model states GiB | plan model states GiB | plan peak GiB | DeepSpeed / plan states |")
+print("| preset | ranks | DeepSpeed model states GiB | plan model states GiB | plan peak GiB | "
+      "DeepSpeed / plan states |")
 print("| --- | --- | --- | --- | --- | --- |")
 for preset in ("llama2-7b", "llama2-13b", "llama2-70b"):
     for world in (8, 64):

@@ -24,4 +24,4 @@ for name in $(printf '%s\n' "${!levers[@]}" | sort); do
     configs/tiny.yaml "${common[@]}" ${levers[$name]} output_dir="$out/$name" >/dev/null 2>&1
   runs+=("$out/$name")
 done
-.venv/bin/python -m lisa_dist.summary --skip 1 "${runs[@]}"
+.venv/bin/python scripts/summarize_runs.py --skip 1 "${runs[@]}"

@@ -20,4 +20,4 @@ for pair in "full adamw 3e-3" "lisa adamw 3e-3" "full lomo 0.3" "full adalomo 0.
     "${data[@]}" output_dir=$dir >/dev/null 2>&1
   runs+=("$dir")
 done
-.venv/bin/python -m lisa_dist.summary --skip 1 "${runs[@]}"
+.venv/bin/python scripts/summarize_runs.py --skip 1 "${runs[@]}"

@@ -1,7 +1,8 @@
 """Per-step peak of a training run on CPU, and the live tensor storages at that peak by allocation site
 (docs/zero3.md). Storage-accounted like `lisa-dist train`'s `peak_mem` on CPU; rank 0 prints.
 
-Usage: DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/peak_sites.py CONFIG.yaml [key=value ...]
+Usage: DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/peak_sites.py CONFIG.yaml
+       [key=value ...]
        (PEAK_STEPS=3 steps are measured, PEAK_TOP=14 sites shown per step)
 """
 

@@ -1,7 +1,8 @@
-"""cProfile of rank 0 of a `lisa-dist train` run (the other ranks run unprofiled), written when the run exits.
+r"""cProfile of rank 0 of a `lisa-dist train` run (the other ranks run unprofiled), written when the run exits.
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/profile_rank0.py OUT.prof train CONFIG [KEY=VALUE ...]
-    .venv/bin/python -c "import pstats; pstats.Stats('OUT.prof').sort_stats('cumtime').print_stats('lisa_dist/optim', 12)"
+    .venv/bin/python -c \
+        "import pstats; pstats.Stats('OUT.prof').sort_stats('cumtime').print_stats('lisa_dist/optim', 12)"
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ def flat_delta(final: dict, start: dict) -> torch.Tensor:
 def main(out: Path) -> None:
     start32 = load_file("lisa_dist/assets/tiny-llama/model.safetensors")
     start16 = {k: v.to(torch.bfloat16) for k, v in start32.items()}  # what the bf16 runs start from
-    print("| lr | run | loss, mean of last 10 steps | update kept, vs fp32 run (norm ratio) | cosine to fp32 update | elements never changed |")
+    print("| lr | run | loss, mean of last 10 steps | update kept, vs fp32 run (norm ratio) | cosine to fp32 update | "
+          "elements never changed |")
     print("| --- | --- | --- | --- | --- | --- |")
     for lr in ("0.001", "0.003"):
         ref = flat_delta(load_file(out / f"lr{lr}_fp32_srfalse" / "final" / "model.safetensors"), start32)

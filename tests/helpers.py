@@ -174,7 +174,8 @@ def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
     """Every element within `atol` (from `parity_atol`)."""
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=0, atol=atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 # The loss: a mean over at most 2^10 tokens' cross-entropies (positive terms) in another order, plus the

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small base model and full fine-tuning only")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150, as calibrated; quick 30)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps (default 150, as calibrated; quick 30)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "quality" / ".cache")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")

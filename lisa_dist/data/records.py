@@ -23,8 +23,8 @@ def read_records(path: str | Path) -> list[Record]:
     if path.is_dir():
         records = _read_saved_dataset(path)
     elif not path.is_file():
-        raise DataError(f"{path}: file not found; expected a JSON-lines, JSON or parquet file or a datasets.save_to_disk "
-                        "directory")
+        raise DataError(f"{path}: file not found; expected a JSON-lines, JSON or parquet file or a "
+                        "datasets.save_to_disk directory")
     elif path.suffix == ".parquet":
         records = _read_parquet(path)
     else:

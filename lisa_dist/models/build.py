@@ -183,7 +183,8 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype,
+                     attn_implementation: str) -> nn.Module:
     """Parameters on the meta device in `dtype`; buffers (rotary tables) real, on CPU, in their own dtype."""
     hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
     set_attn_implementation(hf_config, attn_implementation)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +70,8 @@ def _sharded_missing_file(tmp: Path) -> list[str]:
     (model / "model.safetensors").unlink()
     names = sorted(weights)
     halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    save_file({k: weights[k] for k in halves["model-00001-of-00002.safetensors"]}, model / "model-00001-of-00002.safetensors")
+    save_file({k: weights[k] for k in halves["model-00001-of-00002.safetensors"]},
+              model / "model-00001-of-00002.safetensors")
     index = {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}
     _write(model / "model.safetensors.index.json", json.dumps(index))
     return [f"model.path={model}"]
@@ -143,7 +143,8 @@ CASES = {
     "model_no_sdpa": Case("model.attn_implementation=sdpa for a model without an SDPA path (Gemma 2)",
                           lambda t: _config_dir(t, "gemma2"), "set model.attn_implementation=eager"),
     "tokenizer_missing": Case("a model directory without a tokenizer",
-                              lambda t: [f"model.path={_model_copy(t, drop=('tokenizer.json', 'tokenizer_config.json'))}"],
+                              lambda t: ["model.path="
+                                         f"{_model_copy(t, drop=('tokenizer.json', 'tokenizer_config.json'))}"],
                               "tokenizer"),
     "seq_too_long": Case("sequences longer than the model allows", lambda t: ["data.seq_len=4096"],
                          "data.seq_len=4096 exceeds the model's 512 positions"),

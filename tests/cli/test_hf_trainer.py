@@ -129,7 +129,8 @@ def test_a_loss_the_trainer_computes_trains_on_two_ranks_like_one_process(tmp_pa
         assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=4 * REDUCTION_ROUNDING, abs=0)
     grad_scale = max(r["grad_norm"] for r in two + one)
     assert_weights_close(load_file(tmp_path / "two" / "model.safetensors"),
-                         load_file(tmp_path / "one" / "model.safetensors"), parity_atol(OPTIM["sgd"], STEPS, grad_scale))
+                         load_file(tmp_path / "one" / "model.safetensors"),
+                         parity_atol(OPTIM["sgd"], STEPS, grad_scale))
 
 
 def test_bf16_and_gradient_checkpointing_arguments_train_as_lisa_dists_own_settings(tmp_path):

@@ -94,7 +94,8 @@ def namespaces():
     setup = [["ip", "netns", "add", nodes[0][0]], ["ip", "netns", "add", nodes[1][0]],
              ["ip", "link", "add", nodes[0][1], "type", "veth", "peer", "name", nodes[1][1]]]
     for ns, ifname, addr in nodes:
-        setup += [["ip", "link", "set", ifname, "netns", ns], ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname],
+        setup += [["ip", "link", "set", ifname, "netns", ns],
+                  ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname],
                   ["ip", "-n", ns, "link", "set", ifname, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
     try:
         for cmd in setup:

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist import checkpoint as ckpt
-from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun, torchrun_command
+from tests.cli.test_train_cli import (COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun,
+                                      torchrun_command)
 from tests.cli.test_zero3_cli import ZERO3
 from tests.helpers import LOSS_RTOL, assert_weights_close, free_port, parity_atol
 

@@ -35,7 +35,8 @@ def run_example(out, *args: str, accelerate_file: str | None = None) -> list[dic
                str(REPO / "configs" / "accelerate" / accelerate_file), "--mixed_precision", "no",
                "--main_process_port", str(free_port()), EXAMPLE]
     result = subprocess.run([*cmd, "--out", str(out), "--record", str(record), *args], cwd=REPO, capture_output=True,
-                            env={**ENV, "DS_ACCELERATOR": "cpu", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"},
+                            env={**ENV, "DS_ACCELERATOR": "cpu", "HF_HUB_DISABLE_TELEMETRY": "1",
+                                 "HF_HUB_OFFLINE": "1"},
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in record.read_text().splitlines()]

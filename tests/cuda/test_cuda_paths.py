@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path
 
 REPO = Path(__file__).resolve().parents[2]
 # The source tree first, then whatever the check put on the path (the GPU bundle's packages, scripts/gpu_check.sh).
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+       "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
        "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "OMP_NUM_THREADS": "4"}
 COMMON = [f"data.path={TINY_ALPACA}", "data.pack=true", "optim.schedule=constant", "optim.warmup_steps=0",
           "progress_bar=false", "save_every=0", "overwrite=true", "model.attn_implementation=eager"]

@@ -51,7 +51,7 @@ def test_estimate_matches_the_measured_peak_of_the_same_run(tmp_path, method, op
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("bf16_compute")
+@pytest.mark.bf16_compute
 @pytest.mark.parametrize("method, optim", [("lisa", "adamw"), ("full", "lomo")])
 def test_estimate_matches_the_measured_peak_of_a_shallow_7b(tmp_path, method, optim):
     result = estimate(*TINY, *SHALLOW_7B, f"method={method}", f"optim.name={optim}", "optim.lr=1e-3",

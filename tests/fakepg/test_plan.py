@@ -84,8 +84,9 @@ def _measured_worker(rank: int, world_size: int, output_dir: str, engine: str, m
     return max(trainer._measured_step(step)["peak_mem_gib"] for step in range(3))
 
 
-@pytest.mark.usefixtures("bf16_compute")
-@pytest.mark.parametrize("engine, checkpointing", [("fsdp2", False), ("fsdp2", True), ("zero3", False), ("zero3", True)])
+@pytest.mark.bf16_compute
+@pytest.mark.parametrize("engine, checkpointing",
+                         [("fsdp2", False), ("fsdp2", True), ("zero3", False), ("zero3", True)])
 @pytest.mark.parametrize("method, optim", [("lisa", "adamw"), ("full", "lomo")])
 def test_plan_is_within_10_percent_of_a_measured_run(tmp_path, engine, method, optim, checkpointing):
     """Preset `small` on 2 CPU ranks, storage-accounted; ZeRO-3 with DeepSpeed's default settings."""
@@ -101,7 +102,8 @@ LOMO_SHAPE = {"model": {"path": None, "config": str(REPO / "benchmarks" / "shape
               "data": {"seq_len": 256}, "train": {"global_batch_size": 4, "micro_batch_size": 2},
               "method": "full", "optim": {"name": "lomo", "lr": 0.01}}
 LOMO_ENGINES = {"fsdp2": {"name": "fsdp2"},
-                "zero3_lowmem": {"name": "zero3", "deepspeed_config": str(REPO / "configs" / "deepspeed" / "zero3_lowmem.json")},
+                "zero3_lowmem": {"name": "zero3",
+                                 "deepspeed_config": str(REPO / "configs" / "deepspeed" / "zero3_lowmem.json")},
                 "zero3_defaults": {"name": "zero3"}}
 
 

@@ -161,7 +161,8 @@ def _hf_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     dataset = [{"input_ids": sequences.input_ids[i], "labels": sequences.labels[i],
                 "attention_mask": sequences.attention_mask[i]} for i in range(32)]
     for i, variant in enumerate(VARIANTS):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(variant.get("train", {}).get("dtype"), torch.float32)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(variant.get("train", {}).get("dtype"),
+                                                                    torch.float32)
         model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=dtype)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / f"hf{i}"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3,
@@ -234,7 +235,8 @@ def test_the_trainer_path_refuses_every_key_the_script_sets_elsewhere_naming_whe
             settings = {key: {"path": "x"} if key == "data" else probe(key)}
         else:
             settings = {section: {name: probe(key)}}
-        with pytest.raises(ConfigError, match=f"sets {re.escape(key)}: with the Trainer it comes from {re.escape(where)}"):
+        with pytest.raises(ConfigError,
+                           match=f"sets {re.escape(key)}: with the Trainer it comes from {re.escape(where)}"):
             hf.trainer_config(args, settings, model, read_launch_env({}))
 
 

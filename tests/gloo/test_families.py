@@ -24,7 +24,8 @@ def _probe(vocab_size: int) -> torch.Tensor:
 def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: str, output_dir: str) -> dict:
     out = {}
     for family, directory in dirs.items():
-        config = tiny_config(f"{output_dir}/{engine}/{family}", engine={"name": engine}, lisa={"gamma": 1, "interval": 2},
+        config = tiny_config(f"{output_dir}/{engine}/{family}", engine={"name": engine},
+                             lisa={"gamma": 1, "interval": 2},
                              model={"path": directory, "attn_implementation": ATTENTION.get(family, "sdpa")},
                              optim={"name": "adamw", "lr": 1e-2, "max_grad_norm": 1.0})
         trainer = start_trainer(config)
@@ -33,8 +34,10 @@ def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: s
         with torch.no_grad():
             logits = trainer.core.model(input_ids=_probe(trainer.source.hf_config.vocab_size)).logits.float()
         trainer.save_final()
-        out[family] = {"losses": [r["loss"] for r in records], "active": sorted({i for r in records for i in r["active_layers"]}),
-                       "logits": logits, "tied": trainer.core.parts.tied_embeddings, "final": trainer.output_dir / "final"}
+        out[family] = {"losses": [r["loss"] for r in records],
+                       "active": sorted({i for r in records for i in r["active_layers"]}),
+                       "logits": logits, "tied": trainer.core.parts.tied_embeddings,
+                       "final": trainer.output_dir / "final"}
         trainer.core.stepper.hooks.remove()
     return out
 
@@ -64,10 +67,12 @@ def test_family_trains_with_lisa_and_final_reloads_to_the_same_logits(trained, f
     obs = runs[engine][family]
     assert all(torch.isfinite(torch.tensor(obs["losses"]))), obs["losses"]
     before = transformers.AutoModelForCausalLM.from_pretrained(dirs[family]).state_dict()
-    model = transformers.AutoModelForCausalLM.from_pretrained(obs["final"], attn_implementation=ATTENTION.get(family, "sdpa"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(obs["final"],
+                                                              attn_implementation=ATTENTION.get(family, "sdpa"))
     after = model.state_dict()
     assert after.keys() == before.keys()
-    frozen = [i for i in range(FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer"))) if i not in obs["active"]]
+    frozen = [i for i in range(FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer")))
+              if i not in obs["active"]]
     assert frozen and obs["active"], (frozen, obs["active"])
     for name, tensor in before.items():
         layer = layer_index(name)

@@ -10,8 +10,8 @@ import transformers
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
 from lisa_dist.errors import FusedPathError
-from tests.helpers import (PARITY_ADALOMO_EPS1, REDUCTION_ROUNDING, assert_weights_close, full_weights, parity_atol, run_distributed,
-                           start_trainer, tiny_config)
+from tests.helpers import (PARITY_ADALOMO_EPS1, REDUCTION_ROUNDING, assert_weights_close, full_weights, parity_atol,
+                           run_distributed, start_trainer, tiny_config)
 
 STEPS = 4
 FULL = dict(method="full", train={"micro_batch_size": 4})  # global 8 on 2 ranks: no accumulation
@@ -38,7 +38,8 @@ def _pairs_worker(rank: int, world_size: int, output_dir: str) -> dict:
         trainer, records = _run(tiny_config(output_dir, method="full", train={"micro_batch_size": micro},
                                             optim=optim))
         out[key] = {"weights": full_weights(trainer), "losses": [r["loss"] for r in records], "optim": optim,
-                    "state_bytes": trainer.core.optimizer.state_bytes(), "grad_norms": [r["grad_norm"] for r in records]}
+                    "state_bytes": trainer.core.optimizer.state_bytes(),
+                    "grad_norms": [r["grad_norm"] for r in records]}
         trainer.core.stepper.hooks.remove()
     return out
 

@@ -27,7 +27,8 @@ def _expected_state_bytes(trainer) -> int:
 
 def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     # weight decay and momentum-carrying AdamW: frozen layers must still not drift
-    trainer = start_trainer(tiny_config(output_dir, train={"dtype": "bf16"}, lisa={"gamma": GAMMA, "interval": INTERVAL},
+    trainer = start_trainer(tiny_config(output_dir, train={"dtype": "bf16"},
+                                        lisa={"gamma": GAMMA, "interval": INTERVAL},
                                         optim={"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}))
     obs: dict = {"reduce_scatters": []}
     calls = []
@@ -55,8 +56,10 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
     obs["optim_names_0"] = trainer.core.optimizer.names
 
     # the switch at the next interval, measured by storage accounting
-    always_on = {n: s.state["exp_avg"] for n, s in trainer.core.optimizer.slots.items() if not n.startswith("model.layers.")}
-    always_steps = {n: int(s.step) for n, s in trainer.core.optimizer.slots.items() if not n.startswith("model.layers.")}
+    always_on = {n: s.state["exp_avg"] for n, s in trainer.core.optimizer.slots.items()
+                 if not n.startswith("model.layers.")}
+    always_steps = {n: int(s.step) for n, s in trainer.core.optimizer.slots.items()
+                    if not n.startswith("model.layers.")}
     next_active = trainer.core.sampler.active_layers(INTERVAL)
     leaving = [f"model.layers.{i}." for i in obs["active_0"] if i not in next_active]
     leaving_refs = [weakref.ref(t) for n, s in trainer.core.optimizer.slots.items() if n.startswith(tuple(leaving))
@@ -87,7 +90,8 @@ def _lisa_worker(rank: int, world_size: int, output_dir: str) -> dict:
         torch.equal(a, trainer.core.engine.local_shard(p)) for i in left_layers
         for a, p in zip(before_step[i], trainer.core.parts.layers[i].parameters()))
     setattr(dist, REDUCE_SCATTER, original)
-    obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters()) for layer in trainer.core.parts.layers]
+    obs["frozen_params_require_grad"] = [any(p.requires_grad for p in layer.parameters())
+                                         for layer in trainer.core.parts.layers]
     return obs
 
 

@@ -69,7 +69,8 @@ def _architectures_worker(rank: int, world_size: int, output_dir: str) -> dict:
         config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
         directory = f"{output_dir}/{name}"
         config.save_pretrained(f"{directory}/config_rank{rank}")  # no process group yet to order writes
-        trainer = start_trainer(tiny_config(directory + "/run", model={"path": None, "config": f"{directory}/config_rank{rank}"},
+        trainer = start_trainer(tiny_config(directory + "/run",
+                                            model={"path": None, "config": f"{directory}/config_rank{rank}"},
                                             lisa={"gamma": 1, "interval": 1}))
         losses = [trainer.train_step(step)["loss"] for step in range(3)]
         head = trainer.core.parts.head.weight
@@ -119,7 +120,8 @@ def test_turning_backward_prefetch_off_changes_no_number(tmp_path):
 
 
 CHUNK_OPTIM = {"adamw": {"name": "adamw", "lr": 1e-2, "max_grad_norm": 0.0, "eps": PARITY_EPS},
-               "adalomo": {"name": "adalomo", "lr": 1e-2, "max_grad_norm": 0.0, "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}}
+               "adalomo": {"name": "adalomo", "lr": 1e-2, "max_grad_norm": 0.0,
+                           "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}}
 
 
 @pytest.mark.skipif(not RECOMPUTES_GROUPED_UNITS, reason="this torch's FSDP2 cannot recompute the head alone "

@@ -31,9 +31,11 @@ def reference_lisa(config) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     sequences = build_sequences(load_examples(config.data.path, tokenizer), config.data.seq_len,
                                 tokenizer.pad_token_id, pack=False)
-    batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.global_batch_size, 0, 1, config.seed)
+    batches = GlobalBatches(sequences, config.train.global_batch_size, config.train.global_batch_size, 0, 1,
+                            config.seed)
     o = config.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
     layers = model.model.layers
     losses, active_log = [], []
     active: tuple[int, ...] = ()

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from lisa_dist._compat import REDUCE_SCATTER
 from lisa_dist.memory import StorageTracker
-from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, engine_weights, full_weights, parity_atol,
-                           run_distributed, start_trainer, tiny_config)
+from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, engine_weights,
+                           parity_atol, run_distributed, start_trainer, tiny_config)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 STEPS = 5

@@ -171,8 +171,8 @@ def test_every_rank_runs_the_same_forwards_and_each_sequence_counts_once(world_s
     sequences = build_sequences(_examples(11), 4, pad_id=0, pack=False)
     per_rank = [Evaluator(sequences, 4, 2, max_batches, rank, world_size).micro_batches for rank in range(world_size)]
     assert len({tuple(len(b["input_ids"]) for b in batches) for batches in per_rank}) == 1
-    labelled = [row.tolist() for batches in per_rank for b in batches for row, labels in zip(b["input_ids"], b["labels"])
-                if (labels != IGNORE_INDEX).any()]
+    labelled = [row.tolist() for batches in per_rank for b in batches
+                for row, labels in zip(b["input_ids"], b["labels"]) if (labels != IGNORE_INDEX).any()]
     count = 4 if max_batches else 11
     assert sorted(labelled) == sorted(sequences.input_ids[:count].tolist())
     fillers = sum(int((b["labels"] == IGNORE_INDEX).all(dim=1).sum()) for batches in per_rank for b in batches)

@@ -17,7 +17,8 @@ def _load(tmp_path, ds: dict, world_size: int = 2, **sections):
 def test_batch_sizes_and_precision_are_filled_from_the_run(tmp_path):
     ds = _load(tmp_path, {"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"},
                           "train_batch_size": "auto"}, train={"dtype": "bf16"})
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"],
+            ds["gradient_accumulation_steps"]) == (8, 2, 2)
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["zero_optimization"]["memory_efficient_linear"] is False
 

@@ -31,7 +31,8 @@ def test_training_arguments_and_the_accelerate_file_fill_the_config(tmp_path, mo
 
 
 def test_a_setting_of_the_training_arguments_repeated_in_lisa_dist_is_an_error(tmp_path, model):
-    with pytest.raises(ConfigError, match="sets optim.lr: with the Trainer it comes from TrainingArguments.learning_rate"):
+    with pytest.raises(ConfigError,
+                       match="sets optim.lr: with the Trainer it comes from TrainingArguments.learning_rate"):
         trainer_config(training_args(tmp_path), {"optim": {"lr": 1e-3}}, model, read_launch_env({}))
 
 
@@ -51,7 +52,8 @@ def test_the_precision_flags_mean_train_dtype(tmp_path, model, flag, dtype):
 def test_gradient_checkpointing_means_model_activation_checkpointing(tmp_path, model):
     args = training_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     assert trainer_config(args, {}, model, read_launch_env({})).model.activation_checkpointing is True
-    assert trainer_config(training_args(tmp_path), {}, model, read_launch_env({})).model.activation_checkpointing is False
+    assert trainer_config(training_args(tmp_path), {}, model,
+                          read_launch_env({})).model.activation_checkpointing is False
 
 
 def test_a_flag_contradicting_lisa_dist_settings_is_an_error_naming_both(tmp_path, model):

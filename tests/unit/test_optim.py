@@ -157,7 +157,8 @@ def test_adamw_over_many_shards_at_once_is_torchs_multi_tensor_adamw_bit_for_bit
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, foreach=True)
     groups = []
     opt.apply_many = lambda slots, grads, options, guard=False: (
-        groups.append([s.shard.numel() for s in slots]), ShardedOptimizer.apply_many(opt, slots, grads, options, guard))[1]
+        groups.append([s.shard.numel() for s in slots]),
+        ShardedOptimizer.apply_many(opt, slots, grads, options, guard))[1]
     for _ in range(4):
         grads = [torch.randn(*s) for s in shapes]
         for params in (ours, alone, ref):

@@ -25,7 +25,8 @@ def test_same_inputs_same_choice_and_exactly_gamma_distinct_layers():
 def test_seed_and_interval_change_the_choice():
     choices = {sample_active_layers(0, i, 32, 2) for i in range(30)}
     assert len(choices) > 20
-    assert [sample_active_layers(0, i, 32, 2) for i in range(10)] != [sample_active_layers(1, i, 32, 2) for i in range(10)]
+    assert ([sample_active_layers(0, i, 32, 2) for i in range(10)]
+            != [sample_active_layers(1, i, 32, 2) for i in range(10)])
 
 
 def test_global_rng_is_neither_used_nor_disturbed():

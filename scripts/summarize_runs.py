@@ -1,4 +1,5 @@
-"""`python -m lisa_dist.summary RUN_DIR ...`: medians of a run's metrics.jsonl, for docs and comparisons."""
+"""`python scripts/summarize_runs.py RUN_DIR ...`: medians of runs' training steps (metrics.jsonl), for docs and
+comparisons. Evaluation rows are left out."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ FIELDS = ("loss", "tokens_per_s", "step_time_s", "peak_mem_gib", "optim_state_gi
 
 def summarize(run_dir: Path, skip: int = 1) -> dict[str, float]:
     """Medians over steps, skipping the first `skip` (lazy initialization, first switch)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in rows if "eval_loss" not in r]
     if len(records) <= skip:
         raise ValueError(f"{run_dir}: {len(records)} steps recorded, need more than {skip}")
     kept = records[skip:]
