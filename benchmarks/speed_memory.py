@@ -3,7 +3,7 @@ DeepSpeed ZeRO-3 + AdamW (`benchmarks/baselines.py`), and lisa_dist's methods on
 its own launch (2 ranks unless `--nproc`), one after another; the first step is left out of the medians (it builds
 optimizer state and, on ZeRO-3, DeepSpeed's prefetch trace).
 
-    .venv/bin/python -m benchmarks.speed_memory                      # issue 17's shape (docs/zero3.md)
+    .venv/bin/python -m benchmarks.speed_memory                      # the 42M-parameter shape of docs/zero3.md
     .venv/bin/python -m benchmarks.speed_memory --config my.yaml model.config=/path/config.json --steps 8
     .venv/bin/python -m benchmarks.speed_memory --runs lisa_dist_fsdp2_full_lomo,fsdp2_adamw
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from lisa_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "benchmarks" / "shapes" / "issue17_lomo.yaml"
+DEFAULT_CONFIG = REPO / "benchmarks" / "shapes" / "h512_l8_lomo.yaml"
 LOWMEM = str(REPO / "configs" / "deepspeed" / "zero3_lowmem.json")
 LR = {"adamw": "1e-4", "lomo": "1e-2", "adalomo": "1e-3"}
 # name -> (baseline name, or lisa_dist overrides)

@@ -18,7 +18,8 @@ import transformers
 from torch.distributed.tensor import DTensor
 
 from lisa_dist.config import Config
-from lisa_dist.engines.base import Engine, engine_class
+from lisa_dist.engines import engine_class
+from lisa_dist.engines.base import Engine
 from lisa_dist.errors import CheckpointError
 from lisa_dist.models.build import parameters_on_meta
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, args.overrides)
             print_plan(run_plan(config, args.world_size, args.gpu_mem_gib, args.reserve_gib), as_json=args.json)
         elif args.command == "report":
-            from lisa_dist.report import write_report
+            from lisa_dist.plots import write_report
 
             for path in write_report([Path(d) for d in args.output_dir], Path(args.out) if args.out else None):
                 print(path)

@@ -21,7 +21,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from lisa_dist.config import Config
 from lisa_dist.data import IGNORE_INDEX
 from lisa_dist.distributed import Runtime, all_reduce_sum, sum_over_ranks, verify_same_across_ranks
-from lisa_dist.engines.base import Engine, create_engine, trainable_named_parameters
+from lisa_dist.engines import create_engine
+from lisa_dist.engines.base import Engine, trainable_named_parameters
 from lisa_dist.errors import NonFiniteStepsError
 from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
 from lisa_dist.models import ModelSource, sampling_units, set_trainable_units

@@ -20,6 +20,7 @@ other trainers (DPO, GRPO, KTO, reward...) are refused before they start.
 
 from __future__ import annotations
 
+import atexit
 import copy
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +37,8 @@ from lisa_dist._compat import loss_is_scaled_for_accumulation
 from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, apply_implied, from_dict
 from lisa_dist.core import StepResult, TrainingCore
-from lisa_dist.distributed import init_distributed
-from lisa_dist.engines.base import engine_class
+from lisa_dist.distributed import init_distributed, shutdown
+from lisa_dist.engines import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import CheckpointError, ConfigError, DataError
 from lisa_dist.loss import logits_loss_sum
@@ -213,6 +214,9 @@ class LisaDistTrainer(transformers.Trainer):
                               "lm_head.weight outside the head's forward, where ZeRO-3 has not gathered it; use "
                               "engine fsdp2, or the plain loss_type='nll'")
         runtime = init_distributed(env, self.lisa_config.engine.timeout_s)
+        # The script ends by returning, not through the CLI's immediate exit: tear the process group down while
+        # the interpreter is whole, not in its static destructors, where communication threads can abort it.
+        atexit.register(shutdown)
         self.core = TrainingCore.adopt(self.lisa_config, runtime, self.model,
                                        last_checkpoint=self._last_checkpoint)
         self.checkpointer = ckpt.Checkpointer(self.core, self.lisa_config)

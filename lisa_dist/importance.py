@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lisa_dist.optim.shard import outer_slice
-from lisa_dist.optim.sharded import ShardAccess
+from lisa_dist.optim.shard_info import outer_slice
+from lisa_dist.optim.sharded_optimizer import ShardAccess
 
 
 def linear_modules(module: nn.Module) -> list[nn.Module]:

@@ -18,7 +18,7 @@ from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
-from lisa_dist.optim.sharded import UpdateOptions
+from lisa_dist.optim.sharded_optimizer import UpdateOptions
 from lisa_dist.scalars import item
 
 Batch = dict[str, torch.Tensor]

@@ -17,14 +17,14 @@ from lisa_dist.data import (GlobalBatches, SequenceSet, TokenizedCache, Tokenize
                             split_held_out)
 from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, init_distributed, shutdown,
                                    verify_same_across_ranks)
-from lisa_dist.engines.base import engine_class
+from lisa_dist.engines import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import ConfigError
 from lisa_dist.evaluate import Evaluator
 from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
-from lisa_dist.reporting import Reporter, check_trackers
+from lisa_dist.progress import Reporter, check_trackers
 from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
 from lisa_dist.scalars import real_tensors
 from lisa_dist.validation import check_world_size

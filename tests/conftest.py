@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import ast
 import functools
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 REFERENCE_RUNS = {"run", "zero3_run", "one_node"}
 
 
 @functools.cache
 def uses_reference_runs(path: str) -> bool:
     """A test or fixture of the file takes one of REFERENCE_RUNS, or asks for one by name."""
-    file = ROOT / path
+    file = REPO / path
     if not file.is_file():
         return False
     for node in ast.walk(ast.parse(file.read_text())):

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
 from lisa_dist.config import Config, from_dict
+from lisa_dist.data import IGNORE_INDEX, TokenizedExample
 from lisa_dist.validation import validate
 
 
@@ -197,6 +202,101 @@ class WholeShards:
         return param.data
 
     def shard_info(self, param):
-        from lisa_dist.optim.shard import local_shard_info
+        from lisa_dist.optim.shard_info import local_shard_info
 
         return local_shard_info(param)
+
+
+# Whole-CLI runs (tests/cli, tests/fakepg, tests/gloo/test_resume.py) and data helpers shared by test files.
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# A constant schedule lets resume tests stop a run early by a smaller max_steps (cosine depends on it); AdamW's
+# eps keeps runs that reduce in another order (resharded resumes) within tests.helpers.parity_atol.
+COMMON = [f"model.path={TINY_MODEL_DIR}", f"data.path={TINY_ALPACA}", "data.seq_len=48", "lisa.interval=2",
+          "optim.schedule=constant", "optim.warmup_steps=0", "optim.eps=0.01",
+          "train.global_batch_size=8", "train.micro_batch_size=2", "progress_bar=false"]
+
+
+def torchrun_command(*args: str, nproc: int = 2, options: tuple[str, ...] = (),
+                     entry: tuple[str, ...] = ("-m", "lisa_dist")) -> list[str]:
+    """`torchrun [options] ENTRY train configs/tiny.yaml COMMON args`."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            *options, *entry, "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args, nproc=nproc), cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def lisa_dist(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lisa_dist", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_same_final(a: Path, b: Path) -> None:
+    """The two runs' final models are equal bit for bit."""
+    final_a = load_file(a / "final" / "model.safetensors")
+    final_b = load_file(b / "final" / "model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    for name in final_a:
+        assert torch.equal(final_a[name], final_b[name]), name
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+ZERO3 = ["engine.name=zero3", f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}",
+         "train.dtype=fp32", "save_every=3"]
+
+
+DS_ENV = {**ENV, "DS_ACCELERATOR": "cpu"}
+
+
+def deepspeed_launcher(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
+    return subprocess.run(cmd, cwd=REPO, env=DS_ENV, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_training(a: Path, b: Path, first_step: int) -> None:
+    """Equal up to the rounding of a different reduction order: losses, and final weights within
+    tests.helpers.parity_atol for the runs' AdamW settings (configs/tiny.yaml with COMMON)."""
+    ra, rb = metrics(a)[first_step:], metrics(b)[-len(metrics(a)[first_step:]):]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert [r["active_layers"] for r in ra] == [r["active_layers"] for r in rb]
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=LOSS_RTOL, abs=0)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    everything = metrics(a) + metrics(b)
+    optim = {"name": "adamw", "lr": max(r["lr"] for r in everything), "eps": 0.01, "max_grad_norm": 1.0}
+    assert_weights_close(wa, wb, parity_atol(optim, len(metrics(a)), max(r["grad_norm"] for r in everything)))
+
+
+# A ChatML-style template that adds a default system prompt when the conversation has none (as Qwen2's
+# does), each turn ended by the tokenizer's eos token (as Qwen2-Instruct's <|im_end|> is its eos).
+CHATML = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.' + eos_token + '\n' }}"
+          "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def labelled_runs(example: TokenizedExample) -> list[list[int]]:
+    """Maximal runs of consecutive labelled positions, as token ids."""
+    runs: list[list[int]] = []
+    previous_labelled = False
+    for token, label in zip(example.input_ids, example.labels):
+        labelled = label != IGNORE_INDEX
+        if labelled:
+            assert label == token
+            if not previous_labelled:
+                runs.append([])
+            runs[-1].append(token)
+        previous_labelled = labelled
+    return runs

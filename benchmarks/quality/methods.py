@@ -30,7 +30,7 @@ def _lisa(strategy: str, *extra: str, optim: str = "adamw", lr: float = ADAMW_LR
 
 
 # `weights` tests one a-priori guess: the lower a layer, the likelier (8 down to 1), since a draw that
-# missed the lowest layers was where uniform LISA failed in the check.
+# missed the lowest layers was where uniform LISA failed on this task.
 BOTTOM_HEAVY = "lisa.layer_weights=[8,7,6,5,4,3,2,1]"
 
 METHODS = {m.name: m for m in [

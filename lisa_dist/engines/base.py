@@ -14,11 +14,9 @@ from torch.utils.hooks import RemovableHandle
 from lisa_dist._compat import enable_activation_checkpointing
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, in_place_sum
-from lisa_dist.errors import ConfigError
-from lisa_dist.extras import require_extra
 from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.models.parts import layer_blocks
-from lisa_dist.optim.shard import ShardInfo
+from lisa_dist.optim.shard_info import ShardInfo
 
 
 class Engine(ABC):
@@ -161,25 +159,6 @@ def sharding_units(parts: ModelParts, split_layers: bool) -> list[nn.Module | li
         units.append(list(parts.embeddings))
         units.append([m for m in (parts.norm, parts.head) if m is not None])
     return units
-
-
-def engine_class(name: str) -> type[Engine]:
-    """Imported on demand: a FSDP2 run never imports DeepSpeed."""
-    if name == "fsdp2":
-        from lisa_dist.engines.fsdp2 import FSDP2Engine
-
-        return FSDP2Engine
-    if name == "zero3":
-        require_extra("deepspeed", "engine.name=zero3")
-        from lisa_dist.engines.zero3 import Zero3Engine
-
-        return Zero3Engine
-    raise ConfigError(f"engine.name must be one of 'fsdp2', 'zero3', got {name!r}")
-
-
-def create_engine(config: Config, runtime: Runtime, mesh: DeviceMesh | None = None,
-                  shapes_only: bool = False) -> Engine:
-    return engine_class(config.engine.name)(config, runtime, mesh=mesh, shapes_only=shapes_only)
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, Any]:

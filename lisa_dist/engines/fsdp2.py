@@ -18,7 +18,7 @@ from lisa_dist.errors import ConfigError
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
 from lisa_dist.models.weights import random_init
-from lisa_dist.optim.shard import ShardInfo, local_shard_info
+from lisa_dist.optim.shard_info import ShardInfo, local_shard_info
 from lisa_dist.scalars import real_tensors
 
 

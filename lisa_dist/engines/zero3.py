@@ -33,7 +33,7 @@ from lisa_dist.env import export_rank_variables
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
 from lisa_dist.models.weights import random_init
-from lisa_dist.optim.shard import ShardInfo
+from lisa_dist.optim.shard_info import ShardInfo
 
 
 class Zero3Engine(Engine):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.errors import FusedPathError
-from lisa_dist.optim.sharded import ShardedOptimizer, UpdateOptions, Slot
+from lisa_dist.optim.sharded_optimizer import ShardedOptimizer, UpdateOptions, Slot
 
 
 GradHookRegistrar = Callable[[nn.Parameter, Callable[[nn.Parameter], None]], RemovableHandle]

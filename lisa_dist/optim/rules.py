@@ -9,7 +9,7 @@ import torch
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.errors import ConfigError
-from lisa_dist.optim.shard import ShardInfo, outer_slice, row_col_sums
+from lisa_dist.optim.shard_info import ShardInfo, outer_slice, row_col_sums
 
 
 def squared_sum(t: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pytest
 def run(tmp_path_factory):
     """The reference 2-rank FSDP2 run (fp32, 6 steps, checkpoints at 3 and 6) that resume, restart and
     resharding tests must reproduce."""
-    from tests.cli.test_train_cli import torchrun
+    from tests.helpers import torchrun
 
     out = tmp_path_factory.mktemp("cli") / "run"
     result = torchrun(f"output_dir={out}", "max_steps=6", "save_every=3", "train.dtype=fp32")
@@ -19,7 +19,7 @@ def zero3_run(tmp_path_factory):
     """The same run on ZeRO-3 under the deepspeed launcher."""
     import os
 
-    from tests.cli.test_zero3_cli import ZERO3, deepspeed_launcher
+    from tests.helpers import ZERO3, deepspeed_launcher
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     out = tmp_path_factory.mktemp("z3") / "straight"

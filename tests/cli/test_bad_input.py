@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.cli import main
-from tests.cli.test_train_cli import COMMON, REPO
+from tests.helpers import COMMON, REPO
 
 TINY_YAML = str(REPO / "configs" / "tiny.yaml")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
-from tests.cli.test_train_cli import ENV, REPO
+from tests.helpers import ENV, REPO
 from tests.helpers import (PARITY_ADALOMO_EPS1, PARITY_EPS, REDUCTION_ROUNDING, assert_weights_close,
                            free_port, parity_atol)
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, metrics
-from tests.cli.test_zero3_cli import ZERO3
+from tests.helpers import COMMON, ENV, REPO, assert_same_final, metrics
+from tests.helpers import ZERO3
 from tests.helpers import free_port
 
 # The session's reference runs (tests/cli/conftest.py: `run`, and `zero3_run` under the deepspeed launcher)

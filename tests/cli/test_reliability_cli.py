@@ -9,15 +9,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from lisa_dist import checkpoint as ckpt
-from tests.cli.test_train_cli import (COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun,
-                                      torchrun_command)
-from tests.cli.test_zero3_cli import ZERO3
-from tests.helpers import LOSS_RTOL, assert_weights_close, free_port, parity_atol
+from tests.helpers import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun, torchrun_command
+from tests.helpers import ZERO3
+from tests.helpers import free_port
+from tests.helpers import assert_same_training
 
 FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
 
@@ -150,18 +149,6 @@ def test_a_stopped_peer_ends_the_job_after_the_collective_timeout_with_a_message
     # gloo's clock starts when rank 0 enters the collective, possibly a little before the stop
     assert TIMEOUT_S - 1 <= waited < TIMEOUT_S + 30
 
-
-def assert_same_training(a: Path, b: Path, first_step: int) -> None:
-    """Equal up to the rounding of a different reduction order: losses, and final weights within
-    tests.helpers.parity_atol for the runs' AdamW settings (configs/tiny.yaml with COMMON)."""
-    ra, rb = metrics(a)[first_step:], metrics(b)[-len(metrics(a)[first_step:]):]
-    assert [r["step"] for r in ra] == [r["step"] for r in rb]
-    assert [r["active_layers"] for r in ra] == [r["active_layers"] for r in rb]
-    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=LOSS_RTOL, abs=0)
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    everything = metrics(a) + metrics(b)
-    optim = {"name": "adamw", "lr": max(r["lr"] for r in everything), "eps": 0.01, "max_grad_norm": 1.0}
-    assert_weights_close(wa, wb, parity_atol(optim, len(metrics(a)), max(r["grad_norm"] for r in everything)))
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(run, tmp_path):

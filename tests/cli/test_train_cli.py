@@ -1,55 +1,12 @@
 """Whole CLI runs: torchrun with 2 ranks, outputs, export, resume, user errors."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import load_file
 
-from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
-from tests.helpers import free_port
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-# A constant schedule lets resume tests stop a run early by a smaller max_steps (cosine depends on it); AdamW's
-# eps keeps runs that reduce in another order (resharded resumes) within tests.helpers.parity_atol.
-COMMON = [f"model.path={TINY_MODEL_DIR}", f"data.path={TINY_ALPACA}", "data.seq_len=48", "lisa.interval=2",
-          "optim.schedule=constant", "optim.warmup_steps=0", "optim.eps=0.01",
-          "train.global_batch_size=8", "train.micro_batch_size=2", "progress_bar=false"]
-
-
-def torchrun_command(*args: str, nproc: int = 2, options: tuple[str, ...] = (),
-                     entry: tuple[str, ...] = ("-m", "lisa_dist")) -> list[str]:
-    """`torchrun [options] ENTRY train configs/tiny.yaml COMMON args`."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            *options, *entry, "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
-
-
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args, nproc=nproc), cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
-
-
-def lisa_dist(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lisa_dist", *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
-
-
-def assert_same_final(a: Path, b: Path) -> None:
-    """The two runs' final models are equal bit for bit."""
-    final_a = load_file(a / "final" / "model.safetensors")
-    final_b = load_file(b / "final" / "model.safetensors")
-    assert final_a.keys() == final_b.keys()
-    for name in final_a:
-        assert torch.equal(final_a[name], final_b[name]), name
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import REPO, COMMON, assert_same_final, lisa_dist, metrics, torchrun
 
 
 def test_metrics_have_one_record_per_step_with_the_contract_fields(run):

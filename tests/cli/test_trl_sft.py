@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
-from tests.cli.test_train_cli import ENV, REPO
+from tests.helpers import ENV, REPO
 from tests.helpers import REDUCTION_ROUNDING, assert_weights_close, free_port, parity_atol
 
 pytest.importorskip("trl")

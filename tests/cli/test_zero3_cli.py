@@ -8,18 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.cli.test_train_cli import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun
-from tests.helpers import free_port
-
-ZERO3 = ["engine.name=zero3", f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero3.json'}",
-         "train.dtype=fp32", "save_every=3"]
-DS_ENV = {**ENV, "DS_ACCELERATOR": "cpu"}
-
-
-def deepspeed_launcher(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "lisa_dist", "train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *args]
-    return subprocess.run(cmd, cwd=REPO, env=DS_ENV, capture_output=True, text=True, timeout=300)
+from tests.helpers import COMMON, REPO, assert_same_final, lisa_dist, metrics, torchrun
+from tests.helpers import DS_ENV, ZERO3
 
 
 @pytest.fixture
@@ -63,7 +53,7 @@ def test_contradicting_deepspeed_config_is_refused_before_start(tmp_path):
 
 def test_a_zero3_checkpoint_resumes_on_fsdp2(straight, tmp_path):
     """Both engines on 2 ranks: ZeRO-3's flat partitions become FSDP2's row shards (rank 1 starts mid-tensor)."""
-    from tests.cli.test_reliability_cli import assert_same_training
+    from tests.helpers import assert_same_training
 
     out = tmp_path / "fsdp2"
     result = torchrun(f"output_dir={out}", "max_steps=6", "train.dtype=fp32",

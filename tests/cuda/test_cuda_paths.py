@@ -21,11 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
-from tests.helpers import free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths: needs a GPU")
 
-REPO = Path(__file__).resolve().parents[2]
 # The source tree first, then whatever the check put on the path (the GPU bundle's packages, scripts/gpu_check.sh).
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),

@@ -12,7 +12,7 @@ import pytest
 from lisa_dist.config import load_config
 from lisa_dist.memory import GIB
 from lisa_dist.plan import ModelShape, run_plan
-from tests.cli.test_train_cli import ENV, REPO
+from tests.helpers import ENV, REPO
 
 SHIPPED_70B = {"lisa": 8, "lisa_4gpu": 4, "lomo": 8, "lomo_4gpu": 4}
 """The shipped 70B configs (configs/llama2_70b_NAME.yaml) and the cards each is for; the longest estimates

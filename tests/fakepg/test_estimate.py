@@ -6,7 +6,7 @@ from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
 from lisa_dist.memory import GIB
 from lisa_dist.plan import ModelShape
-from tests.cli.test_train_cli import REPO
+from tests.helpers import REPO
 from tests.helpers import run_distributed, start_trainer, tiny_config
 
 TINY = ["model.path=" + str(REPO / "lisa_dist" / "assets" / "tiny-llama"), "data.seq_len=64",

@@ -14,7 +14,7 @@ from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
 from lisa_dist.memory import CARD_24GB_GIB, GIB
 from lisa_dist.plan import ModelShape, plan_memory, run_plan
-from tests.cli.test_train_cli import ENV, REPO
+from tests.helpers import ENV, REPO
 from tests.helpers import run_distributed, start_trainer, tiny_config
 
 TINY_YAML = REPO / "configs" / "tiny.yaml"
@@ -97,7 +97,7 @@ def test_plan_is_within_10_percent_of_a_measured_run(tmp_path, engine, method, o
     assert planned == pytest.approx(measured, rel=0.10)
 
 
-# The shape of issue 17's measurements (docs/zero3.md): full + LOMO, fp32, 512 tokens per micro-batch.
+# The shape of docs/zero3.md's measurements: full + LOMO, fp32, 512 tokens per micro-batch.
 LOMO_SHAPE = {"model": {"path": None, "config": str(REPO / "benchmarks" / "shapes" / "llama_h512_l8.json")},
               "data": {"seq_len": 256}, "train": {"global_batch_size": 4, "micro_batch_size": 2},
               "method": "full", "optim": {"name": "lomo", "lr": 0.01}}

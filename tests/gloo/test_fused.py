@@ -253,7 +253,7 @@ def _adalomo_batch_worker(rank: int, world_size: int, output_dir: str) -> dict:
     import torch.distributed as dist
 
     from lisa_dist.optim.rules import AdaLomo
-    from lisa_dist.optim.shard import ShardInfo, local_shard_info
+    from lisa_dist.optim.shard_info import ShardInfo, local_shard_info
 
     dist.init_process_group("gloo")
     calls = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lisa_dist.config import load_config
-from tests.cli.test_train_cli import COMMON, REPO, assert_same_final, metrics
+from tests.helpers import COMMON, REPO, assert_same_final, metrics
 from tests.helpers import run_distributed, start_trainer
 
 JOBS = {

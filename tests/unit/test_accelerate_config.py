@@ -12,9 +12,8 @@ from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import load_config
 from lisa_dist.env import read_launch_env
 from lisa_dist.errors import ConfigError
-from tests.helpers import accelerate_variant
+from tests.helpers import REPO, accelerate_variant
 
-REPO = Path(__file__).resolve().parents[2]
 FSDP2_FILE = REPO / "configs" / "accelerate" / "fsdp2.yaml"
 ZERO3_FILE = REPO / "configs" / "accelerate" / "zero3.yaml"
 TINY = REPO / "configs" / "tiny.yaml"

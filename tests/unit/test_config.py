@@ -6,8 +6,7 @@ from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
 from lisa_dist.config import load_config
 from lisa_dist.errors import ConfigError
 from lisa_dist.validation import check_world_size
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def write(tmp_path: Path, text: str) -> Path:

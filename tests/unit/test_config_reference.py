@@ -1,12 +1,10 @@
 """docs/config.md is generated from lisa_dist/config.py's field docstrings and kept current."""
 
 import dataclasses
-from pathlib import Path
 
 from lisa_dist import config
 from lisa_dist.config_reference import SECTIONS, field_docs, render
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_docs_config_md_is_what_the_code_says():

@@ -1,7 +1,6 @@
 """Pure-logic tests for lisa_dist.data, using the bundled tiny tokenizer."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,31 +10,13 @@ from lisa_dist.assets import TINY_ALPACA, TINY_CHAT, TINY_MODEL_DIR
 from lisa_dist.data import (IGNORE_INDEX, GlobalBatches, SequenceSet, TokenizedExample,
                             build_sequences, load_examples)
 from lisa_dist.errors import CheckpointError, ConfigError, DataError
+from tests.helpers import labelled_runs, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
 
-
-def write_jsonl(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def labelled_runs(example: TokenizedExample) -> list[list[int]]:
-    """Maximal runs of consecutive labelled positions, as token ids."""
-    runs: list[list[int]] = []
-    previous_labelled = False
-    for token, label in zip(example.input_ids, example.labels):
-        labelled = label != IGNORE_INDEX
-        if labelled:
-            assert label == token
-            if not previous_labelled:
-                runs.append([])
-            runs[-1].append(token)
-        previous_labelled = labelled
-    return runs
 
 
 def test_alpaca_labels_only_response(tmp_path, tokenizer):

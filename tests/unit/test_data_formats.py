@@ -13,13 +13,9 @@ from lisa_dist.data import (IGNORE_INDEX, TokenizedCache, TokenizedExample, buil
                             split_held_out)
 from lisa_dist.errors import DataError
 from lisa_dist.evaluate import Evaluator
-from tests.unit.test_data import labelled_runs, write_jsonl
+from tests.helpers import labelled_runs, write_jsonl
+from tests.helpers import CHATML
 
-# A ChatML-style template that adds a default system prompt when the conversation has none (as Qwen2's
-# does), each turn ended by the tokenizer's eos token (as Qwen2-Instruct's <|im_end|> is its eos).
-CHATML = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.' + eos_token + '\n' }}"
-          "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + eos_token + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 CONVERSATION = [("system", "Answer briefly."), ("user", "Reverse the word.\nwolf"), ("assistant", "flow"),
                 ("user", "What is the capital of Peru?"), ("assistant", "Lima")]

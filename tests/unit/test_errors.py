@@ -44,6 +44,6 @@ def test_the_cli_exit_status_follows_the_error_class(monkeypatch, capsys, tmp_pa
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("lisa_dist.report.write_report", fail)
+    monkeypatch.setattr("lisa_dist.plots.write_report", fail)
     assert main(["report", str(tmp_path)]) == code
     assert capsys.readouterr().err == f"lisa-dist: error: {error}\n"

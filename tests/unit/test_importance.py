@@ -4,7 +4,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lisa_dist.importance import InputNorms, _scores, outlier_ratios
-from lisa_dist.optim.shard import ShardInfo
+from lisa_dist.optim.shard_info import ShardInfo
 from tests.helpers import WholeShards
 
 

@@ -2,12 +2,11 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
 pytest.importorskip("ruff")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ruff_finds_nothing():

@@ -4,8 +4,8 @@ from torch import nn
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
-from lisa_dist.optim.shard import ShardInfo, local_shard_info
-from lisa_dist.optim.sharded import UpdateOptions
+from lisa_dist.optim.shard_info import ShardInfo, local_shard_info
+from lisa_dist.optim.sharded_optimizer import UpdateOptions
 
 
 class _Unsharded:

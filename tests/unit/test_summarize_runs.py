@@ -2,9 +2,7 @@
 
 import json
 import runpy
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_medians_of_the_training_steps_with_evaluation_rows_in_the_file(tmp_path):

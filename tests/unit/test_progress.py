@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from lisa_dist.errors import ConfigError
-from lisa_dist.reporting import Reporter, check_trackers
+from lisa_dist.progress import Reporter, check_trackers
 from tests.helpers import tiny_config
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lisa_dist.errors import ReportError
-from lisa_dist.report import active_matrix, load_metrics, mean_layer_updates, num_layers, write_report
+from lisa_dist.plots import active_matrix, load_metrics, mean_layer_updates, num_layers, write_report
 
 
 def _write_run(run, records, layers=None):

@@ -16,7 +16,7 @@ from torch import nn
 from lisa_dist.offload import to_host
 from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule, squared_sum
-from lisa_dist.optim.shard import ShardInfo
+from lisa_dist.optim.shard_info import ShardInfo
 from lisa_dist.scalars import item
 
 
