@@ -148,6 +148,15 @@ def lazy_init_fsdp(model: nn.Module) -> None:
     model._get_fsdp_state()._lazy_init()
 
 
+def fsdp_unit_params(module: nn.Module) -> list[Any]:
+    """FSDP2's records (`FSDPParam`) of the parameters a `fully_shard`ed module's own unit holds; [] for any
+    other module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+    return list(group.fsdp_params) if group is not None else []
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing of each decoder layer. transformers 5.24 renamed
     `gradient_checkpointing_enable(gradient_checkpointing_kwargs=)` to `activation_checkpointing_enable(

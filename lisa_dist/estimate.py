@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from lisa_dist._compat import FSDP_CATEGORY, FakeTensorMode, fake_process_group, peak_tracker
+from lisa_dist._compat import FSDP_CATEGORY, FakeTensorMode, fake_process_group, fsdp_unit_params, peak_tracker
 from lisa_dist.config import Config
 from lisa_dist.core import TrainingCore
 from lisa_dist.distributed import Runtime
@@ -141,16 +141,8 @@ def _host_to_device_staging(model: torch.nn.Module) -> int:
     is filled. Under `estimate` the copy is from the fake device to itself, which allocates nothing, so it
     is added here: at most one unit's copies exist at a time, and counting them at the peak is an upper
     bound (they are transient)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    largest = 0
-    for module in model.modules():
-        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
-        if group is not None:
-            largest = max(largest, sum(p.padded_sharded_param_size.numel()
-                                       * (p.param_dtype or p.sharded_param.dtype).itemsize
-                                       for p in group.fsdp_params))
-    return largest
+    return max((sum(p.padded_sharded_param_size.numel() * (p.param_dtype or p.sharded_param.dtype).itemsize
+                    for p in fsdp_unit_params(module)) for module in model.modules()), default=0)
 
 
 def print_estimate(result: dict[str, Any], as_json: bool) -> None:
