@@ -28,18 +28,23 @@ ones stops the run before it starts, naming the key.
 
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of the dataclass `cls` (the string literal that follows it)."""
-    (node,) = ast.parse(inspect.getsource(cls)).body
-    docs = {}
-    for statement, following in zip(node.body, node.body[1:]):
-        if isinstance(statement, ast.AnnAssign) and isinstance(following, ast.Expr) \
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
-            docs[statement.target.id] = " ".join(following.value.value.split())
-    return docs
+    return {name: doc for name, (_, doc) in _fields_in_source(cls).items() if doc}
 
 
-def annotations(cls: type) -> dict[str, str]:
+def _fields_in_source(cls: type) -> dict[str, tuple[str, str]]:
+    """Each field of the dataclass `cls` as its source writes it: (annotation, the docstring under it or "")."""
     (node,) = ast.parse(inspect.getsource(cls)).body
-    return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    out = {}
+    for statement, following in zip(node.body, [*node.body[1:], None]):
+        if isinstance(statement, ast.AnnAssign):
+            out[statement.target.id] = (ast.unparse(statement.annotation), " ".join(_string(following).split()))
+    return out
+
+
+def _string(statement: ast.stmt | None) -> str:
+    """The text of a bare string-literal statement; "" for anything else."""
+    value = statement.value if isinstance(statement, ast.Expr) else None
+    return value.value if isinstance(value, ast.Constant) and isinstance(value.value, str) else ""
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -51,20 +56,20 @@ def _cell(text: str) -> str:
 
 
 def _table(cls: type, prefix: str) -> list[str]:
-    docs, types = field_docs(cls), annotations(cls)
+    source = _fields_in_source(cls)
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or f.name in SECTIONS:
+        if f.name in SECTIONS:
             continue
+        annotation, doc = source[f.name]
         default = default_of(f)
         shown = "null" if default is None else repr(default).lower() if isinstance(default, bool) else repr(default)
-        rows.append(f"| `{prefix}{f.name}` | `{_cell(types[f.name])}` | `{_cell(shown)}` | "
-                    f"{_cell(docs.get(f.name, ''))} |")
+        rows.append(f"| `{prefix}{f.name}` | `{_cell(annotation)}` | `{_cell(shown)}` | {_cell(doc)} |")
     return rows
 
 
-SECTIONS = {f.name: f.default_factory().__class__ for f in dataclasses.fields(config.Config)
-            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())}
+SECTIONS = {f.name: type(default) for f in dataclasses.fields(config.Config)
+            if dataclasses.is_dataclass(default := default_of(f))}
 """The config's sections (`lisa`, `model`, ...) and their dataclasses, in the order `Config` declares them."""
 
 

@@ -37,6 +37,7 @@ from lisa_dist._compat import loss_is_scaled_for_accumulation
 from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, apply_implied, from_dict
 from lisa_dist.core import StepResult, TrainingCore
+from lisa_dist.data import IGNORE_INDEX
 from lisa_dist.distributed import init_distributed, shutdown
 from lisa_dist.engines import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
@@ -310,7 +311,7 @@ class LisaDistTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         device, labels = self.core.runtime.device, inputs["labels"]
-        targets = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+        targets = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
         if return_outputs:
             model_inputs = {key: inputs[key] for key in _model_inputs(inputs)}
             outputs = model(**model_inputs, use_cache=False)

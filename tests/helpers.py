@@ -245,6 +245,12 @@ def assert_same_final(a: Path, b: Path) -> None:
         assert torch.equal(final_a[name], final_b[name]), name
 
 
+def layer_of(name: str) -> int | None:
+    """The decoder layer a parameter of the tiny LLaMA belongs to (`model.layers.N.`), or None."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -265,14 +271,16 @@ def deepspeed_launcher(*args: str) -> subprocess.CompletedProcess:
 def assert_same_training(a: Path, b: Path, first_step: int) -> None:
     """Equal up to the rounding of a different reduction order: losses, and final weights within
     tests.helpers.parity_atol for the runs' AdamW settings (configs/tiny.yaml with COMMON)."""
-    ra, rb = metrics(a)[first_step:], metrics(b)[-len(metrics(a)[first_step:]):]
+    records_a, records_b = metrics(a), metrics(b)
+    ra = records_a[first_step:]
+    rb = records_b[-len(ra):]
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     assert [r["active_layers"] for r in ra] == [r["active_layers"] for r in rb]
     assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=LOSS_RTOL, abs=0)
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    everything = metrics(a) + metrics(b)
+    everything = records_a + records_b
     optim = {"name": "adamw", "lr": max(r["lr"] for r in everything), "eps": 0.01, "max_grad_norm": 1.0}
-    assert_weights_close(wa, wb, parity_atol(optim, len(metrics(a)), max(r["grad_norm"] for r in everything)))
+    assert_weights_close(wa, wb, parity_atol(optim, len(records_a), max(r["grad_norm"] for r in everything)))
 
 
 # A ChatML-style template that adds a default system prompt when the conversation has none (as Qwen2's

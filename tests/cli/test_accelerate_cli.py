@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from lisa_dist.checkpoint import read_state
-from tests.helpers import COMMON, ENV, REPO, assert_same_final, metrics
-from tests.helpers import accelerate_variant, free_port
+from tests.helpers import COMMON, ENV, REPO, accelerate_variant, assert_same_final, free_port, metrics
 
 # The reference runs' settings. tiny.yaml sets train.dtype=bf16, so fp32 is set (a file's mixed_precision=no
 # alone would contradict it).

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
-from tests.helpers import ENV, REPO
-from tests.helpers import (PARITY_ADALOMO_EPS1, PARITY_EPS, REDUCTION_ROUNDING, assert_weights_close,
-                           free_port, parity_atol)
+from tests.helpers import (ENV, PARITY_ADALOMO_EPS1, PARITY_EPS, REDUCTION_ROUNDING, REPO, assert_weights_close,
+                           free_port, layer_of, parity_atol)
 
 EXAMPLE = str(REPO / "examples" / "hf_trainer.py")
 CASES = {"fsdp2-adamw": ("fsdp2.yaml", "adamw"), "zero3-adalomo": ("zero3.yaml", "adalomo")}
@@ -51,10 +50,6 @@ def case(request, tmp_path_factory):
     return out, optim, run_example(out, "--optim", optim, "--save-steps", str(SAVE_STEPS),
                                    accelerate_file=accelerate_file)
 
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
 
 def test_optimizer_state_is_held_for_the_active_layers_only(case):

@@ -9,9 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import COMMON, ENV, REPO, assert_same_final, metrics
-from tests.helpers import ZERO3
-from tests.helpers import free_port
+from tests.helpers import COMMON, ENV, REPO, ZERO3, assert_same_final, free_port, metrics
 
 # The session's reference runs (tests/cli/conftest.py: `run`, and `zero3_run` under the deepspeed launcher)
 # are one node of 2 ranks with these settings; every multi-node run here must reproduce them.

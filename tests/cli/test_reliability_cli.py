@@ -13,10 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist import checkpoint as ckpt
-from tests.helpers import COMMON, ENV, REPO, assert_same_final, lisa_dist, metrics, torchrun, torchrun_command
-from tests.helpers import ZERO3
-from tests.helpers import free_port
-from tests.helpers import assert_same_training
+from tests.helpers import (COMMON, ENV, REPO, ZERO3, assert_same_final, assert_same_training, free_port, lisa_dist,
+                           metrics, torchrun, torchrun_command)
 
 FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
 

@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
-from tests.helpers import ENV, REPO
-from tests.helpers import REDUCTION_ROUNDING, assert_weights_close, free_port, parity_atol
+from tests.helpers import ENV, REDUCTION_ROUNDING, REPO, assert_weights_close, free_port, layer_of, parity_atol
 
 pytest.importorskip("trl")
 
@@ -52,10 +51,6 @@ def runs(request, tmp_path_factory):
     alone = run_example(root / "trl", *args, "--vanilla", "--train-layers", drawn, "--batch", str(2 * rows))
     return lisa, alone, load_file(root / "lisa" / "model.safetensors"), load_file(root / "trl" / "model.safetensors")
 
-
-def layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
 
 def test_lisa_dist_trains_like_trl_alone_with_the_same_layers(runs):

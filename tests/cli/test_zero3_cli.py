@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import COMMON, REPO, assert_same_final, lisa_dist, metrics, torchrun
-from tests.helpers import DS_ENV, ZERO3
+from tests.helpers import COMMON, DS_ENV, REPO, ZERO3, assert_same_final, lisa_dist, metrics, torchrun
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
 from lisa_dist.memory import GIB
 from lisa_dist.plan import ModelShape
-from tests.helpers import REPO
-from tests.helpers import run_distributed, start_trainer, tiny_config
+from tests.helpers import REPO, run_distributed, start_trainer, tiny_config
 
 TINY = ["model.path=" + str(REPO / "lisa_dist" / "assets" / "tiny-llama"), "data.seq_len=64",
         "train.global_batch_size=16", "train.micro_batch_size=4", "lisa.interval=5"]

@@ -14,8 +14,7 @@ from lisa_dist.config import load_config
 from lisa_dist.estimate import run_estimate
 from lisa_dist.memory import CARD_24GB_GIB, GIB
 from lisa_dist.plan import ModelShape, plan_memory, run_plan
-from tests.helpers import ENV, REPO
-from tests.helpers import run_distributed, start_trainer, tiny_config
+from tests.helpers import ENV, REPO, run_distributed, start_trainer, tiny_config
 
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 SHAPES = ["model.path=null", "model.num_layers=4", "data.seq_len=2048", "train.global_batch_size=8",

@@ -15,8 +15,7 @@ import transformers
 
 from lisa_dist.assets import TINY_ALPACA, TINY_CHAT, TINY_MODEL_DIR
 from lisa_dist.memory import StorageTracker
-from tests.helpers import engine_weights, run_distributed, start_trainer, tiny_config
-from tests.helpers import CHATML
+from tests.helpers import CHATML, engine_weights, run_distributed, start_trainer, tiny_config
 
 EVAL_ROWS = 10
 # Evaluation every 2 steps with trackers on; the same run without any evaluation must end identically.

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from lisa_dist.config import load_config
-from tests.helpers import COMMON, REPO, assert_same_final, metrics
-from tests.helpers import run_distributed, start_trainer
+from tests.helpers import COMMON, REPO, assert_same_final, metrics, run_distributed, start_trainer
 
 JOBS = {
     "fp16_cosine": ["train.dtype=fp16", "optim.schedule=cosine", "optim.warmup_steps=2", "train.loss_scale=1024",

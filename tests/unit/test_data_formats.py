@@ -13,8 +13,7 @@ from lisa_dist.data import (IGNORE_INDEX, TokenizedCache, TokenizedExample, buil
                             split_held_out)
 from lisa_dist.errors import DataError
 from lisa_dist.evaluate import Evaluator
-from tests.helpers import labelled_runs, write_jsonl
-from tests.helpers import CHATML
+from tests.helpers import CHATML, labelled_runs, write_jsonl
 
 
 CONVERSATION = [("system", "Answer briefly."), ("user", "Reverse the word.\nwolf"), ("assistant", "flow"),
