@@ -27,7 +27,7 @@ from lisa_dist.data import GlobalBatches
 from lisa_dist.distributed import init_distributed
 from lisa_dist.env import read_launch_env
 from lisa_dist.loss import loss_sum
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 from lisa_dist.models.build import DTYPES
 from lisa_dist.train import prepare
 

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.speed_memory import RUNS, run_one
 from lisa_dist.config import load_config
-from lisa_dist.estimate import run_estimate
+from lisa_dist.sizing.estimate import run_estimate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "benchmarks" / "shapes" / "gpu_7b_shallow.yaml"

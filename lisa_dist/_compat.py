@@ -8,8 +8,6 @@ before any training code does.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
@@ -223,24 +221,20 @@ def fake_process_group(world_size: int) -> None:
                             rank=0, world_size=world_size)
 
 
-def peak_tracker(model: nn.Module, host: torch.device | None = None, host_categories: frozenset = frozenset()) -> Any:
+def peak_tracker(model: nn.Module, placement: Any = None) -> Any:
     """torch's FSDP2 memory tracker keeping only the device-wide peak. Its own update also records a peak
     per module, walking every tracked module after each op: at 70B that walk was 71 % of `estimate`'s
     time, for per-module figures it never reads. The device-wide peak is computed as there.
 
-    Storages filed under `host_categories` (members of `FSDP_CATEGORY`) count on the `host` device
-    instead of their own, also when they are refiled there later: FSDP2's parameter offload keeps the
-    shards, their gradients and the optimizer state in host memory, but under `estimate` those are on the
-    fake device, the same as the compute's. So do storages created inside `tracker.on_host()`: the work
-    done where an offloaded shard lives (its update, on the host's processor)."""
+    `placement` (`lisa_dist.sizing.estimate.HostOffload`) says on which device each storage counts: its
+    `home(device)` is called once, when a storage is first seen on `device`, and `counted_on(category,
+    home)` whenever the storage is filed under a category (a member of `FSDP_CATEGORY`); a storage refiled
+    across devices leaves the old device's total and joins the new one's."""
     tracker_class = resolve("torch.distributed._tools.fsdp2_mem_tracker:FSDPMemTracker")
     total = resolve("torch.distributed._tools.mem_tracker:_TOTAL_KEY")
     update = resolve("torch.distributed._tools.mem_tracker:_UpdateType")
 
     class PeakTracker(tracker_class):
-        host_depth = 0
-        """How many `on_host()` blocks are open."""
-
         def _update_peak_stats(self, peak_state: Any) -> None:
             for device, snapshot in self._curr_mem_snap.items():
                 if self._peak_mem.get(device, 0) < snapshot[total]:
@@ -249,15 +243,14 @@ def peak_tracker(model: nn.Module, host: torch.device | None = None, host_catego
 
         def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
                          old_reftype: Any = None) -> None:
-            if host is None:
+            if placement is None:
                 return super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
-            home = winfo.__dict__.setdefault("home_device", host if self.host_depth else winfo.device)
+            home = winfo.__dict__.setdefault("home_device", placement.home(winfo.device))
 
             def device_of(reftype: Any) -> torch.device:
-                return host if reftype in host_categories else home
+                return placement.counted_on(reftype, home)
 
             if u_type == update.REF and device_of(old_reftype) != device_of(winfo.reftype):
-                # refiled across the boundary: leave the old device's snapshot, join the new one's
                 new = winfo.reftype
                 winfo.reftype, winfo.device = old_reftype, device_of(old_reftype)
                 super()._update_snap(update.DEL, winfo)
@@ -268,14 +261,6 @@ def peak_tracker(model: nn.Module, host: torch.device | None = None, host_catego
 
         def track_optimizer_state(self, tensor: torch.Tensor) -> None:
             self._update_and_maybe_create_winfos(tensor, category.OPT)
-
-        @contextmanager
-        def on_host(self) -> Iterator[None]:
-            self.host_depth += 1
-            try:
-                yield
-            finally:
-                self.host_depth -= 1
 
     category = resolve(_EXPORTS["FSDP_CATEGORY"])
     return PeakTracker(model)

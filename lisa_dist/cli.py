@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sizing_command(commands: argparse._SubParsersAction, name: str, help: str) -> None:
-    from lisa_dist.memory import CARD_24GB_GIB, RESERVE_GIB
+    from lisa_dist.sizing.memory import CARD_24GB_GIB, RESERVE_GIB
 
     command = commands.add_parser(name, help=help)
     command.add_argument("config")
@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lisa-dist: training done; outputs in {out}", file=sys.stderr)
             _exit_now(0)
         elif args.command == "estimate":
-            from lisa_dist.estimate import print_estimate, run_estimate
+            from lisa_dist.sizing.estimate import print_estimate, run_estimate
 
             config = load_config(args.config, args.overrides)
             result = run_estimate(config, args.world_size, args.gpu_mem_gib, args.reserve_gib)
             print_estimate(result, as_json=args.json)
         elif args.command == "plan":
-            from lisa_dist.plan import print_plan, run_plan
+            from lisa_dist.sizing.plan import print_plan, run_plan
 
             config = load_config(args.config, args.overrides)
             print_plan(run_plan(config, args.world_size, args.gpu_mem_gib, args.reserve_gib), as_json=args.json)

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lisa_dist.config import Config
 from lisa_dist.data import IGNORE_INDEX
-from lisa_dist.distributed import Runtime, all_reduce_sum, sum_over_ranks, verify_same_across_ranks
+from lisa_dist.distributed import Runtime, sum_over_ranks, verify_same_across_ranks
 from lisa_dist.engines import create_engine
 from lisa_dist.engines.base import Engine, trainable_named_parameters
 from lisa_dist.errors import NonFiniteStepsError
@@ -28,10 +28,10 @@ from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
 from lisa_dist.models import ModelSource, sampling_units, set_trainable_units
 from lisa_dist.optim import ShardedOptimizer, make_rule
 from lisa_dist.optim.fused import GradHooks
-from lisa_dist.sampler import LargestUnits, LayerSampler, make_strategy
-from lisa_dist.scalars import item, items
+from lisa_dist.sampler import LayerSampler, make_strategy
 from lisa_dist.steps import Batch, FusedStep, LossFn, PostBackwardStep
 from lisa_dist.validation import strategy_options
+from lisa_dist.values import READ, Values
 
 __all__ = ["Batch", "LossFn", "StepResult", "TrainingCore"]
 
@@ -74,16 +74,16 @@ class StepResult:
         return out
 
 
-def _labelled_targets(batch: Batch) -> float:
+def _labelled_targets(batch: Batch, values: Values) -> float:
     """Tokens of a micro-batch the loss is taken on (labels shift by one)."""
-    return item((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return values.item((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class TrainingCore:
-    """`shapes_only` (`lisa-dist estimate`): the model holds fake tensors, so no weights are read and no
-    value is checked; everything else runs as in training."""
+    """Reads its tensors through the engine's `Values` (`lisa-dist estimate` gives one whose tensors have
+    shapes and no values); everything else runs as in training."""
 
-    def __init__(self, config: Config, runtime: Runtime, engine: Engine, shapes_only: bool = False,
+    def __init__(self, config: Config, runtime: Runtime, engine: Engine,
                  last_checkpoint: Callable[[], Path | None] = lambda: None) -> None:
         assert engine.model is not None and engine.parts is not None, "build or adopt the model first"
         self.config = config
@@ -91,26 +91,27 @@ class TrainingCore:
         self.engine = engine
         self.model: nn.Module = engine.model
         self.parts = engine.parts
-        self.shapes_only = shapes_only
+        self.values = engine.values
         self.last_checkpoint = last_checkpoint
         self.model.train()
         lisa = config.lisa
         self.units = sampling_units(self.parts, lisa.unit if config.method == "lisa" else "layer")
         self.unit_numel = [sum(getattr(p, "ds_numel", p.numel()) for p in unit.module.parameters())
                            for unit in self.units]
-        strategy = make_strategy(lisa, len(self.units), config.seed) if config.method == "lisa" else None
-        if strategy is not None and shapes_only:
-            strategy = LargestUnits(strategy, self.unit_numel)
+        strategy = None
+        if config.method == "lisa":
+            with self.values.real_tensors():
+                strategy = self.values.sampling(make_strategy(lisa, len(self.units), config.seed), self.unit_numel)
         # layer_weights is in the sampler's state already (as "weights")
         options = [key for key in strategy_options(lisa.strategy) if key != "layer_weights"] if strategy else []
         self.sampler = LayerSampler(len(self.units), lisa.interval, config.seed, strategy, unit=lisa.unit,
                                     config_key={key: getattr(lisa, key) for key in options})
-        self.optimizer = ShardedOptimizer(make_rule(config.optim), engine,
+        self.optimizer = ShardedOptimizer(make_rule(config.optim), engine, self.values,
                                           host=runtime.host_device if config.optim.offload_state else None)
         hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook,
                           engine.grad_units())
         runner = FusedStep if self.optimizer.rule.fused else PostBackwardStep
-        self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks, shapes_only)
+        self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks)
         layer_ids = {id(p): i for i, layer in enumerate(self.parts.layers) for p in layer.parameters()}
         self.layer_of = {n: layer_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in layer_ids}
         unit_ids = {id(p): u for u, unit in enumerate(self.units) for p in unit.module.parameters()}
@@ -121,11 +122,12 @@ class TrainingCore:
 
     @classmethod
     def build(cls, config: Config, runtime: Runtime, source: ModelSource, mesh: DeviceMesh | None = None,
-              shapes_only: bool = False, **kwargs: Any) -> TrainingCore:
-        """The model built by the engine from `source` (its weights, or random ones, or fake tensors)."""
-        engine = create_engine(config, runtime, mesh=mesh, shapes_only=shapes_only)
+              values: Values = READ, **kwargs: Any) -> TrainingCore:
+        """The model built by the engine from `source` (its weights, or random ones; none where `values` has
+        no data)."""
+        engine = create_engine(config, runtime, mesh=mesh, values=values)
         engine.build(source)
-        return cls(config, runtime, engine, shapes_only=shapes_only, **kwargs)
+        return cls(config, runtime, engine, **kwargs)
 
     @classmethod
     def adopt(cls, config: Config, runtime: Runtime, model: nn.Module, **kwargs: Any) -> TrainingCore:
@@ -150,7 +152,8 @@ class TrainingCore:
         strategy = self.sampler.strategy
         if strategy is not None and strategy.needs_calibration:
             strategy.calibrate(self.outlier_ratios(micro_batches))
-        active = self.sampler.active_layers(step)
+        with self.values.real_tensors():
+            active = self.sampler.active_layers(step)
         # The statistics too: ranks that drifted apart would draw apart at a later switch.
         verify_same_across_ranks(f"the active layers for step {step}",
                                  {"units": list(active), "statistics": strategy.state_dict() if strategy else {}})
@@ -165,10 +168,11 @@ class TrainingCore:
         start = time.perf_counter()
         self.model.train()
         self.switch(step, micro_batches)
-        local_targets = sum(_labelled_targets(b) for b in micro_batches)
-        local_tokens = sum(item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        read = self.values
+        local_targets = sum(_labelled_targets(b, read) for b in micro_batches)
+        local_tokens = sum(read.item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                            for b in micro_batches)
-        global_targets, global_tokens = all_reduce_sum([local_targets, local_tokens], self.runtime.device)
+        global_targets, global_tokens = read.sum_over_ranks([local_targets, local_tokens], self.runtime.device)
         global_targets = max(global_targets, 1.0)
         loss_scale = self.stepper.scaler.scale
         outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
@@ -176,7 +180,7 @@ class TrainingCore:
         self.sampler.step = step + 1
         layers = sorted({self.units[u].layer for u in self.active_layers})
         units = sorted(self.active_layers)
-        total_loss, *sums = all_reduce_sum([outcome.loss_sum, *self._layer_change_sums(layers),
+        total_loss, *sums = read.sum_over_ranks([outcome.loss_sum, *self._layer_change_sums(layers),
                                             *self._unit_grad_sums(units)], self.runtime.device)
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):]
         if not outcome.skipped and self.sampler.strategy is not None:
@@ -204,8 +208,8 @@ class TrainingCore:
         loss_sum = targets = 0.0
         try:
             for batch in micro_batches:
-                loss_sum += item(self.stepper.token_loss(batch, 0.0))
-                targets += _labelled_targets(batch)
+                loss_sum += self.values.item(self.stepper.token_loss(batch, 0.0))
+                targets += _labelled_targets(batch, self.values)
         finally:
             self.engine.after_forward_only()
             self.model.train()
@@ -221,7 +225,7 @@ class TrainingCore:
             if layer in position:
                 sums[2 * position[layer]] += change.to(sums.device, torch.float64)
                 sums[2 * position[layer] + 1] += value.to(sums.device, torch.float64)
-        return items(sums, fake_value=0.0)
+        return self.values.items(sums, stand_in=0.0)
 
     def _unit_grad_sums(self, units: list[int]) -> list[float]:
         """This rank's squared gradient norm of each unit in `units` (loss-scaled, before clipping)."""
@@ -231,7 +235,7 @@ class TrainingCore:
             unit = self.unit_of.get(name)
             if unit in position:
                 sums[position[unit]] += sq.to(sums.device, torch.float64)
-        return items(sums, fake_value=0.0)
+        return self.values.items(sums, stand_in=0.0)
 
     @torch.no_grad()
     def outlier_ratios(self, micro_batches: list[Batch] | None) -> list[float]:
@@ -276,8 +280,10 @@ class TrainingCore:
         """The sampler's position first: the layers of the last step run are made trainable, so optimizer
         state is allocated for exactly the shards the checkpoint holds. A checkpoint written at the end of
         an interval switches at the next step, as the uninterrupted run does."""
-        self.sampler.load_state_dict(state["sampler"])
-        self.set_active_layers(self.sampler.active_layers(max(self.sampler.step - 1, 0)))
+        with self.values.real_tensors():
+            self.sampler.load_state_dict(state["sampler"])
+            active = self.sampler.active_layers(max(self.sampler.step - 1, 0))
+        self.set_active_layers(active)
         self.stepper.scaler.load_state_dict(state["loss_scaler"])
         self.stepper.last_grad_norm = state["last_grad_norm"]
         self.skipped_steps = int(state["skipped_steps"])

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from lisa_dist.env import LaunchEnv
 from lisa_dist.errors import LaunchError, PeerFailureError, RankDisagreementError
-from lisa_dist.scalars import items
 
 
 # How gloo and NCCL word a dead or silent peer (gloo raises plain RuntimeErrors).
@@ -187,4 +186,4 @@ def in_place_sum(device: torch.device, group: Any = None) -> Callable[[torch.Ten
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return items(t)
+    return t.tolist()

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from lisa_dist.errors import CheckpointError, ConfigError
-from lisa_dist.scalars import real_tensors
 
 STRATEGIES = ("uniform", "weights", "outlier", "grad_norm", "cyclic")
 
@@ -28,9 +27,7 @@ def _generator(seed: int, *where: object) -> torch.Generator:
 
 def draw(probabilities: torch.Tensor, gamma: int, seed: int, interval_index: int) -> tuple[int, ...]:
     """`gamma` distinct units, without replacement, proportionally to `probabilities` (float64)."""
-    with real_tensors():
-        chosen = torch.multinomial(probabilities, gamma, replacement=False,
-                                   generator=_generator(seed, interval_index))
+    chosen = torch.multinomial(probabilities, gamma, replacement=False, generator=_generator(seed, interval_index))
     return tuple(sorted(chosen.tolist()))
 
 
@@ -39,8 +36,7 @@ def sample_active_layers(seed: int, interval_index: int, num_layers: int, gamma:
     """Choose `gamma` of `num_layers` layers without replacement, proportionally to `weights` (uniform if None)."""
     if not 1 <= gamma <= num_layers:
         raise ConfigError(f"lisa.gamma must be between 1 and the number of sampled units ({num_layers}), got {gamma}")
-    with real_tensors():
-        return draw(_weight_probabilities(num_layers, gamma, weights), gamma, seed, interval_index)
+    return draw(_weight_probabilities(num_layers, gamma, weights), gamma, seed, interval_index)
 
 
 def _weight_probabilities(num_units: int, gamma: int, weights: list[float] | None) -> torch.Tensor:
@@ -64,15 +60,13 @@ class Strategy:
     def __init__(self, num_units: int, gamma: int, seed: int, weights: list[float] | None = None) -> None:
         self.num_units, self.gamma, self.seed = num_units, gamma, seed
         self.weights = weights
-        with real_tensors():  # also under `estimate`'s FakeTensorMode: the draw is real
-            self.fixed = _weight_probabilities(num_units, gamma, weights)
+        self.fixed = _weight_probabilities(num_units, gamma, weights)
 
     def probabilities(self) -> torch.Tensor:
         return self.fixed
 
     def choose(self, interval_index: int) -> tuple[int, ...]:
-        with real_tensors():
-            return draw(self.probabilities(), self.gamma, self.seed, interval_index)
+        return draw(self.probabilities(), self.gamma, self.seed, interval_index)
 
     def observe(self, grad_sq: dict[int, float]) -> None:
         """The squared gradient norms of the units the last step trained (reduced over ranks)."""
@@ -173,30 +167,11 @@ class CyclicStrategy(Strategy):
             return list(range(self.num_units))
         if self.order == "descending":
             return list(reversed(range(self.num_units)))
-        with real_tensors():
-            return torch.randperm(self.num_units, generator=_generator(self.seed, "cycle", cycle)).tolist()
+        return torch.randperm(self.num_units, generator=_generator(self.seed, "cycle", cycle)).tolist()
 
     def choose(self, interval_index: int) -> tuple[int, ...]:
         cycle, position = divmod(interval_index, self.intervals_per_cycle)
         return tuple(sorted(self.cycle_order(cycle)[position * self.gamma:(position + 1) * self.gamma]))
-
-
-class LargestUnits(Strategy):
-    """`estimate`'s view of another strategy: its peak must hold for any draw, so each interval trains the
-    gamma largest units, preferring those `inner` draws (units of one size, such as layers, are then
-    exactly the inner draw)."""
-
-    def __init__(self, inner: Strategy, sizes: list[int]) -> None:
-        self.inner, self.sizes = inner, sizes
-        self.num_units, self.gamma, self.seed, self.weights = inner.num_units, inner.gamma, inner.seed, inner.weights
-        self.name = inner.name
-        if isinstance(inner, OutlierStrategy) and inner.ratios is None:
-            inner.calibrate([1.0] * inner.num_units)  # fake weights have no outliers to count
-
-    def choose(self, interval_index: int) -> tuple[int, ...]:
-        drawn = set(self.inner.choose(interval_index))
-        ranked = sorted(range(self.num_units), key=lambda u: (-self.sizes[u], u not in drawn, u))
-        return tuple(sorted(ranked[:self.gamma]))
 
 
 def make_strategy(lisa: Any, num_units: int, seed: int) -> Strategy:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lisa_dist.config import Config
-from lisa_dist.distributed import Runtime, all_reduce_sum
+from lisa_dist.distributed import Runtime
 from lisa_dist.engines.base import Engine
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.offload import offload_saved_tensors
@@ -19,7 +19,6 @@ from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.sharded_optimizer import UpdateOptions
-from lisa_dist.scalars import item
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Batch, float], torch.Tensor]
@@ -43,9 +42,9 @@ class StepOutcome:
 
 class StepRunner:
     def __init__(self, config: Config, runtime: Runtime, engine: Engine, model: nn.Module,
-                 optimizer: ShardedOptimizer, hooks: GradHooks, shapes_only: bool = False) -> None:
+                 optimizer: ShardedOptimizer, hooks: GradHooks) -> None:
         self.hooks = hooks
-        self.shapes_only = shapes_only
+        self.values = engine.values
         self.last_grad_norm: float | None = None
         """The previous step's norm, by which a one-pass fused step clips."""
         self.config = config
@@ -83,11 +82,9 @@ class StepRunner:
             with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload,
                                        self.engine.saves_parameters_by_reference):
                 loss_sum = loss_fn(batch, global_targets)
-            value = item(loss_sum.detach())
-            # A fake loss (`lisa-dist estimate`) has no value to check; the collective would also keep
-            # the step's activations referenced under the fake process group.
-            if check_loss and not self.shapes_only:
-                (bad,) = all_reduce_sum([0.0 if math.isfinite(value) else 1.0], self.runtime.device)
+            value = self.values.item(loss_sum.detach())
+            if check_loss:
+                (bad,) = self.values.sum_over_ranks([0.0 if math.isfinite(value) else 1.0], self.runtime.device)
                 if bad:
                     return math.nan, False
             self.hooks.final_micro_batch = i == len(micro_batches) - 1
@@ -98,7 +95,8 @@ class StepRunner:
         return total, True
 
     def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
-        total_sq, total_bad = all_reduce_sum([item(sq), item(bad, 0.0)], self.runtime.device)
+        read = self.values
+        total_sq, total_bad = read.sum_over_ranks([read.item(sq), read.item(bad, 0.0)], self.runtime.device)
         return math.sqrt(total_sq) / self.scaler.scale, int(total_bad)
 
 

@@ -21,28 +21,27 @@ from lisa_dist.engines import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import ConfigError
 from lisa_dist.evaluate import Evaluator
-from lisa_dist.memory import GIB, StorageTracker
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
 from lisa_dist.progress import Reporter, check_trackers
 from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
-from lisa_dist.scalars import real_tensors
+from lisa_dist.sizing.memory import GIB, StorageTracker
 from lisa_dist.validation import check_world_size
 
 
-def prepare(config: Config, world_size: int, check_output: bool = True,
-            shapes_only: bool = False) -> tuple[ModelSource, SequenceSet, SequenceSet | None]:
+def prepare(config: Config, world_size: int, check_output: bool = True, read_weights: bool = True,
+            fill_batch: bool = False) -> tuple[ModelSource, SequenceSet, SequenceSet | None]:
     """Everything that can fail on user input, done before a process group exists: the model source, the
     training sequences and the held-out ones (None without data.eval_path or data.eval_fraction).
 
-    `shapes_only` (`estimate`): the data only has to give sequences of the right length, so a dataset
-    smaller than one global batch is repeated instead of refused."""
+    For `estimate`, which reads no weights (`read_weights=False`) and only needs sequences of the right
+    length: `fill_batch` repeats a dataset smaller than one global batch instead of refusing it."""
     check_world_size(config, world_size)
     engine_class(config.engine.name).check_config(config, world_size)
     check_trackers(config)
     source = resolve_model_source(config)
     meta_model = check_against_model(config, source.hf_config)
-    if not shapes_only:
+    if read_weights:
         check_weights(source, meta_model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.tokenizer_dir)
     if len(tokenizer) > source.hf_config.vocab_size:
@@ -58,7 +57,7 @@ def prepare(config: Config, world_size: int, check_output: bool = True,
     eval_sequences = None
     if eval_examples is not None:
         eval_sequences = build_sequences(eval_examples, config.data.seq_len, pad_id, config.data.pack)
-    if shapes_only:
+    if fill_batch:
         sequences = sequences.repeated_to(config.train.global_batch_size)
     GlobalBatches(sequences, config.train.global_batch_size, config.train.micro_batch_size, 0, world_size, config.seed)
     if check_output:
@@ -82,7 +81,7 @@ class Trainer:
 
     def __init__(self, config: Config, runtime: Runtime, source: ModelSource, sequences: SequenceSet,
                  eval_sequences: SequenceSet | None = None, core: TrainingCore | None = None) -> None:
-        """`core`: one built elsewhere (`estimate` builds it on fake tensors)."""
+        """`core`: one built elsewhere (`estimate` builds it on tensors without values)."""
         self.config = config
         self.runtime = runtime
         self.source = source
@@ -100,7 +99,7 @@ class Trainer:
                                               write_meta=self._write_meta)
 
     def train_step(self, step: int) -> dict[str, Any]:
-        with real_tensors():
+        with self.core.values.real_tensors():
             micro_batches = self.batches.micro_batches(step)
         lr = lr_at(self.config.optim, step, self.config.max_steps)
         record = self.core.step(step, micro_batches, lr).record()

@@ -7,8 +7,8 @@ Usage: .venv/bin/python scripts/deepspeed_compare.py
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from lisa_dist.config import load_config
-from lisa_dist.memory import GIB
-from lisa_dist.plan import ModelShape, plan_memory
+from lisa_dist.sizing.memory import GIB
+from lisa_dist.sizing.plan import ModelShape, plan_memory
 
 print("| preset | ranks | DeepSpeed model states GiB | plan model states GiB | plan peak GiB | "
       "DeepSpeed / plan states |")

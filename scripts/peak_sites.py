@@ -20,7 +20,7 @@ import torch.distributed as dist
 from lisa_dist.config import load_config
 from lisa_dist.distributed import init_distributed
 from lisa_dist.env import read_launch_env
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 from lisa_dist.train import Trainer, prepare
 
 MIB = float(1 << 20)

@@ -5,8 +5,8 @@ Usage: .venv/bin/python scripts/plan_vs_estimate.py
 """
 
 from lisa_dist.config import load_config
-from lisa_dist.estimate import run_estimate
-from lisa_dist.plan import run_plan
+from lisa_dist.sizing.estimate import run_estimate
+from lisa_dist.sizing.plan import run_plan
 
 COMMON = ["model.path=null", "model.num_layers=4", "data.seq_len=2048", "train.global_batch_size=8",
           "train.micro_batch_size=1", "train.dtype=bf16", "lisa.gamma=2", "lisa.interval=5"]

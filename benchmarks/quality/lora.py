@@ -14,7 +14,7 @@ import transformers
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 from lisa_dist.optim.schedule import lr_at
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from lisa_dist.errors import ConfigError
 from lisa_dist.extras import require_extra
+from lisa_dist.values import READ, Values
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -32,5 +33,5 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def create_engine(config: Config, runtime: Runtime, mesh: DeviceMesh | None = None,
-                  shapes_only: bool = False) -> Engine:
-    return engine_class(config.engine.name)(config, runtime, mesh=mesh, shapes_only=shapes_only)
+                  values: Values = READ) -> Engine:
+    return engine_class(config.engine.name)(config, runtime, mesh=mesh, values=values)

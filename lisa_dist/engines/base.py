@@ -17,6 +17,7 @@ from lisa_dist.distributed import Runtime, in_place_sum
 from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.models.parts import layer_blocks
 from lisa_dist.optim.shard_info import ShardInfo
+from lisa_dist.values import READ, Values
 
 
 class Engine(ABC):
@@ -26,13 +27,13 @@ class Engine(ABC):
     engine releases a gathered parameter by replacing its data, not by freeing the storage."""
 
     def __init__(self, config: Config, runtime: Runtime, mesh: DeviceMesh | None = None,
-                 shapes_only: bool = False) -> None:
+                 values: Values = READ) -> None:
         """`mesh`: the ranks to shard over (default: the whole world, built when sharding starts).
-        `shapes_only` (`lisa-dist estimate`): the model is built on fake tensors and no weights are read."""
+        `values`: how tensors are read; where they have no data (`lisa-dist estimate`) no weights are read."""
         self.config = config
         self.runtime = runtime
         self.mesh = mesh
-        self.shapes_only = shapes_only
+        self.values = values
         self.model: nn.Module | None = None
         self.parts: ModelParts | None = None
         self._group_sums: dict[Any, Callable[[torch.Tensor], None]] = {}

@@ -19,7 +19,6 @@ from lisa_dist.models import ModelParts, ModelSource, build_meta_model
 from lisa_dist.models.build import DTYPES, open_weights
 from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard_info import ShardInfo, local_shard_info
-from lisa_dist.scalars import real_tensors
 
 
 class FSDP2Engine(Engine):
@@ -88,7 +87,7 @@ class FSDP2Engine(Engine):
         return CPUOffloadPolicy(pin_memory=self.runtime.device.type == "cuda")
 
     def _materialize(self, model: nn.Module, source: ModelSource) -> None:
-        if self.shapes_only:
+        if not self.values.has_data:
             return
         reader = open_weights(source)
         std = float(getattr(source.hf_config, "initializer_range", 0.02))
@@ -127,7 +126,7 @@ class FSDP2Engine(Engine):
     def shard_info(self, param: nn.Parameter) -> ShardInfo:
         if not isinstance(param, DTensor):
             return local_shard_info(param)
-        with real_tensors():  # offsets are plain integers, also under `estimate`'s FakeTensorMode
+        with self.values.real_tensors():  # offsets are plain integers
             shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         row_numel = param.numel() // param.shape[0] if param.dim() else 1
         group = param.device_mesh.get_group()

@@ -7,6 +7,8 @@ serve updates after backward (`step`) and inside it (`lisa_dist.optim.fused`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,7 +19,7 @@ from lisa_dist.offload import to_host
 from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule, squared_sum
 from lisa_dist.optim.shard_info import ShardInfo
-from lisa_dist.scalars import item
+from lisa_dist.values import READ, Values
 
 
 class ShardAccess(Protocol):
@@ -62,12 +64,17 @@ class UpdateOptions:
 
 
 class ShardedOptimizer:
-    def __init__(self, rule: UpdateRule, access: ShardAccess, host: torch.device | None = None) -> None:
+    def __init__(self, rule: UpdateRule, access: ShardAccess, values: Values = READ,
+                 host: torch.device | None = None) -> None:
         self.rule = rule
         self.access = access
+        self.values = values
         self.host = host
         """Set: state and masters live on this device and visit the shard's device only for an update."""
         self.slots: dict[str, Slot] = {}
+        self.on_shard_device: Callable[[], AbstractContextManager[None]] = nullcontext
+        """Context around the work done where a shard lives (its new state, its fp32 gradient, its update):
+        with FSDP2's parameter offload that is host memory, which `estimate` counts apart."""
 
     def set_trainable(self, params: dict[str, nn.Parameter]) -> tuple[list[str], list[str]]:
         """Returns (entered, left) parameter names."""
@@ -79,8 +86,9 @@ class ShardedOptimizer:
         # Slots follow the model's parameter order, so reductions over them (the gradient norm) sum in
         # the same order however the trainable set was reached: a resumed run matches bit for bit.
         self.slots = {}
-        for name, param in params.items():
-            self.slots[name] = kept.pop(name) if name in kept else self._new_slot(param)
+        with self.on_shard_device():
+            for name, param in params.items():
+                self.slots[name] = kept.pop(name) if name in kept else self._new_slot(param)
         return entered, left
 
     def _new_slot(self, param: nn.Parameter) -> Slot:
@@ -114,10 +122,11 @@ class ShardedOptimizer:
         grad = self.access.local_grad(slot.param)
         if grad is None or grad.dtype == torch.float32:
             return
-        if slot.grad_accum is None:
-            slot.grad_accum = grad.float()
-        else:
-            slot.grad_accum.add_(grad)
+        with self.on_shard_device():
+            if slot.grad_accum is None:
+                slot.grad_accum = grad.float()
+            else:
+                slot.grad_accum.add_(grad)
         self.access.release_grad(slot.param)
 
     def full_grad(self, slot: Slot) -> torch.Tensor | None:
@@ -125,7 +134,8 @@ class ShardedOptimizer:
         gradient is folded in once and freed, so asking again (the norm, then the update) gives the same sum."""
         grad = self.access.local_grad(slot.param)
         if slot.grad_accum is None:
-            return None if grad is None else grad.float()
+            with self.on_shard_device():
+                return None if grad is None else grad.float()
         if grad is not None:
             slot.grad_accum.add_(grad)
             self.access.release_grad(slot.param)
@@ -168,6 +178,11 @@ class ShardedOptimizer:
         for the norm) instead of a pass of its own over the shard: a sum is finite only if every element is.
         Scaled by grad_scale^2 it bounds every scaled element's square, so a shard passes only if its scaled
         gradient is finite; one whose squared norm overflows fp32 (a norm above 1.8e19) is held back too."""
+        with self.on_shard_device():
+            return self._apply_many(slots, grads, options, guard, grad_sqs)
+
+    def _apply_many(self, slots: list[Slot], grads: list[torch.Tensor], options: UpdateOptions, guard: bool,
+                    grad_sqs: list[torch.Tensor] | None) -> list[torch.Tensor]:
         grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
         if options.grad_scale != 1.0:
             torch._foreach_mul_(grads32, options.grad_scale)
@@ -187,8 +202,8 @@ class ShardedOptimizer:
             states.append(state)
         targets = [master if master is not None else slot.shard.float() for master, slot in zip(masters, slots)]
         befores = [target.clone() for target in targets]
-        self.rule.update_many(targets, grads32, states, [int(item(slot.step)) for slot in slots], options.lr,
-                              [slot.info for slot in slots])
+        steps = [int(self.values.item(slot.step)) for slot in slots]
+        self.rule.update_many(targets, grads32, states, steps, options.lr, [slot.info for slot in slots])
         for target, before, ok in zip(targets, befores, finite):
             torch.where(ok, target, before, out=target)
         for slot, master, state, target, before in zip(slots, masters, states, targets, befores):

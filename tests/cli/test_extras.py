@@ -36,8 +36,8 @@ def run(command: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess
 
 
 def test_the_cli_modules_import_neither_extra_even_where_installed():
-    modules = ["lisa_dist.cli", "lisa_dist.train", "lisa_dist.estimate", "lisa_dist.plan", "lisa_dist.checkpoint",
-               "lisa_dist.plots", "lisa_dist.engines.base", "lisa_dist.data"]
+    modules = ["lisa_dist.cli", "lisa_dist.train", "lisa_dist.sizing.estimate", "lisa_dist.sizing.plan",
+               "lisa_dist.checkpoint", "lisa_dist.plots", "lisa_dist.engines.base", "lisa_dist.data"]
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {EXTRAS!r}))")
     result = run([sys.executable, "-c", code], {**os.environ, "PYTHONPATH": str(REPO)})

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lisa_dist.config import load_config
-from lisa_dist.memory import GIB
-from lisa_dist.plan import ModelShape, run_plan
+from lisa_dist.sizing.memory import GIB
+from lisa_dist.sizing.plan import ModelShape, run_plan
 from tests.helpers import ENV, REPO
 
 SHIPPED_70B = {"lisa": 8, "lisa_4gpu": 4, "lomo": 8, "lomo_4gpu": 4}

@@ -3,9 +3,9 @@
 import pytest
 
 from lisa_dist.config import load_config
-from lisa_dist.estimate import run_estimate
-from lisa_dist.memory import GIB
-from lisa_dist.plan import ModelShape
+from lisa_dist.sizing.estimate import run_estimate
+from lisa_dist.sizing.memory import GIB
+from lisa_dist.sizing.plan import ModelShape
 from tests.helpers import REPO, run_distributed, start_trainer, tiny_config
 
 TINY = ["model.path=" + str(REPO / "lisa_dist" / "assets" / "tiny-llama"), "data.seq_len=64",

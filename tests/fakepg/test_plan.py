@@ -11,9 +11,9 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
 from lisa_dist.config import load_config
-from lisa_dist.estimate import run_estimate
-from lisa_dist.memory import CARD_24GB_GIB, GIB
-from lisa_dist.plan import ModelShape, plan_memory, run_plan
+from lisa_dist.sizing.estimate import run_estimate
+from lisa_dist.sizing.memory import CARD_24GB_GIB, GIB
+from lisa_dist.sizing.plan import ModelShape, plan_memory, run_plan
 from tests.helpers import ENV, REPO, run_distributed, start_trainer, tiny_config
 
 TINY_YAML = REPO / "configs" / "tiny.yaml"

@@ -177,7 +177,7 @@ def _hf_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
 
 def _estimate_reads() -> set[str]:
-    from lisa_dist.estimate import run_estimate
+    from lisa_dist.sizing.estimate import run_estimate
     from lisa_dist.train import prepare
 
     reads: set[str] = set()
@@ -186,7 +186,8 @@ def _estimate_reads() -> set[str]:
         config = tiny_config("unused", max_steps=2, **{**variant, "train": one_micro_batch})
         run_estimate(Recorder(config, reads), world_size=1, gpu_mem_gib=22.35)
     for model in MODEL_SOURCES:  # read by the preparation estimate shares with `train`
-        prepare(Recorder(tiny_config("unused", model=model), reads), 1, check_output=False, shapes_only=True)
+        prepare(Recorder(tiny_config("unused", model=model), reads), 1, check_output=False, read_weights=False,
+               fill_batch=True)
     return reads
 
 
@@ -241,7 +242,7 @@ def test_the_trainer_path_refuses_every_key_the_script_sets_elsewhere_naming_whe
 
 
 def test_estimate_reads_every_key_that_changes_the_peak_and_names_the_rest(tmp_path):
-    from lisa_dist.estimate import NOT_MODELLED
+    from lisa_dist.sizing.estimate import NOT_MODELLED
 
     from lisa_dist.config import load_config
 

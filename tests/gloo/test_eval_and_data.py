@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from lisa_dist.assets import TINY_ALPACA, TINY_CHAT, TINY_MODEL_DIR
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 from tests.helpers import CHATML, engine_weights, run_distributed, start_trainer, tiny_config
 
 EVAL_ROWS = 10

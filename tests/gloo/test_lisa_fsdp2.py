@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from lisa_dist._compat import ALL_GATHER, REDUCE_SCATTER
 from lisa_dist.errors import RankDisagreementError
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 from tests.helpers import run_distributed, start_trainer, tiny_config
 
 GAMMA, INTERVAL = 2, 3
@@ -174,7 +174,7 @@ def test_disagreeing_ranks_fail_with_an_error_naming_them(tmp_path):
 
 
 def _traffic_worker(rank: int, world_size: int, output_dir: str, method: str, optim: str) -> dict:
-    from lisa_dist.plan import ModelShape, plan_communication
+    from lisa_dist.sizing.plan import ModelShape, plan_communication
 
     config = tiny_config(output_dir, method=method, optim={"name": optim, "lr": 1e-3}, train={"micro_batch_size": 4})
     trainer = start_trainer(config)

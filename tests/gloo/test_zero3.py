@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lisa_dist._compat import REDUCE_SCATTER
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 from tests.helpers import (LOSS_RTOL, PARITY_ADALOMO_EPS1, PARITY_EPS, assert_weights_close, engine_weights,
                            parity_atol, run_distributed, start_trainer, tiny_config)
 

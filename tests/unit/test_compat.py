@@ -47,7 +47,7 @@ def test_every_entry_says_why():
 def test_the_torch_internals_estimate_uses_still_run_a_step():
     """FakeTensorMode, the fake process group, FSDP2's lazy init and shard offsets, and the peak-only
     memory tracker (with optimizer state filed as such) on the tiny model."""
-    from lisa_dist.estimate import run_estimate
+    from lisa_dist.sizing.estimate import run_estimate
 
     config = load_config(REPO / "configs" / "tiny.yaml", ["data.seq_len=32", "optim.name=adamw"])
     result = run_estimate(config, world_size=2, gpu_mem_gib=22.35)

@@ -1,6 +1,6 @@
 import torch
 
-from lisa_dist.memory import StorageTracker
+from lisa_dist.sizing.memory import StorageTracker
 
 
 def test_tracker_counts_live_storages_once_and_records_the_peak():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lisa_dist.config import Config
-from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
+from lisa_dist.sizing.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.validation import check_world_size
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,7 +23,8 @@ from lisa_dist.core import TrainingCore
 from lisa_dist.distributed import Runtime
 from lisa_dist.env import LaunchEnv
 from lisa_dist.errors import ConfigError
-from lisa_dist.memory import GIB, RESERVE_GIB, print_categories
+from lisa_dist.sizing.memory import GIB, RESERVE_GIB, print_categories
+from lisa_dist.sizing.shapes import ShapesOnly
 from lisa_dist.train import Trainer, prepare
 
 
@@ -62,7 +65,7 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float,
                  reserve_gib: float = RESERVE_GIB) -> dict[str, Any]:
     if config.engine.name != "fsdp2":
         raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
-    source, sequences, _ = prepare(config, world_size, check_output=False, shapes_only=True)
+    source, sequences, _ = prepare(config, world_size, check_output=False, read_weights=False, fill_batch=True)
     source = dataclasses.replace(source, weights_dir=None)
     fake_process_group(world_size)
     try:
@@ -73,7 +76,7 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float,
         runtime = Runtime(env=env, device=torch.device("cpu"), host_device=torch.device("meta"))
         mesh = init_device_mesh("cpu", (world_size,))  # a DeviceMesh cannot be built on fake tensors
         with FakeTensorMode(allow_non_fake_inputs=True):
-            core = TrainingCore.build(config, runtime, source, mesh=mesh, shapes_only=True)
+            core = TrainingCore.build(config, runtime, source, mesh=mesh, values=ShapesOnly())
             trainer = Trainer(config, runtime, source, sequences, core=core)
             peak, host_peak = _tracked_peak(trainer, _schedule(config), config.engine.offload_params)
             staging = _host_to_device_staging(core.model) if config.engine.offload_params else 0
@@ -104,25 +107,39 @@ def _not_modelled(config: Config) -> dict[str, str]:
 # With FSDP2's parameter offload these live in host memory. The fake device stands for both the GPU and
 # the host's processor, so the tracker files them, and what each shard's update allocates, on the host.
 OFFLOADED = frozenset({C.SHARDED_PARAM, C.SHARDED_GRAD, C.OPT})
-HOST_WORK = ("_new_slot", "stash_grad", "full_grad", "apply_many")
-"""The `ShardedOptimizer` methods that allocate on the device of the shard they work on."""
+
+
+class HostOffload:
+    """Where the tracker counts each storage with FSDP2's parameter offload: categories in OFFLOADED, and
+    storages made inside `on_host()` (the optimizer's work where a shard lives), on `host`."""
+
+    def __init__(self, host: torch.device) -> None:
+        self.host = host
+        self.depth = 0
+        """How many `on_host()` blocks are open."""
+
+    def home(self, device: torch.device) -> torch.device:
+        return self.host if self.depth else device
+
+    def counted_on(self, category: Any, home: torch.device) -> torch.device:
+        return self.host if category in OFFLOADED else home
+
+    @contextmanager
+    def on_host(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
 
 def _tracked_peak(trainer: Trainer, steps: list[int], offload_params: bool = False) -> tuple[dict[Any, int], int]:
     """Rank 0's device peak by category, and the peak bytes it keeps in host memory."""
     host = torch.device("meta")
-    tracker = peak_tracker(trainer.core.model, host, OFFLOADED) if offload_params else peak_tracker(trainer.core.model)
-    if offload_params:  # a shard's state, accumulation and update are made where the shard is: the host
-        optimizer = trainer.core.optimizer
-
-        def on_host(method):
-            def wrapped(*args, **kwargs):
-                with tracker.on_host():
-                    return method(*args, **kwargs)
-            return wrapped
-
-        for name in HOST_WORK:
-            setattr(optimizer, name, on_host(getattr(optimizer, name)))
+    placement = HostOffload(host) if offload_params else None
+    tracker = peak_tracker(trainer.core.model, placement)
+    if placement is not None:  # a shard's state, accumulation and update are made where the shard is
+        trainer.core.optimizer.on_shard_device = placement.on_host
     with tracker:
         for step in steps:
             trainer.core.switch(step)  # before the step: new optimizer state is then filed as such
