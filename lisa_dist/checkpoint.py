@@ -15,11 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import transformers
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from lisa_dist.config import Config
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.base import Engine
+from lisa_dist.engines.interfaces import CheckpointLayout, ShardAccess
 from lisa_dist.errors import CheckpointError
 from lisa_dist.models.build import parameters_on_meta
 
@@ -229,9 +231,9 @@ def check_resume_compatible(saved: dict[str, Any], config: Config) -> None:
 OptimState = dict[str, dict[str, torch.Tensor]]
 
 
-def save_shards(engine: Engine, directory: Path, optim_state: OptimState) -> None:
+def save_shards(layout: CheckpointLayout, directory: Path, optim_state: OptimState) -> None:
     """Model shards and the optimizer's local state, as a resharding-capable DCP checkpoint."""
-    dcp.save(engine.checkpoint_state(optim_state), checkpoint_id=str(directory))
+    dcp.save(layout.checkpoint_state(optim_state), checkpoint_id=str(directory))
 
 
 def load_shards(engine: Engine, directory: Path, optim_state: OptimState, written_by: str) -> None:
@@ -248,19 +250,19 @@ def load_shards(engine: Engine, directory: Path, optim_state: OptimState, writte
                 if not isinstance(value, DTensor):
                     optim_state[name][key].copy_(value)
     else:
-        _load_other_layout(engine, directory, optim_state)
+        _load_other_layout(engine, engine.model, directory, optim_state)
     engine.after_load()
 
 
 @torch.no_grad()
-def _load_other_layout(engine: Engine, directory: Path, optim_state: OptimState) -> None:
+def _load_other_layout(access: ShardAccess, model: nn.Module, directory: Path, optim_state: OptimState) -> None:
     """Another engine stores tensors in its own shapes (ZeRO-3 flat, FSDP2 as the parameter), which DCP cannot
     map onto ours. Every layout is a row-major flat range per rank, so read one parameter's tensors whole
     (host memory for one parameter at a time) and keep this rank's range of each."""
     stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    for name, param in engine.model.named_parameters():
-        info = engine.shard_info(param)
-        targets = {f"model.{name}": engine.local_shard(param)}
+    for name, param in model.named_parameters():
+        info = access.shard_info(param)
+        targets = {f"model.{name}": access.local_shard(param)}
         targets |= {f"optim.{name}.{key}": t for key, t in optim_state.get(name, {}).items()}
         missing = [key for key in targets if key not in stored]
         if missing:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lisa_dist.optim.shard_info import outer_slice
-from lisa_dist.optim.sharded_optimizer import ShardAccess
+from lisa_dist.engines.interfaces import ShardAccess
 
 
 def linear_modules(module: nn.Module) -> list[nn.Module]:

@@ -18,6 +18,7 @@ from lisa_dist.data import (GlobalBatches, SequenceSet, TokenizedCache, Tokenize
 from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, init_distributed, shutdown,
                                    verify_same_across_ranks)
 from lisa_dist.engines import engine_class
+from lisa_dist.engines.interfaces import MemoryProbe
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import ConfigError
 from lisa_dist.evaluate import Evaluator
@@ -107,11 +108,11 @@ class Trainer:
         return record
 
     def _measured_step(self, step: int) -> dict[str, Any]:
-        engine = self.core.engine
-        engine.reset_peak_memory()
+        probe: MemoryProbe = self.core.engine
+        probe.reset_peak_memory()
         if self.tracker is None:
             record = self.train_step(step)
-            peak = engine.peak_memory_bytes() or 0
+            peak = probe.peak_memory_bytes() or 0
         else:
             self.tracker.track(self.core.memory_tensors())
             self.tracker.reset_peak()

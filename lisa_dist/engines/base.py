@@ -1,26 +1,28 @@
-"""The small interface training code uses; each sharding engine implements it in one module."""
+"""What every sharding engine shares; each engine implements the rest in one module (`fsdp2.py`, `zero3.py`)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.utils.hooks import RemovableHandle
 
 from lisa_dist._compat import enable_activation_checkpointing
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime, in_place_sum
+from lisa_dist.engines.interfaces import CheckpointLayout, MemoryProbe, ShardAccess
 from lisa_dist.models import ModelParts, ModelSource, find_parts
 from lisa_dist.models.parts import layer_blocks
-from lisa_dist.optim.shard_info import ShardInfo
 from lisa_dist.values import READ, Values
 
 
-class Engine(ABC):
+class Engine(ShardAccess, CheckpointLayout, MemoryProbe):
+    """The life cycle the training core drives (build or adopt the sharded model, the gradient units,
+    backward, forwards without one), and the three views other callers have (`interfaces.py`)."""
+
     name: str
     saves_parameters_by_reference = False
     """Whether views of parameters saved for backward must be kept by reference (`lisa_dist.offload`): the
@@ -83,30 +85,6 @@ class Engine(ABC):
                 units.append(params)
         return units + [[p] for p in self.model.parameters() if id(p) not in claimed]
 
-    @abstractmethod
-    def local_shard(self, param: nn.Parameter) -> torch.Tensor:
-        """This rank's slice of `param`, sharing storage with it."""
-
-    @abstractmethod
-    def local_grad(self, param: nn.Parameter) -> torch.Tensor | None:
-        """This rank's slice of `param`'s reduced gradient, or None if it has none."""
-
-    @abstractmethod
-    def shard_info(self, param: nn.Parameter) -> ShardInfo:
-        """Where this rank's shard sits in `param`, and how to sum small tensors over its ranks."""
-
-    @abstractmethod
-    def register_grad_hook(self, param: nn.Parameter, hook: Callable[[nn.Parameter], None]) -> RemovableHandle:
-        """Call `hook(param)` as soon as this rank's reduced gradient shard of `param` is ready."""
-
-    def release_grad(self, param: nn.Parameter) -> None:
-        """Drop this rank's gradient of `param` (after its update, or when a step is skipped)."""
-        param.grad = None
-
-    def resident_tensors(self) -> list[torch.Tensor]:
-        """Long-lived tensors this rank holds for the model (for CPU storage accounting)."""
-        return list(self.model.parameters())
-
     @classmethod
     def check_config(cls, config: Config, world_size: int) -> None:
         """Engine-specific configuration checks, run before any process group exists."""
@@ -116,33 +94,6 @@ class Engine(ABC):
 
     def after_forward_only(self) -> None:
         """After forwards without a backward (evaluation): release whatever a backward would have released."""
-
-    @abstractmethod
-    def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """{"model": ..., "optim": ...} of DTensors sharing storage with this rank's shards, so that
-        torch.distributed.checkpoint saves them and loads into them in place (and reshards)."""
-
-    @classmethod
-    def checkpoint_shapes(cls, skeleton: nn.Module) -> dict[str, tuple[int, ...]]:
-        """Shape of each model tensor as `checkpoint_state` stores it, for a single-process export."""
-        return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-
-    def after_load(self) -> None:
-        """Drop anything derived from the shards before a checkpoint was loaded into them."""
-
-    @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Unsharded CPU tensors on rank 0 (None elsewhere), for exporting an HF directory."""
-
-    def reset_peak_memory(self) -> None:
-        if self.runtime.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.runtime.device)
-
-    def peak_memory_bytes(self) -> int | None:
-        """The allocator's peak since the last reset on GPU; None where the trainer must track storages."""
-        if self.runtime.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.runtime.device)
-        return None
 
 
 def sharding_units(parts: ModelParts, split_layers: bool) -> list[nn.Module | list[nn.Module]]:

@@ -10,28 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 
+from lisa_dist.engines.interfaces import ShardAccess
 from lisa_dist.offload import to_host
 from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule, squared_sum
 from lisa_dist.optim.shard_info import ShardInfo
 from lisa_dist.values import READ, Values
-
-
-class ShardAccess(Protocol):
-    """What the optimizer needs from an engine (FSDP2, ZeRO-3): shards, their gradients, their layout."""
-
-    def local_shard(self, param: nn.Parameter) -> torch.Tensor: ...
-
-    def local_grad(self, param: nn.Parameter) -> torch.Tensor | None: ...
-
-    def shard_info(self, param: nn.Parameter) -> ShardInfo: ...
-
-    def release_grad(self, param: nn.Parameter) -> None: ...
 
 
 @dataclass(slots=True)
