@@ -23,7 +23,7 @@ from lisa_dist.engines import engine_class
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.interfaces import CheckpointLayout, ShardAccess
 from lisa_dist.errors import CheckpointError
-from lisa_dist.models.build import parameters_on_meta
+from lisa_dist.models.build import parameters_on_meta, persistent_buffers
 
 if TYPE_CHECKING:
     from lisa_dist.core import TrainingCore
@@ -163,7 +163,7 @@ def save_hf_model(state_dict: dict[str, torch.Tensor], hf_config: transformers.P
     if tied:
         model.tie_weights()
     # A tied head is one parameter under two names; named_parameters lists it once, under the embedding's name.
-    names = {n for n, _ in model.named_parameters()}
+    names = {n for n, _ in model.named_parameters()} | set(persistent_buffers(model))
     model.load_state_dict({k: v for k, v in state_dict.items() if k in names}, strict=False, assign=True)
     if tied:
         model.tie_weights()  # the head follows the embedding that was just assigned
@@ -191,7 +191,9 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
         skeleton = transformers.AutoModelForCausalLM.from_config(hf_config)
     shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
     stored = engine.checkpoint_shapes(skeleton)
-    template = {"model": {k: torch.empty(shape, dtype=dtype) for k, shape in stored.items()}}
+    buffers = persistent_buffers(skeleton)  # in their own dtype, as the model keeps them
+    template = {"model": {k: torch.empty(shape, dtype=buffers[k].dtype if k in buffers else dtype)
+                          for k, shape in stored.items()}}
     dcp.load(template, checkpoint_id=str(checkpoint_dir), no_dist=True)
     state = {k: v.reshape(shapes[k]) for k, v in template["model"].items()}
     save_hf_model(state, hf_config, meta, out_dir, meta)

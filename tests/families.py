@@ -33,14 +33,36 @@ FAMILIES: dict[str, dict[str, Any]] = {
                      num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=64,
                      hidden_dropout=0.0, attention_dropout=0.0),
 }
+# Mixtures of experts at small shapes: 8 routed experts, top 2, with what makes each family itself (shared
+# experts, q/k norms, MLA attention and dense first layers, experts stored fused with biases and attention sinks,
+# experts stored as one linear per layer).
+_MOE = dict(vocab_size=512, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, num_experts_per_tok=2)
+MOE_FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": dict(model_type="mixtral", intermediate_size=16, num_local_experts=8, **_MOE),
+    "qwen2_moe": dict(model_type="qwen2_moe", intermediate_size=64, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, num_experts=8, **_MOE),
+    "qwen3_moe": dict(model_type="qwen3_moe", intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+                      head_dim=8, **_MOE),
+    "olmoe": dict(model_type="olmoe", intermediate_size=16, num_experts=8, eos_token_id=2, pad_token_id=0, **_MOE),
+    "deepseek_v3": dict(model_type="deepseek_v3", intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                        **{**_MOE, "num_key_value_heads": 4}),  # MLA: keys and values have every head
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=16, num_local_experts=8, head_dim=8, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2), **_MOE),
+    "granitemoe": dict(model_type="granitemoe", intermediate_size=16, num_local_experts=8, **_MOE),
+}
+FAMILIES_BY_NAME = {**FAMILIES, **MOE_FAMILIES}
 # What the family's attention needs from lisa_dist's model.attn_implementation (sdpa unless listed).
-ATTENTION = {"gemma2": "eager"}
+ATTENTION = {"gemma2": "eager", "gpt_oss": "eager"}
 # Stored keys as the family's public checkpoints have them, where transformers renames them on load.
 LEGACY_KEYS = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
 
 
 def hf_config(family: str) -> transformers.PretrainedConfig:
-    spec = dict(FAMILIES[family])
+    spec = dict(FAMILIES_BY_NAME[family])
     return transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 

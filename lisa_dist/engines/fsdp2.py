@@ -105,6 +105,7 @@ class FSDP2Engine(Engine):
                 if local.numel():
                     local.copy_(full[start:start + rows] if full.dim() else full)
         if reader is not None:
+            reader.read_buffers(model)
             reader.close()
 
     def after_forward_only(self) -> None:

@@ -31,7 +31,7 @@ from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
 from lisa_dist.env import export_rank_variables
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
-from lisa_dist.models.build import DTYPES, open_weights
+from lisa_dist.models.build import DTYPES, open_weights, persistent_buffers
 from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard_info import ShardInfo
 
@@ -140,6 +140,7 @@ class Zero3Engine(Engine):
             offset = start - first * cols
             param.ds_tensor[:count].copy_(rows[offset:offset + count])
         if reader is not None:
+            reader.read_buffers(model)
             reader.close()
 
     @torch.no_grad()
@@ -232,13 +233,15 @@ class Zero3Engine(Engine):
     def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
         params = dict(self.model.named_parameters())
         model = {name: self._flat_global(p, self.local_shard(p)) for name, p in params.items()}
+        model |= persistent_buffers(self.model)  # replicated: each rank holds them whole
         optim = {name: {key: self._flat_global(params[name], t) for key, t in state.items()}
                  for name, state in optim_state.items()}
         return {"model": model, "optim": optim}
 
     @classmethod
     def checkpoint_shapes(cls, skeleton: nn.Module) -> dict[str, tuple[int, ...]]:
-        return {name: (p.numel(),) for name, p in skeleton.named_parameters()}
+        buffers = {name: tuple(b.shape) for name, b in persistent_buffers(skeleton).items()}
+        return {name: (p.numel(),) for name, p in skeleton.named_parameters()} | buffers
 
     def after_load(self) -> None:
         self.coordinator.partition_all_parameters()  # no gathered copy may predate the loaded partitions
@@ -249,6 +252,7 @@ class Zero3Engine(Engine):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if self.runtime.is_main:
                     out[name] = param.detach().to("cpu", copy=True)
+        out |= {name: b.detach().to("cpu", copy=True) for name, b in persistent_buffers(self.model).items()}
         return out if self.runtime.is_main else None
 
 

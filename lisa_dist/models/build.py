@@ -117,20 +117,17 @@ def check_model(c: Config, model: nn.Module) -> None:
                               f"fsdp_transformer_layer_cls_to_wrap) but the model's decoder layers are {found}")
 
 
-# Config keys that mark a mixture-of-experts model (each expert would need its own sampling and sharding).
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
-
-
 def check_architecture(hf_config: transformers.PretrainedConfig) -> None:
     """Refuse, naming the model class, the kinds of causal LM lisa_dist does not train."""
     causal_lms = transformers.MODEL_FOR_CAUSAL_LM_MAPPING
     known = type(hf_config) in causal_lms
     names = ([causal_lms[type(hf_config)].__name__] if known else
              getattr(hf_config, "architectures", None) or [hf_config.model_type])
-    moe = [k for k in _MOE_KEYS if isinstance(getattr(hf_config, k, None), int) and getattr(hf_config, k) > 0]
-    if moe:
-        raise UnsupportedModelError(f"{names[0]} is a mixture-of-experts model ({moe[0]}="
-                                    f"{getattr(hf_config, moe[0])}), which lisa_dist does not support")
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+        raise UnsupportedModelError(f"{names[0]} is stored quantized ({method}): its weights cannot be sharded "
+                                    "and trained in full; start from the model's bf16 or fp32 weights")
     sub = [k for k in ("vision_config", "audio_config", "text_config") if getattr(hf_config, k, None) is not None]
     if sub:
         raise UnsupportedModelError(f"{names[0]} is a multimodal model ({sub[0]}), which lisa_dist does not support; "
@@ -162,6 +159,13 @@ def open_weights(source: ModelSource, model: nn.Module | None = None) -> Safeten
     if model is None:
         model = build_meta_model(source.hf_config, torch.float32, "eager")
     return SafetensorsReader(source.weights_dir, model)
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (DeepSeek-V3's routing bias), by name; rotary tables are not among them."""
+    return {f"{prefix}.{name}" if prefix else name: buffer for prefix, module in model.named_modules()
+            for name, buffer in module._buffers.items()
+            if buffer is not None and name not in module._non_persistent_buffers_set}
 
 
 @contextmanager

@@ -53,26 +53,46 @@ class SafetensorsReader:
             raise WeightsError(f"{directory} holds no safetensors weights")
         self.keys = map_checkpoint_keys(model, list(self.files))
         self._handles: dict[Path, Any] = {}
+        self.bytes_read = 0
+        """Bytes of tensor data read so far."""
+
+    def has(self, name: str) -> bool:
+        return name in self.keys.stored or name in self.keys.merged
 
     def _key(self, name: str) -> str:
+        """The stored key of `name`; for a parameter stacked from experts, expert 0's first one."""
         if name in self.keys.stored:
             return self.keys.stored[name]
+        if name in self.keys.merged:
+            merge = self.keys.merged[name]
+            if merge.missing():
+                raise WeightsError(f"{self.directory}: {name} is stored one tensor per expert, and "
+                                   f"{merge.missing()} is missing")
+            return merge.expert_keys(0)[0]
         if name in self.keys.converted:
-            raise WeightsError(f"{self.directory}: {name} is stored as {self.keys.converted[name]!r} in a layout "
-                               "transformers converts while loading (merging or splitting tensors), which "
-                               "lisa_dist cannot read row by row; re-save the model once with "
-                               "from_pretrained(...).save_pretrained(...)")
+            raise WeightsError(f"{self.directory}: {name} is stored as {self.keys.converted[name]} in a layout "
+                               "transformers converts while loading in a way lisa_dist cannot read row by row; "
+                               "re-save the model once with from_pretrained(...).save_pretrained(...)")
         raise WeightsError(f"{self.directory}: weight {name!r} is missing from the checkpoint")
 
-    def _slice(self, name: str) -> Any:
-        key = self._key(name)
+    def _slice_of_key(self, key: str) -> Any:
         path = self.files[key]
         if path not in self._handles:
             self._handles[path] = _open(path)
         return self._handles[path].get_slice(key)
 
+    def _slice(self, name: str) -> Any:
+        return self._slice_of_key(self._key(name))
+
     def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
+        if name not in self.keys.merged:
+            return list(self._slice(name).get_shape())
+        self._key(name)  # every expert is stored
+        merge = self.keys.merged[name]
+        shapes = [list(self._slice_of_key(k).get_shape()) for k in merge.expert_keys(0)]
+        expert = shapes[0]
+        expert[merge.concat_dim] = sum(shape[merge.concat_dim] for shape in shapes)
+        return [merge.num_experts(), *expert]
 
     def dtype(self, name: str) -> torch.dtype:
         return _DTYPES.get(self._slice(name).get_dtype(), torch.uint8)
@@ -87,12 +107,42 @@ class SafetensorsReader:
                                f"the config expects {list(expected_shape)}")
 
     def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of dim 0 (the whole tensor for scalars)."""
+        """Rows [start, end) of dim 0 (the whole tensor for scalars); of a parameter stacked from experts,
+        experts [start, end), each read whole and nothing else."""
+        if name in self.keys.merged:
+            return self._read_experts(name, start, end)
         view = self._slice(name)
         try:
-            return view[...] if len(view.get_shape()) == 0 else view[start:end]
+            rows = view[...] if len(view.get_shape()) == 0 else view[start:end]
         except (SafetensorError, OSError, RuntimeError) as e:
             raise WeightsError(f"{self.files[self._key(name)]}: reading {name} failed ({e})") from None
+        self.bytes_read += rows.numel() * rows.element_size()
+        return rows
+
+    def _read_experts(self, name: str, start: int, end: int) -> torch.Tensor:
+        merge = self.keys.merged[name]
+        shape = self.shape(name)
+        experts = []
+        for expert in range(start, min(end, shape[0])):
+            parts = []
+            for key in merge.expert_keys(expert):
+                try:
+                    parts.append(self._slice_of_key(key)[...])
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise WeightsError(f"{self.files[key]}: reading {key} failed ({e})") from None
+                self.bytes_read += parts[-1].numel() * parts[-1].element_size()
+            experts.append(torch.cat(parts, dim=merge.concat_dim))
+        if not experts:
+            return torch.empty([0, *shape[1:]], dtype=self.dtype(name))
+        return torch.stack(experts)
+
+    def read_buffers(self, model: nn.Module) -> None:
+        """Copy the stored values of `model`'s persistent buffers (DeepSeek-V3's routing bias) into them;
+        buffers a checkpoint does not store (rotary tables) keep the values the model computed."""
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if self.has(name):
+                    buffer.copy_(self.read_rows(name, 0, buffer.shape[0] if buffer.dim() else 1))
 
     def close(self) -> None:
         self._handles.clear()

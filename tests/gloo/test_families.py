@@ -1,6 +1,7 @@
-"""Every common decoder family, from a `save_pretrained` directory, trains with LISA on 2 gloo ranks on FSDP2 and
-on ZeRO-3: frozen layers stay bit-identical, trained ones move, and `final/` reloads with `from_pretrained` to
-the logits the trained shards give."""
+"""Every common decoder family, dense and mixture-of-experts, from a `save_pretrained` directory, trains with LISA
+on 2 gloo ranks on FSDP2 and on ZeRO-3: frozen layers stay bit-identical, trained ones move, and `final/` is
+written in the layout `save_pretrained` writes and reloads with `from_pretrained` to the logits the trained shards
+give."""
 
 import os
 
@@ -9,7 +10,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tests.families import ATTENTION, FAMILIES, LEGACY_KEYS, layer_index, write_family
+from tests.families import ATTENTION, FAMILIES_BY_NAME, LEGACY_KEYS, MOE_FAMILIES, layer_index, write_family
 from tests.helpers import run_distributed, start_trainer, tiny_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -45,7 +46,7 @@ def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: s
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    dirs = {family: str(write_family(family, root / "models" / family)) for family in FAMILIES}
+    dirs = {family: str(write_family(family, root / "models" / family)) for family in FAMILIES_BY_NAME}
     return dirs, {engine: run_distributed(_families_worker, 2, dirs=dirs, engine=engine, output_dir=str(root))[0]
                   for engine in ENGINES}
 
@@ -61,7 +62,7 @@ def test_the_legacy_head_key_is_a_directory_from_pretrained_loads(trained):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES_BY_NAME))
 def test_family_trains_with_lisa_and_final_reloads_to_the_same_logits(trained, family, engine):
     dirs, runs = trained
     obs = runs[engine][family]
@@ -71,14 +72,15 @@ def test_family_trains_with_lisa_and_final_reloads_to_the_same_logits(trained, f
                                                               attn_implementation=ATTENTION.get(family, "sdpa"))
     after = model.state_dict()
     assert after.keys() == before.keys()
-    frozen = [i for i in range(FAMILIES[family].get("num_hidden_layers", FAMILIES[family].get("n_layer")))
+    spec = FAMILIES_BY_NAME[family]
+    frozen = [i for i in range(spec.get("num_hidden_layers", spec.get("n_layer")))
               if i not in obs["active"]]
     assert frozen and obs["active"], (frozen, obs["active"])
     for name, tensor in before.items():
         layer = layer_index(name)
         if layer in frozen:
             assert torch.equal(after[name], tensor), f"{name}: a frozen layer changed"
-        elif layer is not None and name.endswith("weight") and tensor.dim() == 2:
+        elif layer is not None and tensor.dim() >= 2:  # matrices, and MoE layers' 3-D experts
             assert not torch.equal(after[name], tensor), f"{name}: an active layer did not train"
     assert obs["tied"] == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
     model.eval()
@@ -86,6 +88,29 @@ def test_family_trains_with_lisa_and_final_reloads_to_the_same_logits(trained, f
         logits = model(input_ids=_probe(model.config.vocab_size)).logits.float()
     # The same weights and the same unsharded computation in one process: equal to the last bit.
     assert torch.equal(logits, obs["logits"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_final_is_written_in_the_layout_save_pretrained_writes(trained, engine):
+    """MoE experts one tensor per expert (or fused, as gpt-oss and GraniteMoE store them), the same keys as
+    the source directory's (a legacy head key is written under its current name)."""
+    dirs, runs = trained
+    for family in FAMILIES_BY_NAME:
+        if family in LEGACY_KEYS:
+            continue
+        source = load_file(f"{dirs[family]}/model.safetensors")
+        final = load_file(f"{runs[engine][family]['final']}/model.safetensors")
+        assert final.keys() == source.keys(), family
+        assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in source.items()}, family
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_moe_engines_agree_on_the_loss_before_any_update(trained, family):
+    """The same weights and the same data give the same forward on both engines; the losses differ only by
+    the order of the float64 sum over 2 ranks of fp32 per-rank sums (relative 2^-52 per addition)."""
+    _, runs = trained
+    first = [runs[engine][family]["losses"][0] for engine in ENGINES]
+    assert abs(first[0] - first[1]) <= 4 * 2.0 ** -52 * abs(first[0]), first
 
 
 # Checkpoint layouts users have, each loaded on both engines: (stored dtype, train.dtype, sharded with an index).

@@ -70,8 +70,7 @@ def test_checkpoint_keys_map_through_the_renamings_from_pretrained_applies():
 
 
 @pytest.mark.parametrize("model_type, spec, message", [
-    ("mixtral", {"num_local_experts": 4}, "MixtralForCausalLM is a mixture-of-experts model"),
-    ("qwen2_moe", {}, "Qwen2MoeForCausalLM is a mixture-of-experts model"),
+    ("gpt_oss", {"quantization_config": {"quant_method": "mxfp4"}}, r"GptOssForCausalLM is stored quantized \(mxfp4\)"),
     ("llava", {}, "is a multimodal model"),
     ("t5", {}, "is not a causal language model"),
 ])
@@ -80,3 +79,26 @@ def test_unsupported_architectures_are_named_before_start(model_type, spec, mess
 
     with pytest.raises(UnsupportedModelError, match=message):
         check_architecture(transformers.AutoConfig.for_model(model_type, **spec))
+
+
+def test_a_checkpoint_stored_one_tensor_per_expert_maps_to_the_stacked_experts():
+    """transformers stacks Mixtral's w1 and w3 per expert into `gate_up_proj` and w2 into `down_proj`: each
+    expert's keys are found, in the converter's order (gate before up)."""
+    from lisa_dist.models.keys import map_checkpoint_keys
+
+    config = transformers.AutoConfig.for_model("mixtral", vocab_size=64, hidden_size=8, intermediate_size=4,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               num_local_experts=3, num_experts_per_tok=2)
+    model = build_meta_model(config, torch.float32, "eager")
+    stored = [n for n in model.state_dict() if ".experts." not in n]
+    stored = [n.replace(".mlp.", ".block_sparse_moe.") for n in stored]
+    stored += [f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" for e in range(3) for w in ("w1", "w2", "w3")]
+    keys = map_checkpoint_keys(model, stored)
+    gate_up = keys.merged["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.concat_dim == 0 and gate_up.num_experts() == 3
+    assert gate_up.expert_keys(2) == ["model.layers.0.block_sparse_moe.experts.2.w1.weight",
+                                      "model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    assert keys.merged["model.layers.0.mlp.experts.down_proj"].expert_keys(1) == [
+        "model.layers.0.block_sparse_moe.experts.1.w2.weight"]
+    assert keys.stored["model.layers.0.mlp.gate.weight"] == "model.layers.0.block_sparse_moe.gate.weight"
+    assert not keys.converted
