@@ -74,7 +74,7 @@ def _scores(module: nn.Module, access: ShardAccess, sum_sq: torch.Tensor) -> tor
     param = module.weight
     info = access.shard_info(param)
     shard = access.local_shard(param).reshape(-1)[:info.numel]
-    rows, cols = info.matrix
+    _, rows, cols = info.matrix  # linear weights: one matrix
     norm = sum_sq.sqrt().float().to(shard.device)
     if isinstance(module, nn.Linear):  # [out, in]: feature j is the column
         factor = outer_slice(torch.ones(rows, device=shard.device), norm, info.flat_start, info.numel)

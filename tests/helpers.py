@@ -120,7 +120,8 @@ def engine_weights(trainer) -> dict[str, torch.Tensor] | None:
     if trainer.core.engine.name == "fsdp2":
         return full_weights(trainer)
     state = trainer.core.engine.full_state_dict()
-    return None if state is None else {k: v.float() for k, v in state.items()}
+    names = {n for n, _ in trainer.core.model.named_parameters()}  # not the persistent buffers it also holds
+    return None if state is None else {k: v.float() for k, v in state.items() if k in names}
 
 
 def full_weights(trainer) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from lisa_dist.config import OptimConfig
 from lisa_dist.errors import ConfigError
-from lisa_dist.optim.shard_info import ShardInfo, outer_slice, row_col_sums
+from lisa_dist.optim.shard_info import ShardInfo, matrix_segments, outer_slice, per_matrix, row_col_sums
 
 
 def squared_sum(t: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,10 @@ class AdaLomo:
     Per matrix: exponential averages of the row and column means of g^2 + eps1 (decay 1 - t^decay_rate),
     update g / sqrt(v) with v the rank-1 estimate from them, its RMS capped at `clip_threshold`, then a
     step of lr * max(eps2, RMS(parameter)). On a shard the row/column sums of this slice are reduced across
-    ranks (vectors of rows + cols floats), as are the two scalars RMS(update) and RMS(parameter).
+    ranks (vectors of rows + cols floats), as are the two scalars RMS(update) and RMS(parameter). A
+    mixture-of-experts layer's [experts, rows, cols] parameter is a stack of matrices, each expert its own
+    (as AdaLomo treats the per-expert weights of the checkpoint layout): statistics, RMS(update) and
+    RMS(parameter) per expert, never across experts.
     """
 
     fused = True
@@ -136,8 +139,9 @@ class AdaLomo:
     def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]:
         if shard.matrix is None:
             return {"exp_avg_sq": torch.zeros_like(master)}
-        rows, cols = shard.matrix
-        return {"exp_avg_sq_row": master.new_zeros(rows), "exp_avg_sq_col": master.new_zeros(cols)}
+        matrices, rows, cols = shard.matrix
+        return {"exp_avg_sq_row": master.new_zeros(matrices * rows),
+                "exp_avg_sq_col": master.new_zeros(matrices * cols)}
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
                step: int, lr: float, shard: ShardInfo) -> None:
@@ -154,14 +158,14 @@ class AdaLomo:
         stats = []
         for master, grad, state, beta2t, shard in zip(masters, grads, states, beta2ts, shards):
             sq = grad.pow(2).add_(self.eps1)
-            param_sq = squared_sum(master).reshape(1)
+            param_sq = _per_matrix_squared_sums(master, shard)
             if shard.matrix is None:
                 avg = state["exp_avg_sq"].mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
                 update = grad.mul_(avg.rsqrt())
                 stats.append(torch.cat([param_sq, squared_sum(update).reshape(1)]))
             else:
-                rows, cols = shard.matrix
-                row_sums, col_sums = row_col_sums(sq.reshape(-1), shard.flat_start, rows, cols)
+                matrices, rows, cols = shard.matrix
+                row_sums, col_sums = row_col_sums(sq.reshape(-1), shard.flat_start, rows, cols, matrices)
                 stats.append(torch.cat([row_sums / cols, col_sums / rows, param_sq]))
             del sq
         self._sum_over_ranks(stats, shards)
@@ -170,22 +174,33 @@ class AdaLomo:
             if shard.matrix is None:
                 update_sqs.append(totals[1])
                 continue
-            rows, cols = shard.matrix
-            row = state["exp_avg_sq_row"].mul_(beta2t).add_(totals[:rows], alpha=1.0 - beta2t)
-            col = state["exp_avg_sq_col"].mul_(beta2t).add_(totals[rows:rows + cols], alpha=1.0 - beta2t)
-            row_factor = (row / row.mean()).rsqrt_()
-            update = grad.mul_(outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel).view_as(grad))
-            update_sqs.append(squared_sum(update).reshape(1))
+            matrices, rows, cols = shard.matrix
+            row = state["exp_avg_sq_row"].mul_(beta2t).add_(totals[:matrices * rows], alpha=1.0 - beta2t)
+            col = state["exp_avg_sq_col"].mul_(beta2t).add_(totals[matrices * rows:matrices * (rows + cols)],
+                                                            alpha=1.0 - beta2t)
+            if matrices == 1:
+                row_factor = (row / row.mean()).rsqrt_()
+            else:
+                by_matrix = row.view(matrices, rows)
+                row_factor = (by_matrix / by_matrix.mean(1, keepdim=True)).rsqrt_().reshape(-1)
+            factor = outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel, matrices)
+            update = grad.mul_(factor.view_as(grad))
+            update_sqs.append(_per_matrix_squared_sums(update, shard))
         matrices = [i for i, shard in enumerate(shards) if shard.matrix is not None]
         matrix_sqs = [update_sqs[i] for i in matrices]
         self._sum_over_ranks(matrix_sqs, [shards[i] for i in matrices])
         for i, total in zip(matrices, matrix_sqs):
             update_sqs[i] = total
         for master, update, shard, totals, update_sq in zip(masters, grads, shards, stats, update_sqs):
-            param_sq = totals[0] if shard.matrix is None else totals[-1]
-            numel = shard.global_numel
-            update.div_(((update_sq / numel).sqrt() / self.clip_threshold).clamp(min=1.0))
+            matrices = 1 if shard.matrix is None else shard.matrix[0]
+            param_sq = totals[:1] if shard.matrix is None else totals[-matrices:]
+            numel = shard.global_numel // matrices
+            clip = ((update_sq / numel).sqrt() / self.clip_threshold).clamp(min=1.0)
             step_size = lr * (param_sq / numel).sqrt().clamp(min=self.eps2)
+            if matrices > 1:  # each element by its expert's figures
+                clip, step_size = (per_matrix(v, shard.flat_start, shard.numel, numel).view_as(update)
+                                   for v in (clip, step_size))
+            update.div_(clip)
             if self.weight_decay:
                 master.mul_(1.0 - step_size * self.weight_decay)
             master.sub_(update.mul_(step_size))
@@ -203,6 +218,19 @@ class AdaLomo:
             shards[indices[0]].reduce_sum(flat)
             for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
                 tensors[i] = piece
+
+
+def _per_matrix_squared_sums(t: torch.Tensor, shard: ShardInfo) -> torch.Tensor:
+    """The squared sum of this slice of each matrix of the stack `shard` describes ([matrices]); of the whole
+    slice ([1]) for a parameter of one matrix or fewer than two dims."""
+    if shard.matrix is None or shard.matrix[0] == 1:
+        return squared_sum(t).reshape(1)
+    matrices, rows, cols = shard.matrix
+    flat = t.reshape(-1)
+    sums = flat.new_zeros(matrices, dtype=torch.float32)
+    for lo, hi, matrix in matrix_segments(shard.flat_start, shard.numel, rows * cols):
+        sums[matrix] = squared_sum(flat[lo:hi])
+    return sums
 
 
 def make_rule(c: OptimConfig) -> UpdateRule:

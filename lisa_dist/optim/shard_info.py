@@ -29,11 +29,13 @@ class ShardInfo:
         return n
 
     @property
-    def matrix(self) -> tuple[int, int] | None:
-        """(rows, cols) when the parameter is treated as a matrix (2 or more dims)."""
+    def matrix(self) -> tuple[int, int, int] | None:
+        """(matrices, rows, cols) when the parameter is a stack of matrices over its last two dims: one for a
+        2-D parameter, one per expert for a mixture-of-experts layer's [experts, rows, cols]; None below 2 dims."""
         if len(self.global_shape) < 2:
             return None
-        return self.global_shape[0], self.global_numel // self.global_shape[0]
+        rows, cols = self.global_shape[-2], self.global_shape[-1]
+        return self.global_numel // max(rows * cols, 1), rows, cols
 
 
 def local_shard_info(tensor: torch.Tensor) -> ShardInfo:
@@ -58,30 +60,69 @@ def _pieces(start: int, numel: int, cols: int) -> list[tuple[int, int, int, int,
     return pieces
 
 
-def row_col_sums(flat: torch.Tensor, start: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This slice's contribution to the matrix's per-row and per-column sums."""
-    row_sums = flat.new_zeros(rows)
-    col_sums = flat.new_zeros(cols)
+def _by_matrix(row: int, k: int, rows: int) -> list[tuple[int, int, int]]:
+    """Whole rows [row, row + k) of a stack cut at its matrices' boundaries: (first row, row count, matrix)."""
+    out = []
+    while k > 0:
+        matrix = row // rows
+        n = min(k, (matrix + 1) * rows - row)
+        out.append((row, n, matrix))
+        row, k = row + n, k - n
+    return out
+
+
+def row_col_sums(flat: torch.Tensor, start: int, rows: int, cols: int,
+                 matrices: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This slice's contribution to each matrix's per-row and per-column sums, of a stack of `matrices`
+    matrices of `rows` x `cols`: [matrices * rows] row sums, [matrices * cols] column sums."""
+    row_sums = flat.new_zeros(matrices * rows)
+    col_sums = flat.new_zeros(matrices, cols)
     for lo, hi, row, col, whole in _pieces(start, flat.numel(), cols):
         seg = flat[lo:hi]
         if whole:
             block = seg.view(-1, cols)
             row_sums[row:row + block.shape[0]] += block.sum(1)
-            col_sums += block.sum(0)
+            for first, n, matrix in _by_matrix(row, block.shape[0], rows):
+                col_sums[matrix] += block[first - row:first - row + n].sum(0)
         else:
             row_sums[row] += seg.sum()
-            col_sums[col:col + seg.numel()] += seg
-    return row_sums, col_sums
+            col_sums[row // rows, col:col + seg.numel()] += seg
+    return row_sums, col_sums.reshape(-1)
 
 
-def outer_slice(row_factor: torch.Tensor, col_factor: torch.Tensor, start: int, numel: int) -> torch.Tensor:
-    """The slice [start, start + numel) of the flattened outer product row_factor x col_factor."""
-    cols = col_factor.numel()
+def matrix_segments(start: int, numel: int, matrix_numel: int) -> list[tuple[int, int, int]]:
+    """The flat slice [start, start + numel) of a stack of matrices cut at their boundaries: (local lo,
+    local hi, matrix)."""
+    out, position, end = [], start, start + numel
+    while position < end:
+        matrix = position // matrix_numel
+        stop = min((matrix + 1) * matrix_numel, end)
+        out.append((position - start, stop - start, matrix))
+        position = stop
+    return out
+
+
+def per_matrix(values: torch.Tensor, start: int, numel: int, matrix_numel: int) -> torch.Tensor:
+    """Each element of the flat slice [start, start + numel) given its matrix's entry of `values`."""
+    segments = matrix_segments(start, numel, matrix_numel)
+    counts = torch.tensor([hi - lo for lo, hi, _ in segments], device=values.device)
+    chosen = values[torch.tensor([m for _, _, m in segments], device=values.device)]
+    return chosen.repeat_interleave(counts, output_size=numel)
+
+
+def outer_slice(row_factor: torch.Tensor, col_factor: torch.Tensor, start: int, numel: int,
+                matrices: int = 1) -> torch.Tensor:
+    """The slice [start, start + numel) of the flattened outer products row_factor x col_factor of a stack of
+    `matrices` matrices (`row_factor` [matrices * rows], `col_factor` [matrices * cols])."""
+    rows, cols = row_factor.numel() // matrices, col_factor.numel() // matrices
+    by_matrix = col_factor.view(matrices, cols)
     out = row_factor.new_empty(numel)
     for lo, hi, row, col, whole in _pieces(start, numel, cols):
         if whole:
-            k = (hi - lo) // cols
-            out[lo:hi].view(k, cols).copy_(row_factor[row:row + k, None] * col_factor[None, :])
+            for first, n, matrix in _by_matrix(row, (hi - lo) // cols, rows):
+                at = lo + (first - row) * cols
+                block = row_factor[first:first + n, None] * by_matrix[matrix][None, :]
+                out[at:at + n * cols].view(n, cols).copy_(block)
         else:
-            out[lo:hi] = row_factor[row] * col_factor[col:col + hi - lo]
+            out[lo:hi] = row_factor[row] * by_matrix[row // rows, col:col + hi - lo]
     return out

@@ -11,7 +11,8 @@ import transformers
 from safetensors.torch import load_file
 
 from tests.families import ATTENTION, FAMILIES_BY_NAME, LEGACY_KEYS, MOE_FAMILIES, layer_index, write_family
-from tests.helpers import run_distributed, start_trainer, tiny_config
+from tests.helpers import (PARITY_ADALOMO_EPS1, assert_weights_close, parity_atol, run_distributed, start_trainer,
+                           tiny_config)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 STEPS = 4
@@ -111,6 +112,54 @@ def test_moe_engines_agree_on_the_loss_before_any_update(trained, family):
     _, runs = trained
     first = [runs[engine][family]["losses"][0] for engine in ENGINES]
     assert abs(first[0] - first[1]) <= 4 * 2.0 ** -52 * abs(first[0]), first
+
+
+# LOMO and AdaLomo on the MoE families whose experts load differently: stacked from per-expert tensors
+# (Mixtral), stored fused with biases (gpt-oss), beside a dense first layer and a routing bias (DeepSeek-V3).
+FUSED_FAMILIES = ("mixtral", "gpt_oss", "deepseek_v3")
+FUSED_RUNS = {"lomo": dict(method="full", optim={"name": "lomo", "lr": 0.05, "max_grad_norm": 0.0}),
+              "adalomo": dict(method="lisa", lisa={"gamma": 2, "interval": 2},
+                              optim={"name": "adalomo", "lr": 0.01, "max_grad_norm": 0.0,
+                                     "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]})}
+
+
+def _fused_worker(rank: int, world_size: int, dirs: dict[str, str], engine: str, output_dir: str) -> dict:
+    from tests.helpers import engine_weights
+
+    out = {}
+    for family in FUSED_FAMILIES:
+        for key, run in FUSED_RUNS.items():
+            config = tiny_config(f"{output_dir}/{engine}{world_size}/{family}/{key}", engine={"name": engine},
+                                 model={"path": dirs[family], "attn_implementation": ATTENTION.get(family, "sdpa")},
+                                 train={"micro_batch_size": 8 // world_size}, **run)
+            trainer = start_trainer(config)
+            records = [trainer.train_step(step) for step in range(STEPS)]
+            out[family, key] = {"weights": engine_weights(trainer), "grad_norms": [r["grad_norm"] for r in records],
+                                "state_bytes": trainer.core.optimizer.state_bytes()}
+            trainer.core.stepper.hooks.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused_runs(trained, tmp_path_factory):
+    dirs, _ = trained
+    out = str(tmp_path_factory.mktemp("fused"))
+    return {"zero3": run_distributed(_fused_worker, 2, dirs=dirs, engine="zero3", output_dir=out)[0],
+            "fsdp2": run_distributed(_fused_worker, 2, dirs=dirs, engine="fsdp2", output_dir=out)[0],
+            "one": run_distributed(_fused_worker, 1, dirs=dirs, engine="fsdp2", output_dir=out)[0]}
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_moe_families_train_with_lomo_and_adalomo_alike_on_every_sharding(fused_runs, family):
+    """FSDP2 holds whole experts per rank, ZeRO-3 cuts them; one process holds all: the same weights within the
+    rounding of another reduction order (tests.helpers.parity_atol), and LOMO keeps no state."""
+    for key, run in FUSED_RUNS.items():
+        obs = {name: result[family, key] for name, result in fused_runs.items()}
+        norms = [n for o in obs.values() for n in o["grad_norms"]]
+        atol = parity_atol(run["optim"], STEPS, max(norms))
+        for name in ("zero3", "fsdp2"):
+            assert_weights_close(obs[name]["weights"], obs["one"]["weights"], atol)
+        assert obs["fsdp2"]["state_bytes"] == 0 if key == "lomo" else obs["fsdp2"]["state_bytes"] > 0
 
 
 # Checkpoint layouts users have, each loaded on both engines: (stored dtype, train.dtype, sharded with an index).
