@@ -70,6 +70,12 @@ class ModelConfig:
     forward and back in backward. Costs two host-device copies of each per step."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel passed to transformers."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: the weight of the router's load-balancing loss added to the token loss (0
+    turns it off). Default: the model config's `router_aux_loss_coef` when its `output_router_logits` is true,
+    else off."""
+    freeze_routers: bool = False
+    """Mixture-of-experts models: keep every layer's router frozen, also while its layer trains."""
 
 
 @dataclass(kw_only=True, slots=True)

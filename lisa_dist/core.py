@@ -26,6 +26,7 @@ from lisa_dist.engines.base import Engine, trainable_named_parameters
 from lisa_dist.errors import NonFiniteStepsError
 from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
 from lisa_dist.models import ModelSource, sampling_units, set_trainable_units
+from lisa_dist.models.moe import router_modules
 from lisa_dist.optim import ShardedOptimizer, make_rule
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.sampler import LayerSampler, make_strategy
@@ -59,6 +60,9 @@ class StepResult:
     """Per layer of `active_layers`: ||W_after - W_before|| / ||W_before|| over the layer's parameters."""
     active_blocks: list[str] | None = None
     """lisa.unit=block: the trained blocks ("3.self_attn", "5.mlp"); `active_layers` are their layers."""
+    aux_loss: float | None = None
+    """Mixture-of-experts with the router's load-balancing loss on: its mean over the global batch's
+    micro-batches, unweighted (the step's objective adds model.router_aux_loss_coef times it)."""
 
     def record(self) -> dict[str, Any]:
         """The metrics.jsonl fields of this step."""
@@ -71,6 +75,8 @@ class StepResult:
             out["loss_scale"] = self.loss_scale
         if self.active_blocks is not None:
             out["active_blocks"] = self.active_blocks
+        if self.aux_loss is not None:
+            out["aux_loss"] = self.aux_loss
         return out
 
 
@@ -96,6 +102,7 @@ class TrainingCore:
         self.model.train()
         lisa = config.lisa
         self.units = sampling_units(self.parts, lisa.unit if config.method == "lisa" else "layer")
+        self.frozen = tuple(router_modules(self.model)) if config.model.freeze_routers else ()
         self.unit_numel = [sum(getattr(p, "ds_numel", p.numel()) for p in unit.module.parameters())
                            for unit in self.units]
         strategy = None
@@ -139,7 +146,8 @@ class TrainingCore:
     def set_active_layers(self, active: tuple[int, ...]) -> None:
         """Flip requires_grad so frozen units compute no weight gradients, then resize optimizer state."""
         lisa = self.config.lisa
-        set_trainable_units(self.parts, self.units, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head)
+        set_trainable_units(self.parts, self.units, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head,
+                            self.frozen)
         self.optimizer.set_trainable(trainable_named_parameters(self.model))
         self.active_layers = active
 
@@ -180,8 +188,8 @@ class TrainingCore:
         self.sampler.step = step + 1
         layers = sorted({self.units[u].layer for u in self.active_layers})
         units = sorted(self.active_layers)
-        total_loss, *sums = read.sum_over_ranks([outcome.loss_sum, *self._layer_change_sums(layers),
-                                            *self._unit_grad_sums(units)], self.runtime.device)
+        local = [outcome.loss_sum, outcome.aux_sum, *self._layer_change_sums(layers), *self._unit_grad_sums(units)]
+        total_loss, total_aux, *sums = read.sum_over_ranks(local, self.runtime.device)
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):]
         if not outcome.skipped and self.sampler.strategy is not None:
             self.sampler.strategy.observe({u: sq / loss_scale ** 2 / self.unit_numel[u]
@@ -195,7 +203,9 @@ class TrainingCore:
             layer_update_ratio=[math.sqrt(change / value) if value > 0 else 0.0
                                 for change, value in zip(layer_sums[0::2], layer_sums[1::2])],
             active_blocks=[self.units[u].name for u in units] if self.config.lisa.unit == "block"
-            and self.config.method == "lisa" else None)
+            and self.config.method == "lisa" else None,
+            aux_loss=total_aux / (len(micro_batches) * self.runtime.world_size)
+            if self.stepper.router_aux is not None and loss_fn is None else None)
         nonfinite = outcome.skipped or outcome.nonfinite_shards > 0
         self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
         return result

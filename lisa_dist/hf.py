@@ -72,6 +72,8 @@ SET_BY_THE_SCRIPT = {
     "model.config": "the model the script passes", "model.num_layers": "the model the script passes",
     "model.tokenizer": "the Trainer's processing_class",
     "model.attn_implementation": "from_pretrained(..., attn_implementation=...) in the script",
+    "model.router_aux_loss_coef": "the model config's output_router_logits and router_aux_loss_coef (the model "
+                                  "adds its router loss to the Trainer's loss)",
 }
 
 
@@ -231,9 +233,11 @@ class LisaDistTrainer(transformers.Trainer):
     def _computes_token_loss(self) -> bool:
         """Whether this Trainer's loss is the mean cross-entropy of the labelled tokens, which lisa_dist then
         computes itself (honouring train.loss_chunk_tokens, reading the head through the engine): the plain
-        Trainer's, and SFTTrainer's `loss_type='nll'` without an MoE auxiliary loss."""
+        Trainer's, and SFTTrainer's `loss_type='nll'`, without an MoE model's router loss."""
         if self.compute_loss_func is not None or self.args.label_smoothing_factor > 0:
             return False
+        if getattr(self.model.config, "output_router_logits", False):
+            return False  # the model adds its router load-balancing loss to the loss the Trainer computes
         owner = next(c for c in type(self).__mro__ if c is not LisaDistTrainer and "compute_loss" in vars(c))
         if owner is transformers.Trainer:
             return True

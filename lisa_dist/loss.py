@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lisa_dist.models.moe import RouterAux
+
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = head(hidden)
@@ -18,7 +20,15 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
 
 def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, Any], chunk_tokens: int,
              device: torch.device, model_inputs: tuple[str, ...] = ("input_ids",)) -> torch.Tensor:
-    """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one).
+    """Sum of token losses over the labelled tokens of one micro-batch (`loss_sum_and_router_aux`)."""
+    return loss_sum_and_router_aux(model, head, batch, chunk_tokens, device, None, model_inputs)[0]
+
+
+def loss_sum_and_router_aux(model: nn.Module, head: nn.Module, batch: dict[str, Any], chunk_tokens: int,
+                            device: torch.device, router_aux: RouterAux | None,
+                            model_inputs: tuple[str, ...] = ("input_ids",)) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of token losses over the labelled tokens of one micro-batch (labels shifted by one), and with
+    `router_aux` the micro-batch's router load-balancing loss (unweighted).
 
     By default no attention mask is passed (`lisa-dist train`): its sequences are right-padded and attention
     is causal, so no real token ever attends to padding, and padded positions carry no label. Without a mask,
@@ -28,10 +38,19 @@ def loss_sum(model: nn.Module, head: nn.Module, batch: dict[str, Any], chunk_tok
     inputs = {key: batch[key].to(device) if isinstance(batch[key], torch.Tensor) else batch[key]
               for key in model_inputs if key in batch}
     labels = batch["labels"].to(device)
+    routers = {} if router_aux is None else {"output_router_logits": True}
     if chunk_tokens <= 0:
-        return logits_loss_sum(model(**inputs, use_cache=False).logits, labels)
-    hidden = model.base_model(**inputs, use_cache=False)[0][:, :-1]
-    return _ChunkedHeadLoss(head, chunk_tokens)(hidden, labels[:, 1:])
+        out = model(**inputs, use_cache=False, **routers)
+        loss = logits_loss_sum(out.logits, labels)
+    else:
+        out = model.base_model(**inputs, use_cache=False, **routers)
+        loss = _ChunkedHeadLoss(head, chunk_tokens)(out[0][:, :-1], labels[:, 1:])
+    if router_aux is None:
+        return loss, None
+    # The routers' balance over the micro-batch's real tokens: padding is masked out here, though not from
+    # the forward (right padding under causal attention changes no real token).
+    mask = batch.get("attention_mask")
+    return loss, router_aux.loss(out.router_logits, None if mask is None else mask.to(device))
 
 
 def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from torch import nn
 from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
 from lisa_dist.engines.base import Engine
-from lisa_dist.loss import loss_sum as token_loss_sum
+from lisa_dist.loss import loss_sum_and_router_aux
+from lisa_dist.models.moe import RouterAux, router_aux
 from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
@@ -38,6 +39,8 @@ class StepOutcome:
     nonfinite_shards: int = 0
     """One-pass fused mode: gradient shards that were non-finite and therefore not applied."""
     backward_passes: int = 1
+    aux_sum: float = 0.0
+    """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted)."""
 
 
 class StepRunner:
@@ -52,6 +55,8 @@ class StepRunner:
         self.engine = engine
         self.model = model
         self.optimizer = optimizer
+        self.router_aux = router_aux(config, model)
+        """The router load-balancing loss added to the token loss (None: off, or not an MoE model)."""
         t = config.train
         self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window, t.min_loss_scale, t.dtype == "fp16")
 
@@ -69,30 +74,44 @@ class StepRunner:
         return min(1.0, max_norm / (grad_norm + 1e-6))
 
     def token_loss(self, batch: Batch, global_targets: float) -> torch.Tensor:
-        return token_loss_sum(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
-                              self.runtime.device)
+        return self._loss_and_aux(batch, None)[0]
+
+    def _loss_and_aux(self, batch: Batch, aux: RouterAux | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return loss_sum_and_router_aux(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
+                                       self.runtime.device, aux)
 
     def forward_backward(self, micro_batches: list[Batch], global_targets: float, check_loss: bool,
-                         loss_fn: LossFn | None = None) -> tuple[float, bool]:
-        """Returns (local loss sum, whether every micro-batch's loss was finite on every rank)."""
-        loss_fn = loss_fn or self.token_loss
+                         loss_fn: LossFn | None = None) -> tuple[float, float, bool]:
+        """Returns (local loss sum, local router load-balancing loss sum, whether every micro-batch's loss was
+        finite on every rank). The router's loss (lisa_dist's own loss only; a Trainer's includes its own) is
+        the mean over the global batch's micro-batches, weighted by its coefficient."""
         scale = self.runtime.world_size / global_targets * self.scaler.scale
-        total = 0.0
+        aux_weight = 0.0
+        if self.router_aux is not None and loss_fn is None:
+            aux_weight = self.router_aux.coef * global_targets / (len(micro_batches) * self.runtime.world_size)
+        total = aux_total = 0.0
         for i, batch in enumerate(micro_batches):
             with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload,
                                        self.engine.saves_parameters_by_reference):
-                loss_sum = loss_fn(batch, global_targets)
+                if loss_fn is None:
+                    loss_sum, aux = self._loss_and_aux(batch, self.router_aux)
+                else:
+                    loss_sum, aux = loss_fn(batch, global_targets), None
             value = self.values.item(loss_sum.detach())
+            aux_value = 0.0 if aux is None else self.values.item(aux.detach())
             if check_loss:
-                (bad,) = self.values.sum_over_ranks([0.0 if math.isfinite(value) else 1.0], self.runtime.device)
+                finite = math.isfinite(value) and math.isfinite(aux_value)
+                (bad,) = self.values.sum_over_ranks([0.0 if finite else 1.0], self.runtime.device)
                 if bad:
-                    return math.nan, False
+                    return math.nan, math.nan, False
             self.hooks.final_micro_batch = i == len(micro_batches) - 1
             # Reduce-scatter averages over ranks; scaling by world size gives the per-token mean over the
             # whole global batch, whatever the world size and micro-batch split.
-            self.engine.backward(loss_sum * scale)
+            objective = loss_sum if aux is None else loss_sum + aux * aux_weight
+            self.engine.backward(objective * scale)
             total += value
-        return total, True
+            aux_total += aux_value
+        return total, aux_total, True
 
     def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
         read = self.values
@@ -104,14 +123,14 @@ class PostBackwardStep(StepRunner):
     def run(self, step: int, micro_batches: list[Batch], global_targets: float, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
         self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False)
-        loss_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
+        loss_sum, aux_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
         grad_norm, _ = self._global(self.optimizer.grad_sq_sum())
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step(self._options(step, lr, self._clip_factor(grad_norm)))
         self.optimizer.zero_grad(self.model)
         self.scaler.update(overflow=skipped)
-        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=skipped)
+        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=skipped, aux_sum=aux_sum)
 
 
 class FusedStep(StepRunner):
@@ -126,31 +145,34 @@ class FusedStep(StepRunner):
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
 
     def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
-              global_targets: float, loss_fn: LossFn | None) -> tuple[float, bool, float, int]:
+              global_targets: float, loss_fn: LossFn | None) -> StepOutcome:
+        """One forward/backward with the hooks in `mode`; `skipped` means a non-finite loss stopped it."""
         self.hooks.begin_pass(mode, options, guard)
-        loss_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True, loss_fn=loss_fn)
+        loss_sum, aux_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
+                                                          loss_fn=loss_fn)
         if not finite:
             self.optimizer.zero_grad(self.model)
-            return loss_sum, False, math.nan, 0
+            return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=True, aux_sum=aux_sum)
         sq, bad = self.hooks.end_pass(self.model)
         grad_norm, nonfinite = self._global(sq, bad)
-        return loss_sum, True, grad_norm, nonfinite
+        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, nonfinite_shards=nonfinite,
+                           aux_sum=aux_sum)
 
     def run(self, step: int, micro_batches: list[Batch], global_targets: float, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
         if self.precheck:
-            loss_sum, finite, grad_norm, nonfinite = self._pass("check", UpdateOptions(lr=lr), False,
-                                                                micro_batches, global_targets, loss_fn)
-            if not finite or nonfinite or not math.isfinite(grad_norm):
+            check = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn)
+            if check.skipped or check.nonfinite_shards or not math.isfinite(check.grad_norm):
                 self.scaler.update(overflow=True)
-                return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=True, backward_passes=1)
-            options = self._options(step, lr, self._clip_factor(grad_norm))
+                return StepOutcome(loss_sum=check.loss_sum, grad_norm=check.grad_norm, skipped=True,
+                                   backward_passes=1, aux_sum=check.aux_sum)
+            options = self._options(step, lr, self._clip_factor(check.grad_norm))
             self._pass("apply", options, False, micro_batches, global_targets, loss_fn)
             self.scaler.update(overflow=False)
-            return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, backward_passes=2)
+            return StepOutcome(loss_sum=check.loss_sum, grad_norm=check.grad_norm, skipped=False, backward_passes=2,
+                               aux_sum=check.aux_sum)
         options = self._options(step, lr, self._clip_factor(self.last_grad_norm))
-        loss_sum, finite, grad_norm, nonfinite = self._pass("apply", options, True, micro_batches, global_targets,
-                                                            loss_fn)
-        if finite and math.isfinite(grad_norm):
-            self.last_grad_norm = grad_norm
-        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=not finite, nonfinite_shards=nonfinite)
+        outcome = self._pass("apply", options, True, micro_batches, global_targets, loss_fn)
+        if not outcome.skipped and math.isfinite(outcome.grad_norm):
+            self.last_grad_norm = outcome.grad_norm
+        return outcome

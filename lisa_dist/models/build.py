@@ -13,6 +13,7 @@ from torch import nn
 
 from lisa_dist._compat import set_attn_implementation
 from lisa_dist.config import Config, ConfigError
+from lisa_dist.models.moe import check_moe_settings
 from lisa_dist.models.parts import UnsupportedModelError, find_parts, sampling_units
 from lisa_dist.models.presets import PRESETS
 from lisa_dist.models.weights import SafetensorsReader
@@ -110,6 +111,7 @@ def check_model(c: Config, model: nn.Module) -> None:
         raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {units} {what}")
     if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != units:
         raise ConfigError(f"lisa.layer_weights has {len(c.lisa.layer_weights)} entries; the model has {units} {what}")
+    check_moe_settings(c, model)
     if c.engine.layer_class is not None:
         found = type(parts.layers[0]).__name__
         if found != c.engine.layer_class:

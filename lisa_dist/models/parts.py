@@ -139,9 +139,11 @@ def sampling_units(parts: ModelParts, unit: str) -> list[SampledUnit]:
 
 
 def set_trainable_units(parts: ModelParts, units: list[SampledUnit], active: tuple[int, ...],
-                        train_embeddings: bool, train_norm: bool, train_head: bool) -> None:
+                        train_embeddings: bool, train_norm: bool, train_head: bool,
+                        frozen: tuple[nn.Module, ...] = ()) -> None:
     """Flip requires_grad so only the active units (and the always-trained parts) get gradients. With block
-    units, a layer's parameters outside its blocks (its norms) train while any of its blocks does."""
+    units, a layer's parameters outside its blocks (its norms) train while any of its blocks does. `frozen`
+    modules (the routers, with model.freeze_routers) never train."""
     active_layers = {units[u].layer for u in active}
     for i, layer in enumerate(parts.layers):
         layer.requires_grad_(i in active_layers)
@@ -154,3 +156,5 @@ def set_trainable_units(parts: ModelParts, units: list[SampledUnit], active: tup
                 module.requires_grad_(on)
     if parts.tied_embeddings and (train_embeddings or train_head):
         parts.embeddings[0].weight.requires_grad_(True)
+    for module in frozen:
+        module.requires_grad_(False)

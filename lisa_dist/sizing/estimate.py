@@ -23,6 +23,7 @@ from lisa_dist.core import TrainingCore
 from lisa_dist.distributed import Runtime
 from lisa_dist.env import LaunchEnv
 from lisa_dist.errors import ConfigError
+from lisa_dist.models.moe import routed_experts
 from lisa_dist.sizing.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.sizing.shapes import ShapesOnly
 from lisa_dist.train import Trainer, prepare
@@ -66,6 +67,10 @@ def run_estimate(config: Config, world_size: int, gpu_mem_gib: float,
     if config.engine.name != "fsdp2":
         raise ConfigError("lisa-dist estimate runs the FSDP2 step; use lisa-dist plan for engine.name=zero3")
     source, sequences, _ = prepare(config, world_size, check_output=False, read_weights=False, fill_batch=True)
+    if routed_experts(source.hf_config) and config.train.dtype != "bf16":
+        raise ConfigError(f"lisa-dist estimate of a mixture-of-experts model needs train.dtype=bf16 (this config has "
+                          f"{config.train.dtype}): its experts run through torch's grouped matrix product, whose "
+                          "shapes-only form takes bf16 alone; use lisa-dist plan for other dtypes")
     source = dataclasses.replace(source, weights_dir=None)
     fake_process_group(world_size)
     try:

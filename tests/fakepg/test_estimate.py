@@ -27,13 +27,15 @@ SHALLOW_7B = ["model.path=null", "model.preset=llama2-7b", "model.num_layers=2",
 """LLaMA-2-7B's shapes (4096 hidden, 32000 words) with two decoder layers: real runs fit in CPU memory."""
 
 
-def _measured_worker(rank: int, world_size: int, output_dir: str, method: str, optim: str, shallow_7b: bool) -> float:
+def _measured_worker(rank: int, world_size: int, output_dir: str, method: str, optim: str, shallow_7b: bool,
+                     model_path: str | None = None) -> float:
     model = {"path": None, "preset": "llama2-7b", "num_layers": 2} if shallow_7b else {}
+    model = {"path": model_path} if model_path else model
     batch = {"global_batch_size": 2, "micro_batch_size": 1} if shallow_7b else {
         "global_batch_size": 16, "micro_batch_size": 4 if method == "lisa" else 8}
     config = tiny_config(output_dir, method=method, lisa={"gamma": 1 if shallow_7b else 2, "interval": 5},
                          data={"seq_len": 64}, train={"dtype": "bf16", **batch},
-                         optim={"name": optim, "lr": 1e-3}, **({"model": model} if shallow_7b else {}))
+                         optim={"name": optim, "lr": 1e-3}, **({"model": model} if model else {}))
     trainer = start_trainer(config)
     return max(trainer._measured_step(step)["peak_mem_gib"] for step in ([0, 1, 5] if method == "lisa" else [0, 1]))
 
@@ -47,6 +49,22 @@ def test_estimate_matches_the_measured_peak_of_the_same_run(tmp_path, method, op
                                shallow_7b=False)[0]
     assert {"peak_gib", "fits", "world_size", "categories"} <= result.keys() and result["world_size"] == 2
     assert result["peak_gib"] == pytest.approx(measured, rel=0.10)
+
+
+def test_a_mixture_of_experts_estimate_matches_its_measured_peak_and_needs_bf16(tmp_path):
+    from lisa_dist.errors import ConfigError
+    from tests.families import write_family
+
+    model = str(write_family("mixtral", tmp_path / "mixtral"))
+    args = [*TINY, f"model.path={model}", "method=lisa", "optim.name=adamw", "optim.lr=1e-3",
+            "train.micro_batch_size=4"]
+    result = estimate(*args, "train.dtype=bf16")
+    measured = run_distributed(_measured_worker, 2, output_dir=str(tmp_path / "run"), method="lisa", optim="adamw",
+                               shallow_7b=False, model_path=model)[0]
+    assert result["categories"]["optimizer_state"] > 0
+    assert result["peak_gib"] == pytest.approx(measured, rel=0.10)
+    with pytest.raises(ConfigError, match="mixture-of-experts model needs train.dtype=bf16"):
+        estimate(*args, "train.dtype=fp32")
 
 
 @pytest.mark.slow

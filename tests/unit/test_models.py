@@ -102,3 +102,29 @@ def test_a_checkpoint_stored_one_tensor_per_expert_maps_to_the_stacked_experts()
         "model.layers.0.block_sparse_moe.experts.1.w2.weight"]
     assert keys.stored["model.layers.0.mlp.gate.weight"] == "model.layers.0.block_sparse_moe.gate.weight"
     assert not keys.converted
+
+
+def test_the_router_loss_follows_the_key_else_the_model_config_and_is_refused_where_there_is_none():
+    from lisa_dist.errors import ConfigError
+    from lisa_dist.models.moe import check_moe_settings, router_aux
+    from tests.families import hf_config
+    from tests.helpers import tiny_config
+
+    def config(**model):
+        return tiny_config("unused", model=model)
+
+    mixtral = build_meta_model(hf_config("mixtral"), torch.float32, "eager")
+    assert router_aux(config(), mixtral) is None  # output_router_logits is false in the model config
+    assert router_aux(config(router_aux_loss_coef=0.0), mixtral) is None
+    aux = router_aux(config(router_aux_loss_coef=0.3), mixtral)
+    assert (aux.coef, aux.num_experts, aux.top_k) == (0.3, 8, 2)
+    mixtral.config.output_router_logits = True
+    assert router_aux(config(), mixtral).coef == mixtral.config.router_aux_loss_coef
+    with pytest.raises(ConfigError, match="model.router_aux_loss_coef must be >= 0"):
+        router_aux(config(router_aux_loss_coef=-1.0), mixtral)
+    deepseek = build_meta_model(hf_config("deepseek_v3"), torch.float32, "eager")
+    with pytest.raises(ConfigError, match="DeepseekV3ForCausalLM has no router load-balancing loss"):
+        check_moe_settings(config(router_aux_loss_coef=0.1), deepseek)
+    llama = build_meta_model(hf_config("llama"), torch.float32, "eager")
+    with pytest.raises(ConfigError, match="model.freeze_routers=true: LlamaForCausalLM has no routers"):
+        check_moe_settings(config(freeze_routers=True), llama)
