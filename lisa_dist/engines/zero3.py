@@ -131,10 +131,13 @@ class Zero3Engine(Engine):
                 reader.check(name, list(shape))
             if count == 0:
                 continue
-            cols = max(1, param.ds_numel // shape[0]) if shape else 1
+            # A row: of dim 0, or of an expert's matrix (a cut expert is read only where the partition is).
+            experts = len(shape) == 3
+            cols = (shape[-1] if experts else max(1, param.ds_numel // shape[0])) if shape else 1
             first, last = start // cols, -(-(start + count) // cols)
             if reader is not None:
-                rows = reader.read_rows(name, first, last).reshape(-1)
+                read = reader.read_expert_rows if experts else reader.read_rows
+                rows = read(name, first, last).reshape(-1)
             else:
                 rows = random_init(name, torch.Size(shape), std, self.config.seed).reshape(-1)[first * cols:last * cols]
             offset = start - first * cols

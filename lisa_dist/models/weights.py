@@ -119,19 +119,50 @@ class SafetensorsReader:
         self.bytes_read += rows.numel() * rows.element_size()
         return rows
 
+    def read_expert_rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows [first, last) of a [experts, rows, cols] parameter viewed as [experts * rows, cols]: ZeRO-3's
+        flat partitions, which may cut an expert, read within the experts they touch, never whole experts
+        they only share rows with."""
+        shape = self.shape(name)
+        assert len(shape) == 3, "a stack of expert matrices"
+        rows = shape[1]
+        pieces = []
+        for expert in range(first // rows, -(-last // rows)):
+            lo, hi = max(first, expert * rows) - expert * rows, min(last, (expert + 1) * rows) - expert * rows
+            pieces.append(self._expert_rows(name, expert, lo, hi))
+        return torch.cat(pieces) if pieces else torch.empty([0, shape[-1]], dtype=self.dtype(name))
+
+    def _expert_rows(self, name: str, expert: int, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of one expert's matrix."""
+        if name not in self.keys.merged:
+            rows = self._read(self._key(name), lambda view: view[expert:expert + 1, lo:hi])
+            return rows[0]
+        merge = self.keys.merged[name]
+        keys = merge.expert_keys(expert)
+        if merge.concat_dim != 0:
+            return torch.cat([self._read(k, lambda view: view[lo:hi]) for k in keys], dim=merge.concat_dim)
+        parts, offset = [], 0
+        for key in keys:
+            count = self._slice_of_key(key).get_shape()[0]
+            a, b = max(lo, offset) - offset, min(hi, offset + count) - offset
+            if a < b:
+                parts.append(self._read(key, lambda view, a=a, b=b: view[a:b]))
+            offset += count
+        return torch.cat(parts)
+
+    def _read(self, key: str, take: Any) -> torch.Tensor:
+        try:
+            out = take(self._slice_of_key(key))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise WeightsError(f"{self.files[key]}: reading {key} failed ({e})") from None
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
     def _read_experts(self, name: str, start: int, end: int) -> torch.Tensor:
         merge = self.keys.merged[name]
         shape = self.shape(name)
-        experts = []
-        for expert in range(start, min(end, shape[0])):
-            parts = []
-            for key in merge.expert_keys(expert):
-                try:
-                    parts.append(self._slice_of_key(key)[...])
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise WeightsError(f"{self.files[key]}: reading {key} failed ({e})") from None
-                self.bytes_read += parts[-1].numel() * parts[-1].element_size()
-            experts.append(torch.cat(parts, dim=merge.concat_dim))
+        experts = [torch.cat([self._read(key, lambda view: view[...]) for key in merge.expert_keys(expert)],
+                             dim=merge.concat_dim) for expert in range(start, min(end, shape[0]))]
         if not experts:
             return torch.empty([0, *shape[1:]], dtype=self.dtype(name))
         return torch.stack(experts)

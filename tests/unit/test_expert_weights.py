@@ -31,6 +31,20 @@ def test_expert_rows_equal_from_pretrained_and_read_only_those_experts(tmp_path,
     reader.close()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_partition_cutting_experts_reads_only_its_rows(tmp_path, family):
+    """ZeRO-3's flat partitions: rows 5 to 43 of [8 x 32, cols] start inside expert 0 and end inside expert 1."""
+    directory = write_family(family, tmp_path / family)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    reader = SafetensorsReader(directory, build_meta_model(hf_config(family), torch.float32, "eager"))
+    for name in [n for n, t in loaded.items() if t.dim() == 3]:
+        cols = loaded[name].shape[-1]
+        before = reader.bytes_read
+        rows = reader.read_expert_rows(name, 5, 43)
+        assert torch.equal(rows, loaded[name].reshape(-1, cols)[5:43]), name
+        assert reader.bytes_read - before == 38 * cols * 4, name  # the partition's rows alone, fp32
+
+
 def test_a_missing_expert_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
