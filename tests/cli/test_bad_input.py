@@ -81,9 +81,10 @@ def _config_dir(tmp: Path, model_type: str, **spec) -> list[str]:
     """A config.json to build with random weights (model.config), for architectures rejected before start."""
     import transformers
 
-    from tests.families import FAMILIES
+    from tests.families import FAMILIES_BY_NAME
 
-    spec = {k: v for k, v in FAMILIES.get(model_type, FAMILIES["llama"]).items() if k != "model_type"} | spec
+    spec = {k: v for k, v in FAMILIES_BY_NAME.get(model_type, FAMILIES_BY_NAME["llama"]).items()
+            if k != "model_type"} | spec
     transformers.AutoConfig.for_model(model_type, **spec).save_pretrained(tmp / model_type)
     return [f"model.config={tmp / model_type}", "model.path=null"]
 
@@ -138,8 +139,12 @@ CASES = {
                             "model.safetensors: not a readable safetensors file"),
     "model_shard_missing": Case("a sharded checkpoint whose index names a missing file", _sharded_missing_file,
                                 "lists 1 shard file(s) missing"),
-    "model_moe": Case("a mixture-of-experts model (Mixtral)", lambda t: _config_dir(t, "mixtral", num_local_experts=4),
-                      "MixtralForCausalLM is a mixture-of-experts model (num_local_experts=4)"),
+    "model_quantized": Case("a model stored quantized (gpt-oss's MXFP4 release)",
+                            lambda t: _config_dir(t, "gpt_oss", quantization_config={"quant_method": "mxfp4"}),
+                            "GptOssForCausalLM is stored quantized (mxfp4)"),
+    "router_loss_without_one": Case("a router loss coefficient for a model without one (DeepSeek-V3)",
+                                    lambda t: [*_config_dir(t, "deepseek_v3"), "model.router_aux_loss_coef=0.1"],
+                                    "DeepseekV3ForCausalLM has no router load-balancing loss"),
     "model_no_sdpa": Case("model.attn_implementation=sdpa for a model without an SDPA path (Gemma 2)",
                           lambda t: _config_dir(t, "gemma2"), "set model.attn_implementation=eager"),
     "tokenizer_missing": Case("a model directory without a tokenizer",
