@@ -24,7 +24,8 @@ LEVERS = ["engine.split_layers=true", "model.activation_offload=true", "train.re
 
 
 # Every lever set and method at 7B's shapes. 70B's (grouped-query attention, 80 layers) are compared with
-# `estimate` whole, in the shipped 70B configs' test (test_70b.py); 13B is 7B's architecture at larger widths.
+# `estimate` whole, in the shipped configs' test (test_shipped_configs.py); 13B is 7B's architecture at
+# larger widths.
 # `scripts/plan_vs_estimate.py` prints all three presets at every lever set (docs/plan.md).
 PRESETS = ["llama2-7b"]
 LEVER_SETS = {"checkpointing": ["model.activation_checkpointing=true"],
