@@ -65,9 +65,10 @@ class SafetensorsReader:
             return self.keys.stored[name]
         if name in self.keys.merged:
             merge = self.keys.merged[name]
-            if merge.missing():
-                raise WeightsError(f"{self.directory}: {name} is stored one tensor per expert, and "
-                                   f"{merge.missing()} is missing")
+            missing = merge.missing()
+            if missing:
+                raise WeightsError(f"{self.directory}: {name} is stored one tensor per expert, and {missing} is "
+                                   "missing")
             return merge.expert_keys(0)[0]
         if name in self.keys.converted:
             raise WeightsError(f"{self.directory}: {name} is stored as {self.keys.converted[name]} in a layout "
@@ -111,13 +112,8 @@ class SafetensorsReader:
         experts [start, end), each read whole and nothing else."""
         if name in self.keys.merged:
             return self._read_experts(name, start, end)
-        view = self._slice(name)
-        try:
-            rows = view[...] if len(view.get_shape()) == 0 else view[start:end]
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise WeightsError(f"{self.files[self._key(name)]}: reading {name} failed ({e})") from None
-        self.bytes_read += rows.numel() * rows.element_size()
-        return rows
+        return self._read(self._key(name), lambda view: view[...] if len(view.get_shape()) == 0 else view[start:end],
+                          name)
 
     def read_expert_rows(self, name: str, first: int, last: int) -> torch.Tensor:
         """Rows [first, last) of a [experts, rows, cols] parameter viewed as [experts * rows, cols]: ZeRO-3's
@@ -150,11 +146,12 @@ class SafetensorsReader:
             offset += count
         return torch.cat(parts)
 
-    def _read(self, key: str, take: Any) -> torch.Tensor:
+    def _read(self, key: str, take: Any, what: str | None = None) -> torch.Tensor:
+        """`take(slice)` of the stored tensor `key` (`what`: the name to report on failure), counted."""
         try:
             out = take(self._slice_of_key(key))
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise WeightsError(f"{self.files[key]}: reading {key} failed ({e})") from None
+            raise WeightsError(f"{self.files[key]}: reading {what or key} failed ({e})") from None
         self.bytes_read += out.numel() * out.element_size()
         return out
 

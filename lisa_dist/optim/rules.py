@@ -186,10 +186,10 @@ class AdaLomo:
             factor = outer_slice(row_factor, col.rsqrt(), shard.flat_start, shard.numel, matrices)
             update = grad.mul_(factor.view_as(grad))
             update_sqs.append(_per_matrix_squared_sums(update, shard))
-        matrices = [i for i, shard in enumerate(shards) if shard.matrix is not None]
-        matrix_sqs = [update_sqs[i] for i in matrices]
-        self._sum_over_ranks(matrix_sqs, [shards[i] for i in matrices])
-        for i, total in zip(matrices, matrix_sqs):
+        factored = [i for i, shard in enumerate(shards) if shard.matrix is not None]
+        matrix_sqs = [update_sqs[i] for i in factored]
+        self._sum_over_ranks(matrix_sqs, [shards[i] for i in factored])
+        for i, total in zip(factored, matrix_sqs):
             update_sqs[i] = total
         for master, update, shard, totals, update_sq in zip(masters, grads, shards, stats, update_sqs):
             matrices = 1 if shard.matrix is None else shard.matrix[0]

@@ -60,17 +60,6 @@ def _pieces(start: int, numel: int, cols: int) -> list[tuple[int, int, int, int,
     return pieces
 
 
-def _by_matrix(row: int, k: int, rows: int) -> list[tuple[int, int, int]]:
-    """Whole rows [row, row + k) of a stack cut at its matrices' boundaries: (first row, row count, matrix)."""
-    out = []
-    while k > 0:
-        matrix = row // rows
-        n = min(k, (matrix + 1) * rows - row)
-        out.append((row, n, matrix))
-        row, k = row + n, k - n
-    return out
-
-
 def row_col_sums(flat: torch.Tensor, start: int, rows: int, cols: int,
                  matrices: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """This slice's contribution to each matrix's per-row and per-column sums, of a stack of `matrices`
@@ -82,8 +71,8 @@ def row_col_sums(flat: torch.Tensor, start: int, rows: int, cols: int,
         if whole:
             block = seg.view(-1, cols)
             row_sums[row:row + block.shape[0]] += block.sum(1)
-            for first, n, matrix in _by_matrix(row, block.shape[0], rows):
-                col_sums[matrix] += block[first - row:first - row + n].sum(0)
+            for lo_row, hi_row, matrix in matrix_segments(row, block.shape[0], rows):  # whole rows by matrix
+                col_sums[matrix] += block[lo_row:hi_row].sum(0)
         else:
             row_sums[row] += seg.sum()
             col_sums[row // rows, col:col + seg.numel()] += seg
@@ -119,10 +108,9 @@ def outer_slice(row_factor: torch.Tensor, col_factor: torch.Tensor, start: int, 
     out = row_factor.new_empty(numel)
     for lo, hi, row, col, whole in _pieces(start, numel, cols):
         if whole:
-            for first, n, matrix in _by_matrix(row, (hi - lo) // cols, rows):
-                at = lo + (first - row) * cols
-                block = row_factor[first:first + n, None] * by_matrix[matrix][None, :]
-                out[at:at + n * cols].view(n, cols).copy_(block)
+            for lo_row, hi_row, matrix in matrix_segments(row, (hi - lo) // cols, rows):  # whole rows by matrix
+                block = row_factor[row + lo_row:row + hi_row, None] * by_matrix[matrix][None, :]
+                out[lo + lo_row * cols:lo + hi_row * cols].view(hi_row - lo_row, cols).copy_(block)
         else:
             out[lo:hi] = row_factor[row] * by_matrix[row // rows, col:col + hi - lo]
     return out
