@@ -89,6 +89,10 @@ PRIVATE = [
     Private("transformers:PretrainedConfig._attn_implementation",
             "the attention kernel of a model built from a config (from_config takes no such argument for "
             "every model class)"),
+    Private("transformers:PretrainedConfig._experts_implementation",
+            "how a mixture-of-experts model built from a config computes its experts"),
+    Private("transformers:PreTrainedModel._can_set_experts_implementation",
+            "whether a model's experts implementation can be chosen (transformers ignores the choice otherwise)"),
     Private("transformers:Trainer._prepare_for_training",
             "LisaDistTrainer keeps accelerate from wrapping a model lisa_dist already sharded"),
     Private("transformers:Trainer._clip_grad_norm", "clipping is the core's (the Trainer would see no gradients)"),
@@ -184,6 +188,14 @@ def loss_is_scaled_for_accumulation(trainer: Any, num_items_in_batch: Any) -> bo
 
 def set_attn_implementation(hf_config: Any, name: str) -> None:
     hf_config._attn_implementation = name
+
+
+def set_experts_implementation(hf_config: Any, name: str) -> None:
+    hf_config._experts_implementation = name
+
+
+def can_set_experts_implementation(model: nn.Module) -> bool:
+    return bool(type(model)._can_set_experts_implementation())
 
 
 def zero3_coordinator(model: nn.Module, ds_config: dict[str, Any]) -> Any:

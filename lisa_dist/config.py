@@ -70,6 +70,11 @@ class ModelConfig:
     forward and back in backward. Costs two host-device copies of each per step."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel passed to transformers."""
+    experts_implementation: Literal["auto", "grouped_mm", "eager"] = "auto"
+    """Mixture-of-experts models: how transformers computes the routed experts. `grouped_mm`: grouped matrix
+    products over the tokens sorted by expert, no host sync; `eager`: a loop over the experts the batch reaches,
+    reading each one's tokens on the host. `auto`: grouped_mm wherever the model can switch (docs/models.md
+    times both)."""
     router_aux_loss_coef: float | None = None
     """Mixture-of-experts models: the weight of the router's load-balancing loss added to the token loss (0
     turns it off). Default: the model config's `router_aux_loss_coef` when its `output_router_logits` is true,

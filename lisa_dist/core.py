@@ -63,6 +63,9 @@ class StepResult:
     aux_loss: float | None = None
     """Mixture-of-experts with the router's load-balancing loss on: its mean over the global batch's
     micro-batches, unweighted (the step's objective adds model.router_aux_loss_coef times it)."""
+    expert_tokens: dict[str, list[int]] | None = None
+    """Mixture-of-experts: per MoE layer (its index), the global batch's tokens routed to each expert (a token
+    counts once for each of its top-k experts; padding does not count)."""
 
     def record(self) -> dict[str, Any]:
         """The metrics.jsonl fields of this step."""
@@ -77,12 +80,20 @@ class StepResult:
             out["active_blocks"] = self.active_blocks
         if self.aux_loss is not None:
             out["aux_loss"] = self.aux_loss
+        if self.expert_tokens is not None:
+            out["expert_tokens"] = self.expert_tokens
         return out
 
 
 def _labelled_targets(batch: Batch, values: Values) -> float:
     """Tokens of a micro-batch the loss is taken on (labels shift by one)."""
     return values.item((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _per_router(names: list[str], sums: list[float]) -> dict[str, list[int]]:
+    """The flattened routers x experts counts, per router's name."""
+    width = len(sums) // max(len(names), 1)
+    return {name: [round(c) for c in sums[i * width:(i + 1) * width]] for i, name in enumerate(names)}
 
 
 class TrainingCore:
@@ -188,9 +199,13 @@ class TrainingCore:
         self.sampler.step = step + 1
         layers = sorted({self.units[u].layer for u in self.active_layers})
         units = sorted(self.active_layers)
-        local = [outcome.loss_sum, outcome.aux_sum, *self._layer_change_sums(layers), *self._unit_grad_sums(units)]
+        load = self.stepper.expert_load
+        expert_rows = load.take() if load is not None else None
+        local = [outcome.loss_sum, outcome.aux_sum, *self._layer_change_sums(layers), *self._unit_grad_sums(units),
+                 *([] if expert_rows is None else read.items(expert_rows.flatten(), stand_in=0.0))]
         total_loss, total_aux, *sums = read.sum_over_ranks(local, self.runtime.device)
-        layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):]
+        layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):2 * len(layers) + len(units)]
+        expert_sums = sums[2 * len(layers) + len(units):]
         if not outcome.skipped and self.sampler.strategy is not None:
             self.sampler.strategy.observe({u: sq / loss_scale ** 2 / self.unit_numel[u]
                                            for u, sq in zip(units, grad_sums)})
@@ -205,7 +220,8 @@ class TrainingCore:
             active_blocks=[self.units[u].name for u in units] if self.config.lisa.unit == "block"
             and self.config.method == "lisa" else None,
             aux_loss=total_aux / (len(micro_batches) * self.runtime.world_size)
-            if self.stepper.router_aux is not None and loss_fn is None else None)
+            if self.stepper.router_aux is not None and loss_fn is None else None,
+            expert_tokens=None if expert_rows is None else _per_router(load.names_counted(), expert_sums))
         nonfinite = outcome.skipped or outcome.nonfinite_shards > 0
         self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0
         return result

@@ -72,6 +72,7 @@ SET_BY_THE_SCRIPT = {
     "model.config": "the model the script passes", "model.num_layers": "the model the script passes",
     "model.tokenizer": "the Trainer's processing_class",
     "model.attn_implementation": "from_pretrained(..., attn_implementation=...) in the script",
+    "model.experts_implementation": "from_pretrained(..., experts_implementation=...) in the script",
     "model.router_aux_loss_coef": "the model config's output_router_logits and router_aux_loss_coef (the model "
                                   "adds its router loss to the Trainer's loss)",
 }

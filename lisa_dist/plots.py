@@ -3,7 +3,9 @@
 One run: loss.png (training loss per step, and the held-out loss where evaluated), throughput.png
 (tokens/s), memory.png (each rank's peak per step), layers.png (which decoder layers trained at each step:
 the LISA schedule as a heatmap) and layer_updates.png (each layer's mean relative weight change
-||dW|| / ||W|| over the steps it trained, the LISA paper's per-layer view). Several runs: loss.png and
+||dW|| / ||W|| over the steps it trained, the LISA paper's per-layer view); for a mixture-of-experts model,
+experts.png (each MoE layer's tokens per expert over the run, against an even share, and the most loaded
+expert's share per step: the first thing to look at when an MoE fine-tune goes wrong). Several runs: loss.png and
 layer_updates.png with one line per run, to compare, say, a LISA run with a full one.
 """
 
@@ -73,6 +75,33 @@ def active_matrix(records: list[dict[str, Any]], layers: int) -> list[list[int]]
     return matrix
 
 
+def _layer_order(name: str) -> list[int]:
+    return [int(part) for part in name.split(".")]
+
+
+def expert_load(records: list[dict[str, Any]]) -> tuple[list[str], list[list[float]]]:
+    """Per MoE layer (by its index), each expert's tokens over the run divided by an even share (1.0: as many
+    as every other expert; 0.0: none routed to it)."""
+    totals: dict[str, list[float]] = {}
+    for record in step_records(records):
+        for name, row in (record.get("expert_tokens") or {}).items():
+            total = totals.setdefault(name, [0.0] * len(row))
+            totals[name] = [a + b for a, b in zip(total, row)]
+    names = sorted(totals, key=_layer_order)
+    return names, [[count * len(row) / sum(row) if sum(row) else 0.0 for count in row]
+                   for row in (totals[name] for name in names)]
+
+
+def max_expert_load(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """Per step with counts: the most loaded expert of any MoE layer, as a multiple of an even share."""
+    out = []
+    for record in step_records(records):
+        rows = [row for row in (record.get("expert_tokens") or {}).values() if sum(row)]
+        if rows:
+            out.append((record["step"], max(max(row) * len(row) / sum(row) for row in rows)))
+    return out
+
+
 def write_report(run_dirs: Path | list[Path], out_dir: Path | None = None) -> list[Path]:
     """The PNGs of one run (in RUN/report by default), or the comparison of several (RUN_A/report/compare)."""
     import matplotlib
@@ -99,6 +128,8 @@ def write_report(run_dirs: Path | list[Path], out_dir: Path | None = None) -> li
         for name, figure in (("throughput.png", _throughput_figure), ("memory.png", _memory_figure)):
             save(figure(plt, step_records(records)), name)
         save(_schedule_figure(plt, step_records(records), num_layers(run_dir, records)), "layers.png")
+        if max_expert_load(records):
+            save(_experts_figure(plt, records), "experts.png")
     return written
 
 
@@ -160,4 +191,21 @@ def _schedule_figure(plt: Any, records: list[dict[str, Any]], layers: int) -> An
     ax.imshow(active_matrix(records, layers), aspect="auto", interpolation="nearest", cmap="Greens",
               origin="lower", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, layers - 0.5))
     ax.set(xlabel="step", ylabel="decoder layer", title="trained layers per step (LISA schedule)")
+    return fig
+
+
+def _experts_figure(plt: Any, records: list[dict[str, Any]]) -> Any:
+    names, shares = expert_load(records)
+    fig, (heat, line) = plt.subplots(1, 2, figsize=(11, max(3.0, 0.25 * len(names) + 1.5)),
+                                     gridspec_kw={"width_ratios": [3, 2]})
+    image = heat.imshow(shares, aspect="auto", interpolation="nearest", cmap="magma", origin="lower", vmin=0.0,
+                        vmax=max(2.0, max(max(row) for row in shares)))
+    heat.set_yticks(range(len(names)), names if len(names) <= 32 else [""] * len(names))
+    heat.set(xlabel="expert", ylabel="MoE layer", title="tokens per expert over the run / even share")
+    fig.colorbar(image, ax=heat)
+    steps, peaks = zip(*max_expert_load(records))
+    line.plot(steps, peaks, marker=".")
+    line.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    line.set(xlabel="step", ylabel="most loaded expert / even share", title="worst expert load per step")
+    line.grid(alpha=0.3)
     return fig

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from lisa_dist.config import Config
 from lisa_dist.distributed import Runtime
 from lisa_dist.engines.base import Engine
 from lisa_dist.loss import loss_sum_and_router_aux
-from lisa_dist.models.moe import RouterAux, router_aux
+from lisa_dist.models.moe import ExpertLoad, RouterAux, router_aux
 from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
@@ -57,6 +58,9 @@ class StepRunner:
         self.optimizer = optimizer
         self.router_aux = router_aux(config, model)
         """The router load-balancing loss added to the token loss (None: off, or not an MoE model)."""
+        self.expert_load = ExpertLoad.of(engine.parts.layers, model.config, runtime.device)
+        """Mixture-of-experts: tokens routed to each expert in the last pass's forwards (None: a dense model)."""
+        self.expert_load_hooks = self.expert_load.register() if self.expert_load is not None else []
         t = config.train
         self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window, t.min_loss_scale, t.dtype == "fp16")
 
@@ -90,9 +94,11 @@ class StepRunner:
         if self.router_aux is not None and loss_fn is None:
             aux_weight = self.router_aux.coef * global_targets / (len(micro_batches) * self.runtime.world_size)
         total = aux_total = 0.0
+        if self.expert_load is not None:
+            self.expert_load.reset()  # a precheck's two passes route the same tokens alike: count one
         for i, batch in enumerate(micro_batches):
             with offload_saved_tensors(self.runtime.host_device, self.config.model.activation_offload,
-                                       self.engine.saves_parameters_by_reference):
+                                       self.engine.saves_parameters_by_reference), self._counting_experts(batch):
                 if loss_fn is None:
                     loss_sum, aux = self._loss_and_aux(batch, self.router_aux)
                 else:
@@ -112,6 +118,10 @@ class StepRunner:
             total += value
             aux_total += aux_value
         return total, aux_total, True
+
+    def _counting_experts(self, batch: Batch) -> AbstractContextManager[None]:
+        return self.expert_load.counting(batch.get("attention_mask")) if self.expert_load is not None \
+            else nullcontext()
 
     def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
         read = self.values

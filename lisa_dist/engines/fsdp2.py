@@ -34,7 +34,7 @@ class FSDP2Engine(Engine):
     def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
         c = self.config
         dtype = DTYPES[c.train.dtype]
-        model = build_meta_model(source.hf_config, dtype, c.model.attn_implementation)
+        model = build_meta_model(source.hf_config, dtype, c.model.attn_implementation, c.model.experts_implementation)
         parts = self._shard(model)
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         # Offloaded shards live in host memory; FSDP2 copies each unit to the device for its compute.

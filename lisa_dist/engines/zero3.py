@@ -17,6 +17,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 
 import deepspeed
+from deepspeed.utils import set_z3_leaf_module
 import torch
 import torch.distributed as dist
 import transformers
@@ -24,14 +25,14 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.hooks import RemovableHandle
 
-from lisa_dist._compat import (init_deepspeed_distributed, no_init_weights, reduce_scatter, set_attn_implementation,
-                               zero3_coordinator)
+from lisa_dist._compat import init_deepspeed_distributed, no_init_weights, reduce_scatter, zero3_coordinator
 from lisa_dist.config import Config
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.deepspeed_config import load_deepspeed_config
 from lisa_dist.env import export_rank_variables
 from lisa_dist.models import ModelParts, ModelSource, build_meta_model
-from lisa_dist.models.build import DTYPES, open_weights, persistent_buffers
+from lisa_dist.models.build import DTYPES, model_config, open_weights, persistent_buffers
+from lisa_dist.models.moe import expert_modules
 from lisa_dist.models.weights import random_init
 from lisa_dist.optim.shard_info import ShardInfo
 
@@ -54,12 +55,13 @@ class Zero3Engine(Engine):
     def build(self, source: ModelSource) -> tuple[nn.Module, ModelParts]:
         c = self.config
         self._start_deepspeed()
-        hf_config = source.hf_config.__class__.from_dict(source.hf_config.to_dict())
-        set_attn_implementation(hf_config, c.model.attn_implementation)
+        m = c.model
+        hf_config = model_config(source.hf_config, m.attn_implementation, m.experts_implementation)
         # Built before zero.Init, and not only for its buffers: the model's modules (transformers.modeling_utils,
         # which imports torch._dynamo) must be imported outside zero.Init, whose patched tensor constructors
         # break dynamo's registration of its polyfills (TypeError: Signature mismatch ... new_tensor).
-        reference = build_meta_model(source.hf_config, DTYPES[c.train.dtype], c.model.attn_implementation)
+        reference = build_meta_model(source.hf_config, DTYPES[c.train.dtype], m.attn_implementation,
+                                     m.experts_implementation)
         # Partitioned as each module is built, so no rank ever holds the whole model; the weights are
         # written into the partitions afterwards, so transformers' own initialization is skipped.
         # The dtype comes from the config's bf16/fp16 blocks (filled from train.dtype): Init's own `dtype`
@@ -83,6 +85,11 @@ class Zero3Engine(Engine):
     def _install(self, model: nn.Module) -> tuple[nn.Module, ModelParts]:
         """DeepSpeed's gather/release coordinator, and lisa_dist's reduce-scatter hook on every parameter."""
         parts = self._find_parts(model)
+        # The experts are fetched whole when their module is called, their children not hooked: a loop over the
+        # experts a rank's tokens reach (experts_implementation=eager) calls the activation module a different
+        # number of times on each rank, and ZeRO-3 would prefetch by that order into mismatched collectives.
+        for module in expert_modules(model):
+            set_z3_leaf_module(module, True)
         self.coordinator = zero3_coordinator(model, self.ds_config)
         self.world_mesh()  # partitions are saved as DTensor shards over it
         self._grads: dict[nn.Parameter, torch.Tensor] = {}

@@ -11,9 +11,9 @@ import torch
 import transformers
 from torch import nn
 
-from lisa_dist._compat import set_attn_implementation
+from lisa_dist._compat import can_set_experts_implementation, set_attn_implementation, set_experts_implementation
 from lisa_dist.config import Config, ConfigError
-from lisa_dist.models.moe import check_moe_settings
+from lisa_dist.models.moe import check_moe_settings, routed_experts
 from lisa_dist.models.parts import UnsupportedModelError, find_parts, sampling_units
 from lisa_dist.models.presets import PRESETS
 from lisa_dist.models.weights import SafetensorsReader
@@ -95,11 +95,28 @@ def check_against_model(c: Config, hf_config: transformers.PretrainedConfig) -> 
     if max_positions is not None and c.data.seq_len > max_positions:
         raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's {max_positions} positions")
     model = build_meta_model(hf_config, torch.float32, "eager")
+    experts = c.model.experts_implementation
+    if experts != "auto" and not routed_experts(hf_config):
+        raise ConfigError(f"model.experts_implementation={experts}: {type(model).__name__} has no routed experts; "
+                          "leave the key at auto")
+    if experts != "auto" and not can_set_experts_implementation(model):
+        raise ConfigError(f"model.experts_implementation={experts}: transformers computes {type(model).__name__}'s "
+                          "experts one way only; leave the key at auto")
     if c.model.attn_implementation == "sdpa" and not getattr(model, "_supports_sdpa", True):
         raise ConfigError(f"{type(model).__name__} does not support model.attn_implementation=sdpa (transformers "
                           "has no scaled_dot_product_attention path for it); set model.attn_implementation=eager")
     check_model(c, model)
     return model
+
+
+def model_config(hf_config: transformers.PretrainedConfig, attn_implementation: str,
+                 experts_implementation: str) -> transformers.PretrainedConfig:
+    """A copy of `hf_config` asking for these kernels (`auto`: transformers' choice of experts implementation)."""
+    hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
+    set_attn_implementation(hf_config, attn_implementation)
+    if experts_implementation != "auto":
+        set_experts_implementation(hf_config, experts_implementation)
+    return hf_config
 
 
 def check_model(c: Config, model: nn.Module) -> None:
@@ -189,11 +206,10 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype,
-                     attn_implementation: str) -> nn.Module:
+def build_meta_model(hf_config: transformers.PretrainedConfig, dtype: torch.dtype, attn_implementation: str,
+                     experts_implementation: str = "auto") -> nn.Module:
     """Parameters on the meta device in `dtype`; buffers (rotary tables) real, on CPU, in their own dtype."""
-    hf_config = hf_config.__class__.from_dict(hf_config.to_dict())
-    set_attn_implementation(hf_config, attn_implementation)
+    hf_config = model_config(hf_config, attn_implementation, experts_implementation)
     with parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
     for module in model.modules():

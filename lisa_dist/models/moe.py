@@ -9,12 +9,15 @@ with the batch's attention mask, so padding never counts as routed tokens.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lisa_dist.config import Config
 from lisa_dist.errors import ConfigError
@@ -23,6 +26,12 @@ from lisa_dist.errors import ConfigError
 def router_modules(module: nn.Module) -> list[nn.Module]:
     """The routers inside `module` (transformers names their classes `...Router`)."""
     return [m for m in module.modules() if type(m).__name__.lower().endswith("router")]
+
+
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules holding routed experts as 3-D parameters (a ZeRO-3 partition keeps its shape in `ds_shape`)."""
+    return [m for m in model.modules()
+            if any(len(getattr(p, "ds_shape", p.shape)) == 3 for p in m.parameters(recurse=False))]
 
 
 def is_moe(model: nn.Module) -> bool:
@@ -86,3 +95,73 @@ def check_moe_settings(config: Config, model: nn.Module) -> None:
         raise ConfigError(f"model.freeze_routers=true: {type(model).__name__} has no routers (it is not a "
                           "mixture-of-experts model)")
     router_aux(config, model)
+
+
+def _routed_indices(output: Any) -> torch.Tensor | None:
+    """The expert indices a router returned: its one integer tensor (tokens x top_k)."""
+    outputs = output if isinstance(output, tuple) else (output,)
+    return next((t for t in outputs if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each MoE layer in the step's forwards, counted on the device from the
+    routers' choices (a token counts once for each of its top-k experts). Padding is left out; evaluation and
+    the recomputation of checkpointed layers in backward are not counted (only forwards inside `counting`)."""
+
+    def __init__(self, layers: Sequence[nn.Module], num_experts: int, device: torch.device) -> None:
+        self.names: list[str] = []
+        """Per router: its decoder layer's index ("3"; "3.1" for a layer's second router)."""
+        self.routers: list[nn.Module] = []
+        for index, layer in enumerate(layers):
+            routers = router_modules(layer)
+            self.routers += routers
+            self.names += [str(index) if len(routers) == 1 else f"{index}.{j}" for j in range(len(routers))]
+        self.counts = torch.zeros(len(self.routers), num_experts, dtype=torch.float64, device=device)
+        self.counted = [False] * len(self.routers)
+        """Whether the router's output held indices to count (an unknown router's may not)."""
+        self._mask: torch.Tensor | None = None
+        self._counting = False
+
+    @classmethod
+    def of(cls, layers: Sequence[nn.Module], hf_config: Any, device: torch.device) -> ExpertLoad | None:
+        """The counter of a model's decoder `layers`, None for a dense model."""
+        experts = routed_experts(hf_config)
+        load = cls(layers, experts, device) if experts else None
+        return load if load is not None and load.routers else None
+
+    def register(self) -> list[RemovableHandle]:
+        return [router.register_forward_hook(partial(self._count, row)) for row, router in enumerate(self.routers)]
+
+    def _count(self, row: int, module: nn.Module, args: Any, output: Any) -> None:
+        indices = _routed_indices(output) if self._counting else None
+        if indices is None:
+            return
+        indices = indices.reshape(-1, indices.shape[-1])
+        weight = torch.ones_like(indices, dtype=self.counts.dtype)
+        if self._mask is not None and self._mask.numel() == indices.shape[0]:
+            weight = self._mask.reshape(-1, 1).to(self.counts.dtype).expand_as(indices)
+        self.counts[row].index_add_(0, indices.flatten().to(self.counts.device), weight.flatten())
+        self.counted[row] = True
+
+    @contextmanager
+    def counting(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
+        """Count the routers' choices of the forwards inside, leaving out positions where `attention_mask` is 0."""
+        self._mask = None if attention_mask is None else attention_mask.to(self.counts.device)
+        self._counting = True
+        try:
+            yield
+        finally:
+            self._counting = False
+            self._mask = None
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    def names_counted(self) -> list[str]:
+        return [name for name, counted in zip(self.names, self.counted) if counted]
+
+    def take(self) -> torch.Tensor:
+        """The counted routers' rows since the last reset (routers x experts), and a reset."""
+        rows = self.counts[[i for i, counted in enumerate(self.counted) if counted]].clone()
+        self.reset()
+        return rows

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lisa_dist.config import Config
+from lisa_dist.models.moe import router_aux, router_modules, routed_experts
 from lisa_dist.sizing.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.validation import check_world_size
 
@@ -59,7 +60,15 @@ class ModelShape:
     norm: int
     hidden: int
     intermediate: int
+    """The MLP width a token passes through in the widest layer: a dense layer's intermediate size; in a
+    mixture-of-experts layer, top-k experts' and the shared experts' (from their parameters)."""
     vocab: int
+    experts: int = 0
+    """Routed experts per MoE layer (0: a dense model)."""
+    top_k: int = 0
+    """Experts each token is routed to."""
+    router_aux_layers: int = 0
+    """MoE layers whose router logits the load-balancing loss takes (0: the loss is off)."""
 
     @classmethod
     def of(cls, config: Config, hf_config: Any = None) -> ModelShape:
@@ -68,7 +77,8 @@ class ModelShape:
         from lisa_dist.models.build import DTYPES, load_hf_config
 
         hf_config = hf_config or load_hf_config(config)[0]
-        model = build_meta_model(hf_config, DTYPES[config.train.dtype], config.model.attn_implementation)
+        model = build_meta_model(hf_config, DTYPES[config.train.dtype], config.model.attn_implementation,
+                                 config.model.experts_implementation)
         parts = find_parts(model)
 
         def count(modules: list[Any]) -> int:
@@ -85,12 +95,18 @@ class ModelShape:
         hidden = int(getattr(hf_config, "hidden_size", 0) or hf_config.n_embd)
         intermediate = int(getattr(hf_config, "intermediate_size", 0) or getattr(hf_config, "n_inner", 0)
                            or 4 * hidden)
+        experts, top_k = routed_experts(hf_config), int(getattr(hf_config, "num_experts_per_tok", 0) or 0)
+        aux_layers = sum(bool(router_modules(layer)) for layer in parts.layers) if router_aux(config, model) else 0
+        if experts and top_k:
+            intermediate = max(_routed_width(layer, hidden, experts, top_k, intermediate) for layer in parts.layers)
         return cls(total=sum(p.numel() for p in model.parameters()), layers=layers, units=unit_sizes,
                    largest_block=max(blocks, default=layers[0]),
                    largest_param=max(p.numel() for p in model.parameters()),
                    embeddings=count(parts.embeddings),
                    head=0 if parts.tied_embeddings else count([parts.head]), norm=count([parts.norm]),
-                   hidden=hidden, intermediate=intermediate, vocab=int(hf_config.vocab_size))
+                   hidden=hidden, intermediate=intermediate, vocab=int(hf_config.vocab_size),
+                   experts=experts if experts and top_k else 0, top_k=top_k if experts else 0,
+                   router_aux_layers=aux_layers)
 
     def trainable(self, config: Config) -> int:
         if config.method == "full":
@@ -99,6 +115,19 @@ class ModelShape:
         active = sum(sorted(self.units, reverse=True)[:lisa.gamma])
         return (active + self.embeddings * lisa.train_embeddings + self.head * lisa.train_head
                 + self.norm * lisa.train_norm)
+
+
+def _routed_width(layer: Any, hidden: int, experts: int, top_k: int, dense: int) -> int:
+    """The MLP width a token passes through in `layer`: with a router, top-k of the experts' (their 3-D
+    parameters) plus the shared experts' (the rest of the router's parent but the router), as gated MLPs of
+    3 x hidden x width; a dense layer's `dense`."""
+    routers = router_modules(layer)
+    if not routers:
+        return dense
+    mlp = next(m for m in layer.modules() if any(child is routers[0] for child in m.children()))
+    routed = sum(p.numel() for p in mlp.parameters() if p.dim() == 3)
+    rest = sum(p.numel() for p in mlp.parameters()) - routed - sum(p.numel() for p in routers[0].parameters())
+    return round((top_k * routed / experts + rest) / (3 * hidden))
 
 
 def _state_bytes_per_param(config: Config) -> float:
@@ -156,8 +185,14 @@ def _saved_activations(c: Config, shape: ModelShape, tokens: int, p: int) -> tup
     # the attention output, four MLP-wide tensors; a frozen LISA layer's linears keep no inputs (no
     # weight gradient), about 3h + I less. Fitted to `estimate` at 7B, 13B and 70B shapes (docs/plan.md).
     per_token = 12 * shape.hidden + 4 * shape.intermediate
+    frozen_saves = 3 * shape.hidden + shape.intermediate
+    if shape.experts:
+        # Routing keeps each token's copies for its top-k experts (their input, and their output before it is
+        # weighted), and the router's fp32 probabilities; a frozen layer's experts keep no inputs.
+        per_token += 2 * shape.top_k * shape.hidden + shape.experts * 4 / p
+        frozen_saves += shape.top_k * shape.hidden
     if c.method == "lisa":
-        per_token -= (1 - c.lisa.gamma / len(shape.units)) * (3 * shape.hidden + shape.intermediate)
+        per_token -= (1 - c.lisa.gamma / len(shape.units)) * frozen_saves
     if c.model.activation_checkpointing:  # only the layer input, and every one of them is still held
         return tokens * shape.hidden * p, len(shape.layers)
     # at the peak, in an early backward layer, about 1.5 layers' saved tensors are already released
@@ -225,9 +260,12 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     # The head and loss: logits, their fp32 copy and the saved fp32 log-softmax (offloaded with activations).
     chunk = min(c.train.loss_chunk_tokens or tokens, tokens)
     head = shape.head or shape.embeddings
+    # The router load-balancing loss over every MoE layer's fp32 logits: their concatenation and softmax, and
+    # transformers' int64 one-hot of each token's top-k experts.
+    router_loss = shape.router_aux_layers * tokens * shape.experts * (8 + 8 * shape.top_k)
     phases["head and loss"] = {
         "unsharded_params": head * p, "reduce_scatter_buffers": head * r, "activations": checkpoints,
-        "temporaries": chunk * shape.vocab * (p + 4 + 4 * (not c.model.activation_offload))}
+        "temporaries": chunk * shape.vocab * (p + 4 + 4 * (not c.model.activation_offload)) + router_loss}
     if all_grads:  # the post-backward update: fp32 gradient and rule temporaries of the largest shard
         staged = 12 if c.optim.offload_state else 0  # its state brought from the host
         phases["update"] = {"sharded_grads": all_grads, "temporaries": shape.largest_param / n * (12 + staged)}

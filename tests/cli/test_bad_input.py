@@ -145,6 +145,10 @@ CASES = {
     "router_loss_without_one": Case("a router loss coefficient for a model without one (DeepSeek-V3)",
                                     lambda t: [*_config_dir(t, "deepseek_v3"), "model.router_aux_loss_coef=0.1"],
                                     "DeepseekV3ForCausalLM has no router load-balancing loss"),
+    "experts_kernel_on_a_dense_model": Case(
+        "model.experts_implementation for a model without routed experts",
+        lambda t: ["model.experts_implementation=eager"],
+        "model.experts_implementation=eager: LlamaForCausalLM has no routed experts"),
     "model_no_sdpa": Case("model.attn_implementation=sdpa for a model without an SDPA path (Gemma 2)",
                           lambda t: _config_dir(t, "gemma2"), "set model.attn_implementation=eager"),
     "tokenizer_missing": Case("a model directory without a tokenizer",

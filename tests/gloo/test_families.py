@@ -10,7 +10,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from tests.families import ATTENTION, FAMILIES_BY_NAME, LEGACY_KEYS, MOE_FAMILIES, layer_index, write_family
+from tests.families import (ATTENTION, FAMILIES_BY_NAME, LAYERS, LEGACY_KEYS, MOE_FAMILIES, layer_index,
+                            write_family)
 from tests.helpers import (PARITY_ADALOMO_EPS1, assert_weights_close, parity_atol, run_distributed, start_trainer,
                            tiny_config)
 
@@ -36,7 +37,8 @@ def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: s
         with torch.no_grad():
             logits = trainer.core.model(input_ids=_probe(trainer.source.hf_config.vocab_size)).logits.float()
         trainer.save_final()
-        out[family] = {"losses": [r["loss"] for r in records],
+        out[family] = {"losses": [r["loss"] for r in records], "tokens": [r["tokens"] for r in records],
+                       "expert_tokens": [r.get("expert_tokens") for r in records],
                        "active": sorted({i for r in records for i in r["active_layers"]}),
                        "logits": logits, "tied": trainer.core.parts.tied_embeddings,
                        "final": trainer.output_dir / "final"}
@@ -83,6 +85,7 @@ def test_family_trains_with_lisa_and_final_reloads_to_the_same_logits(trained, f
             assert torch.equal(after[name], tensor), f"{name}: a frozen layer changed"
         elif layer is not None and tensor.dim() >= 2:  # matrices, and MoE layers' 3-D experts
             assert not torch.equal(after[name], tensor), f"{name}: an active layer did not train"
+    assert (obs["expert_tokens"][0] is None) == (family not in MOE_FAMILIES)
     assert obs["tied"] == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
     model.eval()
     with torch.no_grad():
@@ -112,6 +115,22 @@ def test_moe_engines_agree_on_the_loss_before_any_update(trained, family):
     _, runs = trained
     first = [runs[engine][family]["losses"][0] for engine in ENGINES]
     assert abs(first[0] - first[1]) <= 4 * 2.0 ** -52 * abs(first[0]), first
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_moe_steps_count_the_tokens_routed_to_each_expert(trained, family):
+    """Each MoE layer routes every real token of the global batch to top-k experts, so its counts sum to k times
+    the step's tokens; the same weights route alike on both engines (their first forwards are equal, above)."""
+    _, runs = trained
+    spec = MOE_FAMILIES[family]
+    dense = spec.get("first_k_dense_replace", 0)
+    for engine in ENGINES:
+        obs = runs[engine][family]
+        for counts, tokens in zip(obs["expert_tokens"], obs["tokens"]):
+            assert list(counts) == [str(i) for i in range(dense, LAYERS)], (engine, counts.keys())
+            for layer, row in counts.items():
+                assert len(row) == 8 and sum(row) == spec["num_experts_per_tok"] * tokens, (engine, layer, row)
+    assert runs["fsdp2"][family]["expert_tokens"][0] == runs["zero3"][family]["expert_tokens"][0]
 
 
 # LOMO and AdaLomo on the MoE families whose experts load differently: stacked from per-expert tensors

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from lisa_dist.errors import ReportError
-from lisa_dist.plots import active_matrix, load_metrics, mean_layer_updates, num_layers, write_report
+from lisa_dist.plots import (active_matrix, expert_load, load_metrics, max_expert_load, mean_layer_updates, num_layers,
+                             write_report)
 
 
 def _write_run(run, records, layers=None):
@@ -54,6 +55,24 @@ def test_report_writes_five_pngs_and_eval_rows_do_not_disturb_them(tmp_path):
     assert sorted(p.name for p in written) == ["layer_updates.png", "layers.png", "loss.png", "memory.png",
                                                "throughput.png"]
     assert all(p.parent == tmp_path / "run" / "report" and p.stat().st_size > 1000 for p in written)
+
+
+def test_expert_load_is_each_experts_share_of_its_layers_tokens_over_the_run():
+    records = [{**_record(1, [1]), "expert_tokens": {"1": [4, 0, 2, 2], "10": [1, 1, 1, 1]}}, _eval(1),
+               {**_record(2, [1]), "expert_tokens": {"1": [4, 0, 0, 4], "10": [0, 0, 0, 0]}}]
+    names, shares = expert_load(records)
+    assert names == ["1", "10"]  # by layer index, not as strings
+    assert shares == [[2.0, 0.0, 0.5, 1.5], [1.0, 1.0, 1.0, 1.0]]  # [8, 0, 2, 6] and [1, 1, 1, 1], 4 experts
+    assert max_expert_load(records) == [(1, 2.0), (2, 2.0)]  # a layer without tokens does not count
+
+
+def test_report_draws_the_expert_load_of_a_mixture_of_experts_run(tmp_path):
+    records = [{**_record(s, [s % 2]), "expert_tokens": {str(i): [s, 2, 3, 4] for i in range(2)}}
+               for s in range(1, 5)]
+    _write_run(tmp_path / "moe", records, layers=2)
+    written = write_report(tmp_path / "moe")
+    assert "experts.png" in {p.name for p in written}
+    assert (tmp_path / "moe" / "report" / "experts.png").stat().st_size > 1000
 
 
 def test_two_runs_are_compared_on_loss_and_per_layer_updates(tmp_path):
