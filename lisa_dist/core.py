@@ -201,7 +201,8 @@ class TrainingCore:
         units = sorted(self.active_layers)
         load = self.stepper.expert_load
         expert_rows = load.take() if load is not None else None
-        local = [outcome.loss_sum, outcome.aux_sum, *self._layer_change_sums(layers), *self._unit_grad_sums(units),
+        local = [outcome.loss_sum, outcome.aux_sum or 0.0, *self._layer_change_sums(layers),
+                 *self._unit_grad_sums(units),
                  *([] if expert_rows is None else read.items(expert_rows.flatten(), stand_in=0.0))]
         total_loss, total_aux, *sums = read.sum_over_ranks(local, self.runtime.device)
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):2 * len(layers) + len(units)]
@@ -219,8 +220,7 @@ class TrainingCore:
                                 for change, value in zip(layer_sums[0::2], layer_sums[1::2])],
             active_blocks=[self.units[u].name for u in units] if self.config.lisa.unit == "block"
             and self.config.method == "lisa" else None,
-            aux_loss=total_aux / (len(micro_batches) * self.runtime.world_size)
-            if self.stepper.router_aux is not None and loss_fn is None else None,
+            aux_loss=None if outcome.aux_sum is None else total_aux / (len(micro_batches) * self.runtime.world_size),
             expert_tokens=None if expert_rows is None else _per_router(load.names_counted(), expert_sums))
         nonfinite = outcome.skipped or outcome.nonfinite_shards > 0
         self.consecutive_skips = self.consecutive_skips + 1 if nonfinite else 0

@@ -40,8 +40,9 @@ class StepOutcome:
     nonfinite_shards: int = 0
     """One-pass fused mode: gradient shards that were non-finite and therefore not applied."""
     backward_passes: int = 1
-    aux_sum: float = 0.0
-    """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted)."""
+    aux_sum: float | None = None
+    """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted),
+    where lisa_dist added them to its own loss (None: not added)."""
 
 
 class StepRunner:
@@ -85,14 +86,15 @@ class StepRunner:
                                        self.runtime.device, aux)
 
     def forward_backward(self, micro_batches: list[Batch], global_targets: float, check_loss: bool,
-                         loss_fn: LossFn | None = None) -> tuple[float, float, bool]:
-        """Returns (local loss sum, local router load-balancing loss sum, whether every micro-batch's loss was
-        finite on every rank). The router's loss (lisa_dist's own loss only; a Trainer's includes its own) is
-        the mean over the global batch's micro-batches, weighted by its coefficient."""
+                         loss_fn: LossFn | None = None) -> tuple[float, float | None, bool]:
+        """Returns (local loss sum, local router load-balancing loss sum or None where none was added, whether
+        every micro-batch's loss was finite on every rank). The router's loss (lisa_dist's own loss only; a
+        Trainer's includes its own) is the mean over the global batch's micro-batches, weighted by its
+        coefficient."""
         scale = self.runtime.world_size / global_targets * self.scaler.scale
-        aux_weight = 0.0
-        if self.router_aux is not None and loss_fn is None:
-            aux_weight = self.router_aux.coef * global_targets / (len(micro_batches) * self.runtime.world_size)
+        adds_aux = self.router_aux is not None and loss_fn is None
+        aux_weight = self.router_aux.coef * global_targets / (len(micro_batches) * self.runtime.world_size) \
+            if adds_aux else 0.0
         total = aux_total = 0.0
         if self.expert_load is not None:
             self.expert_load.reset()  # a precheck's two passes route the same tokens alike: count one
@@ -109,7 +111,7 @@ class StepRunner:
                 finite = math.isfinite(value) and math.isfinite(aux_value)
                 (bad,) = self.values.sum_over_ranks([0.0 if finite else 1.0], self.runtime.device)
                 if bad:
-                    return math.nan, math.nan, False
+                    return math.nan, math.nan if adds_aux else None, False
             self.hooks.final_micro_batch = i == len(micro_batches) - 1
             # Reduce-scatter averages over ranks; scaling by world size gives the per-token mean over the
             # whole global batch, whatever the world size and micro-batch split.
@@ -117,7 +119,7 @@ class StepRunner:
             self.engine.backward(objective * scale)
             total += value
             aux_total += aux_value
-        return total, aux_total, True
+        return total, aux_total if adds_aux else None, True
 
     def _counting_experts(self, batch: Batch) -> AbstractContextManager[None]:
         return self.expert_load.counting(batch.get("attention_mask")) if self.expert_load is not None \

@@ -91,6 +91,10 @@ def router_aux(config: Config, model: nn.Module) -> RouterAux | None:
 
 def check_moe_settings(config: Config, model: nn.Module) -> None:
     """Before start: the MoE keys fit the model."""
+    if config.method == "lisa" and config.lisa.strategy == "outlier" and is_moe(model):
+        raise ConfigError(f"lisa.strategy=outlier: it scores a layer by its linear modules' outlier weights, and "
+                          f"{type(model).__name__}'s routed experts are not linear modules, so the layers' scores "
+                          "would leave out most of their weights; use uniform, weights, grad_norm or cyclic")
     if config.model.freeze_routers and not is_moe(model):
         raise ConfigError(f"model.freeze_routers=true: {type(model).__name__} has no routers (it is not a "
                           "mixture-of-experts model)")

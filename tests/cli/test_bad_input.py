@@ -145,6 +145,9 @@ CASES = {
     "router_loss_without_one": Case("a router loss coefficient for a model without one (DeepSeek-V3)",
                                     lambda t: [*_config_dir(t, "deepseek_v3"), "model.router_aux_loss_coef=0.1"],
                                     "DeepseekV3ForCausalLM has no router load-balancing loss"),
+    "outlier_on_moe": Case("lisa.strategy=outlier on a mixture of experts (Mixtral)",
+                           lambda t: [*_config_dir(t, "mixtral"), "lisa.strategy=outlier"],
+                           "MixtralForCausalLM's routed experts are not linear modules"),
     "experts_kernel_on_a_dense_model": Case(
         "model.experts_implementation for a model without routed experts",
         lambda t: ["model.experts_implementation=eager"],

@@ -37,7 +37,9 @@ def _families_worker(rank: int, world_size: int, dirs: dict[str, str], engine: s
         with torch.no_grad():
             logits = trainer.core.model(input_ids=_probe(trainer.source.hf_config.vocab_size)).logits.float()
         trainer.save_final()
+        checkpoint = trainer.save(STEPS) if family in MOE_FAMILIES else None
         out[family] = {"losses": [r["loss"] for r in records], "tokens": [r["tokens"] for r in records],
+                       "checkpoint": checkpoint,
                        "expert_tokens": [r.get("expert_tokens") for r in records],
                        "active": sorted({i for r in records for i in r["active_layers"]}),
                        "logits": logits, "tied": trainer.core.parts.tied_embeddings,
@@ -106,6 +108,23 @@ def test_final_is_written_in_the_layout_save_pretrained_writes(trained, engine):
         final = load_file(f"{runs[engine][family]['final']}/model.safetensors")
         assert final.keys() == source.keys(), family
         assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in source.items()}, family
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_moe_step_checkpoint_exports_to_final(trained, engine, tmp_path):
+    """`lisa-dist export` (in one process, without a process group) of the last step's checkpoint: FSDP2's whole
+    experts per rank and ZeRO-3's partitions cutting them come back in save_pretrained's layout, equal to final/."""
+    from lisa_dist.checkpoint import export_checkpoint
+
+    _, runs = trained
+    for family in MOE_FAMILIES:
+        obs = runs[engine][family]
+        export_checkpoint(obs["checkpoint"], tmp_path / family)
+        exported = load_file(tmp_path / family / "model.safetensors")
+        final = load_file(obs["final"] / "model.safetensors")
+        assert exported.keys() == final.keys(), family
+        for key, tensor in final.items():
+            assert torch.equal(exported[key], tensor), f"{family}: {key}"
 
 
 @pytest.mark.parametrize("family", list(MOE_FAMILIES))
