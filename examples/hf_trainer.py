@@ -35,6 +35,8 @@ class Record(transformers.TrainerCallback):
                                     "optim_state": sorted(core.optimizer.names),
                                     "fused_updates": len(core.stepper.hooks.seen),
                                     "grad_norm": self.trainer.last_result.grad_norm,
+                                    "tokens": self.trainer.last_result.tokens,
+                                    "expert_tokens": self.trainer.last_result.expert_tokens,
                                     "dtype": core.config.train.dtype,
                                     "checkpointing": core.config.model.activation_checkpointing}) + "\n")
 
@@ -42,11 +44,14 @@ class Record(transformers.TrainerCallback):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/hf_trainer")
+    parser.add_argument("--model", default=str(TINY_MODEL_DIR), help="a Hugging Face model directory")
     parser.add_argument("--method", default="lisa", choices=["lisa", "full"])
     parser.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "lomo", "adalomo"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--global-batch", type=int, default=4, help="sequences per step over all ranks")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per rank and forward (default: the global batch split over the ranks)")
     parser.add_argument("--adam-epsilon", type=float, default=1e-8, help="TrainingArguments.adam_epsilon (adamw)")
     parser.add_argument("--adalomo-eps1", type=float, default=1e-30, help="lisa_dist optim.adalomo_eps[0]")
     parser.add_argument("--engine", default=None, choices=["fsdp2", "zero3"],
@@ -63,15 +68,17 @@ def main() -> None:
     parser.add_argument("--record", default=None)
     cli = parser.parse_args()
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    model = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(cli.model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(cli.model, dtype=torch.float32)
     sequences = build_sequences(load_examples(TINY_ALPACA, tokenizer), seq_len=48, pad_id=tokenizer.eos_token_id,
                                 pack=False)
     dataset = [{"input_ids": sequences.input_ids[i], "labels": sequences.labels[i],
                 "attention_mask": sequences.attention_mask[i]} for i in range(len(sequences))]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    micro_batch = cli.micro_batch or cli.global_batch // world_size
     args = transformers.TrainingArguments(
-        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=cli.global_batch // world_size,
+        output_dir=cli.out, max_steps=cli.steps, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=cli.global_batch // (micro_batch * world_size),
         learning_rate=cli.lr, lr_scheduler_type="constant", logging_steps=1, report_to=[],
         save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, seed=0, data_seed=0,
         max_grad_norm=1.0, adam_epsilon=cli.adam_epsilon, label_smoothing_factor=cli.label_smoothing,

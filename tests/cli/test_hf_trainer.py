@@ -139,3 +139,36 @@ def test_bf16_and_gradient_checkpointing_arguments_train_as_lisa_dists_own_setti
     assert final["flags"].keys() == final["settings"].keys()
     for key, value in final["flags"].items():
         assert torch.equal(value, final["settings"][key]), key
+
+
+def test_an_moe_model_adding_its_router_loss_trains_on_two_ranks_like_one_process(tmp_path):
+    """Mixtral whose config asks for the router's load-balancing loss (output_router_logits): the model adds
+    coef x that loss of each micro-batch to the loss the Trainer computes. With the same one-sequence
+    micro-batches (2 ranks x 2 accumulated, or 4 accumulated in one process) the update is the same, the
+    router's loss moves it, and every step counts k = 2 experts per token of each layer."""
+    from tests.families import write_family
+
+    model = write_family("mixtral", tmp_path / "mixtral")
+    raw = json.loads((model / "config.json").read_text())
+    runs = {}
+    for name, coef, nproc in (("two", 0.2, 2), ("one", 0.2, 1), ("without", 0.0, 1)):
+        directory = tmp_path / f"model_{name}"
+        directory.mkdir()
+        for item in model.iterdir():
+            (directory / item.name).symlink_to(item)
+        (directory / "config.json").unlink()
+        (directory / "config.json").write_text(json.dumps({**raw, "output_router_logits": coef > 0,
+                                                           "router_aux_loss_coef": coef}))
+        (tmp_path / name).mkdir()
+        runs[name] = run_example(tmp_path / name, "--model", str(directory), "--optim", "sgd", "--micro-batch", "1",
+                                 nproc=nproc)
+    for r, s in zip(runs["two"], runs["one"]):
+        assert r["grad_norm"] == pytest.approx(s["grad_norm"], rel=4 * REDUCTION_ROUNDING, abs=0)
+        assert all(sum(row) == 2 * r["tokens"] for row in r["expert_tokens"].values())
+    # the same weights route alike (later steps' weights differ by rounding, which may flip a near tie)
+    assert runs["two"][0]["expert_tokens"] == runs["one"][0]["expert_tokens"]
+    atol = parity_atol(OPTIM["sgd"], STEPS, max(r["grad_norm"] for r in runs["two"] + runs["one"]))
+    final = {name: load_file(tmp_path / name / "model.safetensors") for name in runs}
+    assert_weights_close(final["two"], final["one"], atol)
+    moved = max(float((final["without"][k] - final["one"][k]).abs().max()) for k in final["one"])
+    assert moved > 10 * atol, "the router loss changes the update beyond the parity bound"
