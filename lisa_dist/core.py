@@ -201,10 +201,13 @@ class TrainingCore:
         units = sorted(self.active_layers)
         load = self.stepper.expert_load
         expert_rows = load.take() if load is not None else None
-        local = [outcome.loss_sum, outcome.aux_sum or 0.0, *self._layer_change_sums(layers),
-                 *self._unit_grad_sums(units),
-                 *([] if expert_rows is None else read.items(expert_rows.flatten(), stand_in=0.0))]
-        total_loss, total_aux, *sums = read.sum_over_ranks(local, self.runtime.device)
+        device = self.runtime.device
+        aux = outcome.aux_sum if outcome.aux_sum is not None else torch.zeros((), dtype=torch.float64, device=device)
+        local = torch.cat([torch.stack([outcome.loss_sum.to(device, torch.float64), aux.to(device, torch.float64)]),
+                           self._layer_change_sums(layers), self._unit_grad_sums(units),
+                           *([] if expert_rows is None else [expert_rows.flatten().to(device, torch.float64)])])
+        # The step's figures travel in one reduction and reach the host in one read.
+        total_loss, total_aux, *sums = read.read_sum_over_ranks(local)
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):2 * len(layers) + len(units)]
         expert_sums = sums[2 * len(layers) + len(units):]
         if not outcome.skipped and self.sampler.strategy is not None:
@@ -241,9 +244,9 @@ class TrainingCore:
             self.model.train()
         return loss_sum, targets
 
-    def _layer_change_sums(self, layers: list[int]) -> list[float]:
-        """This rank's (squared change, squared value) of each layer in `layers`, flattened, from the shards
-        the step updated; reduced with the loss in one collective."""
+    def _layer_change_sums(self, layers: list[int]) -> torch.Tensor:
+        """This rank's (squared change, squared value) of each layer in `layers`, flattened, on the device, from
+        the shards the step updated; reduced with the loss in one collective."""
         position = {layer: i for i, layer in enumerate(layers)}
         sums = torch.zeros(2 * len(layers), dtype=torch.float64, device=self.runtime.device)
         for name, (change, value) in self.optimizer.take_change_sums().items():
@@ -251,9 +254,9 @@ class TrainingCore:
             if layer in position:
                 sums[2 * position[layer]] += change.to(sums.device, torch.float64)
                 sums[2 * position[layer] + 1] += value.to(sums.device, torch.float64)
-        return self.values.items(sums, stand_in=0.0)
+        return sums
 
-    def _unit_grad_sums(self, units: list[int]) -> list[float]:
+    def _unit_grad_sums(self, units: list[int]) -> torch.Tensor:
         """This rank's squared gradient norm of each unit in `units` (loss-scaled, before clipping)."""
         position = {unit: i for i, unit in enumerate(units)}
         sums = torch.zeros(len(units), dtype=torch.float64, device=self.runtime.device)
@@ -261,7 +264,7 @@ class TrainingCore:
             unit = self.unit_of.get(name)
             if unit in position:
                 sums[position[unit]] += sq.to(sums.device, torch.float64)
-        return self.values.items(sums, stand_in=0.0)
+        return sums
 
     @torch.no_grad()
     def outlier_ratios(self, micro_batches: list[Batch] | None) -> list[float]:

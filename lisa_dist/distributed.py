@@ -185,5 +185,11 @@ def in_place_sum(device: torch.device, group: Any = None) -> Callable[[torch.Ten
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    all_reduce_tensor(t)
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor) -> None:
+    """`t` summed over every rank, in place (nothing to do in a process without a process group)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -31,8 +31,8 @@ normalize themselves, such as a Trainer's `compute_loss`)."""
 
 @dataclass(slots=True)
 class StepOutcome:
-    loss_sum: float
-    """Sum of token losses on this rank (0 when a non-finite loss stopped the step)."""
+    loss_sum: torch.Tensor
+    """Sum of token losses on this rank, on the device (NaN when a non-finite loss stopped the step)."""
     grad_norm: float
     """Global gradient norm before clipping, unscaled."""
     skipped: bool
@@ -40,9 +40,9 @@ class StepOutcome:
     nonfinite_shards: int = 0
     """One-pass fused mode: gradient shards that were non-finite and therefore not applied."""
     backward_passes: int = 1
-    aux_sum: float | None = None
-    """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted),
-    where lisa_dist added them to its own loss (None: not added)."""
+    aux_sum: torch.Tensor | None = None
+    """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted), on
+    the device, where lisa_dist added them to its own loss (None: not added)."""
 
 
 class StepRunner:
@@ -86,16 +86,19 @@ class StepRunner:
                                        self.runtime.device, aux)
 
     def forward_backward(self, micro_batches: list[Batch], global_targets: float, check_loss: bool,
-                         loss_fn: LossFn | None = None) -> tuple[float, float | None, bool]:
+                         loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Returns (local loss sum, local router load-balancing loss sum or None where none was added, whether
-        every micro-batch's loss was finite on every rank). The router's loss (lisa_dist's own loss only; a
-        Trainer's includes its own) is the mean over the global batch's micro-batches, weighted by its
-        coefficient."""
+        every micro-batch's loss was finite on every rank); the sums stay on the device. The router's loss
+        (lisa_dist's own loss only; a Trainer's includes its own) is the mean over the global batch's
+        micro-batches, weighted by its coefficient. With `check_loss`, each micro-batch's loss is checked
+        finite on every rank before its backward: one reduction and host read per micro-batch."""
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         adds_aux = self.router_aux is not None and loss_fn is None
         aux_weight = self.router_aux.coef * global_targets / (len(micro_batches) * self.runtime.world_size) \
             if adds_aux else 0.0
-        total = aux_total = 0.0
+        device = self.runtime.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        aux_total = torch.zeros((), dtype=torch.float64, device=device)
         if self.expert_load is not None:
             self.expert_load.reset()  # a precheck's two passes route the same tokens alike: count one
         for i, batch in enumerate(micro_batches):
@@ -105,20 +108,20 @@ class StepRunner:
                     loss_sum, aux = self._loss_and_aux(batch, self.router_aux)
                 else:
                     loss_sum, aux = loss_fn(batch, global_targets), None
-            value = self.values.item(loss_sum.detach())
-            aux_value = 0.0 if aux is None else self.values.item(aux.detach())
+            value = loss_sum.detach().to(device, torch.float64)
+            aux_value = torch.zeros_like(value) if aux is None else aux.detach().to(device, torch.float64)
             if check_loss:
-                finite = math.isfinite(value) and math.isfinite(aux_value)
-                (bad,) = self.values.sum_over_ranks([0.0 if finite else 1.0], self.runtime.device)
+                (bad,) = self.values.read_sum_over_ranks((~torch.isfinite(value + aux_value)).double().reshape(1))
                 if bad:
-                    return math.nan, math.nan if adds_aux else None, False
+                    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+                    return nan, nan if adds_aux else None, False
             self.hooks.final_micro_batch = i == len(micro_batches) - 1
             # Reduce-scatter averages over ranks; scaling by world size gives the per-token mean over the
             # whole global batch, whatever the world size and micro-batch split.
             objective = loss_sum if aux is None else loss_sum + aux * aux_weight
             self.engine.backward(objective * scale)
-            total += value
-            aux_total += aux_value
+            total = total + value
+            aux_total = aux_total + aux_value
         return total, aux_total if adds_aux else None, True
 
     def _counting_experts(self, batch: Batch) -> AbstractContextManager[None]:
@@ -126,8 +129,11 @@ class StepRunner:
             else nullcontext()
 
     def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
-        read = self.values
-        total_sq, total_bad = read.sum_over_ranks([read.item(sq), read.item(bad, 0.0)], self.runtime.device)
+        """The global gradient norm (unscaled) and count of non-finite shards: one reduction, one host read."""
+        device = self.runtime.device
+        local = torch.stack([torch.as_tensor(sq).to(device, torch.float64).reshape(()),
+                             torch.as_tensor(bad).to(device, torch.float64).reshape(())])
+        total_sq, total_bad = self.values.read_sum_over_ranks(local)
         return math.sqrt(total_sq) / self.scaler.scale, int(total_bad)
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lisa_dist.distributed import all_reduce_sum
+from lisa_dist.distributed import all_reduce_sum, all_reduce_tensor
 
 if TYPE_CHECKING:
     from lisa_dist.sampler import Strategy
@@ -33,6 +33,13 @@ class Values:
     def sum_over_ranks(self, values: list[float], device: torch.device) -> list[float]:
         """Each of `values` summed over every rank, in one collective."""
         return all_reduce_sum(values, device)
+
+    def read_sum_over_ranks(self, t: torch.Tensor, stand_in: float = 0.0) -> list[float]:
+        """`t`, a vector on the device, summed over every rank in one collective and read to the host in one
+        transfer (a step's one sync: everything it reports travels in this vector)."""
+        total = t.to(torch.float64)
+        all_reduce_tensor(total)
+        return total.tolist()
 
     @contextmanager
     def real_tensors(self) -> Iterator[None]:

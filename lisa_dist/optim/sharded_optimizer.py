@@ -32,6 +32,9 @@ class Slot:
     """Persistent fp32 copy of `shard` (post-backward rules with a low-precision training dtype)."""
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    """Updates applied, for checkpoints; `updates` is the same count as a Python number, which the rules read
+    at every update without a host read of the tensor."""
+    updates: int = 0
     grad_accum: torch.Tensor | None = None
     """fp32 sum of earlier micro-batches' gradient shards (low-precision training dtypes only)."""
     change_sq: torch.Tensor | None = None
@@ -181,6 +184,7 @@ class ShardedOptimizer:
         masters, states = [], []
         for slot in slots:
             slot.step += 1
+            slot.updates += 1
             master, state = slot.master, slot.state
             if self.host is not None:  # offloaded: this shard's state comes to the device for its update only
                 device = slot.shard.device
@@ -190,8 +194,8 @@ class ShardedOptimizer:
             states.append(state)
         targets = [master if master is not None else slot.shard.float() for master, slot in zip(masters, slots)]
         befores = [target.clone() for target in targets]
-        steps = [int(self.values.item(slot.step)) for slot in slots]
-        self.rule.update_many(targets, grads32, states, steps, options.lr, [slot.info for slot in slots])
+        self.rule.update_many(targets, grads32, states, [slot.updates for slot in slots], options.lr,
+                              [slot.info for slot in slots])
         for target, before, ok in zip(targets, befores, finite):
             torch.where(ok, target, before, out=target)
         for slot, master, state, target, before in zip(slots, masters, states, targets, befores):
@@ -304,6 +308,7 @@ class ShardedOptimizer:
     def after_load(self) -> None:
         """Masters were restored from the checkpoint; the low-precision shards are rounded copies of them."""
         for slot in self.slots.values():
+            slot.updates = int(self.values.item(slot.step))
             if slot.master is not None:
                 slot.shard.copy_(slot.master)
 
