@@ -188,11 +188,14 @@ class TrainingCore:
         self.model.train()
         self.switch(step, micro_batches)
         read = self.values
-        local_targets = sum(_labelled_targets(b, read) for b in micro_batches)
-        local_tokens = sum(read.item(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                           for b in micro_batches)
-        global_targets, global_tokens = read.sum_over_ranks([local_targets, local_tokens], self.runtime.device)
-        global_targets = max(global_targets, 1.0)
+        device = self.runtime.device
+        # The batch is on the host: its counts wait for no device. Their global sums stay on the device for the
+        # loss scale, and reach the host with the step's figures.
+        local_counts = torch.tensor([sum(_labelled_targets(b, read) for b in micro_batches),
+                                     sum(read.item(b["attention_mask"].sum()) if "attention_mask" in b
+                                         else b["input_ids"].numel() for b in micro_batches)],
+                                    dtype=torch.float64, device=device)
+        global_targets = read.sum_over_ranks_on_device(local_counts)[0].clamp(min=1.0)
         loss_scale = self.stepper.scaler.scale
         outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
         self.skipped_steps += int(outcome.skipped)
@@ -201,20 +204,19 @@ class TrainingCore:
         units = sorted(self.active_layers)
         load = self.stepper.expert_load
         expert_rows = load.take() if load is not None else None
-        device = self.runtime.device
         aux = outcome.aux_sum if outcome.aux_sum is not None else torch.zeros((), dtype=torch.float64, device=device)
         local = torch.cat([torch.stack([outcome.loss_sum.to(device, torch.float64), aux.to(device, torch.float64)]),
-                           self._layer_change_sums(layers), self._unit_grad_sums(units),
+                           local_counts, self._layer_change_sums(layers), self._unit_grad_sums(units),
                            *([] if expert_rows is None else [expert_rows.flatten().to(device, torch.float64)])])
         # The step's figures travel in one reduction and reach the host in one read.
-        total_loss, total_aux, *sums = read.read_sum_over_ranks(local)
+        total_loss, total_aux, total_targets, global_tokens, *sums = read.read_sum_over_ranks(local)
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):2 * len(layers) + len(units)]
         expert_sums = sums[2 * len(layers) + len(units):]
         if not outcome.skipped and self.sampler.strategy is not None:
             self.sampler.strategy.observe({u: sq / loss_scale ** 2 / self.unit_numel[u]
                                            for u, sq in zip(units, grad_sums)})
         result = StepResult(
-            step=step + 1, loss=total_loss / global_targets, lr=lr, active_layers=layers,
+            step=step + 1, loss=total_loss / max(total_targets, 1.0), lr=lr, active_layers=layers,
             grad_norm=outcome.grad_norm, tokens=int(global_tokens), step_time_s=time.perf_counter() - start,
             skipped=outcome.skipped, nonfinite_grad_shards=outcome.nonfinite_shards,
             backward_passes=outcome.backward_passes,
@@ -237,7 +239,7 @@ class TrainingCore:
         loss_sum = targets = 0.0
         try:
             for batch in micro_batches:
-                loss_sum += self.values.item(self.stepper.token_loss(batch, 0.0))
+                loss_sum += self.values.item(self.stepper.token_loss(batch))
                 targets += _labelled_targets(batch, self.values)
         finally:
             self.engine.after_forward_only()
@@ -278,7 +280,7 @@ class TrainingCore:
             with norms.record():
                 for batch in micro_batches:
                     norms.mask = batch.get("attention_mask")
-                    self.stepper.token_loss(batch, 0.0)
+                    self.stepper.token_loss(batch)
         finally:
             self.engine.after_forward_only()
             self.model.train()

@@ -295,7 +295,7 @@ class LisaDistTrainer(transformers.Trainer):
                                                    model_inputs=_model_inputs(batch))
         scaled = loss_is_scaled_for_accumulation(self, num_items_in_batch)
 
-        def trainer_loss(batch: dict[str, Any], global_targets: float) -> torch.Tensor:
+        def trainer_loss(batch: dict[str, Any], global_targets: torch.Tensor) -> torch.Tensor:
             device = core.runtime.device
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with self.compute_loss_context_manager():

@@ -23,10 +23,10 @@ from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.sharded_optimizer import UpdateOptions
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[Batch, float], torch.Tensor]
+LossFn = Callable[[Batch, torch.Tensor], torch.Tensor]
 """`loss_fn(micro_batch, global_targets)`: the micro-batch's summed token loss, a scalar tensor to
-backpropagate (`global_targets`, the labelled tokens of the whole global batch, is for losses that
-normalize themselves, such as a Trainer's `compute_loss`)."""
+backpropagate (`global_targets`, the labelled tokens of the whole global batch as a 0-dim tensor on the device,
+is for losses that normalize themselves, such as a Trainer's `compute_loss`)."""
 
 
 @dataclass(slots=True)
@@ -78,14 +78,15 @@ class StepRunner:
             return 1.0
         return min(1.0, max_norm / (grad_norm + 1e-6))
 
-    def token_loss(self, batch: Batch, global_targets: float) -> torch.Tensor:
+    def token_loss(self, batch: Batch) -> torch.Tensor:
+        """A micro-batch's summed token loss, lisa_dist's own, without the router's."""
         return self._loss_and_aux(batch, None)[0]
 
     def _loss_and_aux(self, batch: Batch, aux: RouterAux | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return loss_sum_and_router_aux(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
                                        self.runtime.device, aux)
 
-    def forward_backward(self, micro_batches: list[Batch], global_targets: float, check_loss: bool,
+    def forward_backward(self, micro_batches: list[Batch], global_targets: torch.Tensor, check_loss: bool,
                          loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Returns (local loss sum, local router load-balancing loss sum or None where none was added, whether
         every micro-batch's loss was finite on every rank); the sums stay on the device. The router's loss
@@ -138,7 +139,7 @@ class StepRunner:
 
 
 class PostBackwardStep(StepRunner):
-    def run(self, step: int, micro_batches: list[Batch], global_targets: float, lr: float,
+    def run(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
         self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False)
         loss_sum, aux_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
@@ -163,7 +164,7 @@ class FusedStep(StepRunner):
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
 
     def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
-              global_targets: float, loss_fn: LossFn | None) -> StepOutcome:
+              global_targets: torch.Tensor, loss_fn: LossFn | None) -> StepOutcome:
         """One forward/backward with the hooks in `mode`; `skipped` means a non-finite loss stopped it."""
         self.hooks.begin_pass(mode, options, guard)
         loss_sum, aux_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
@@ -176,7 +177,7 @@ class FusedStep(StepRunner):
         return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, nonfinite_shards=nonfinite,
                            aux_sum=aux_sum)
 
-    def run(self, step: int, micro_batches: list[Batch], global_targets: float, lr: float,
+    def run(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
         if self.precheck:
             check = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn)

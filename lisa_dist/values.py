@@ -34,6 +34,12 @@ class Values:
         """Each of `values` summed over every rank, in one collective."""
         return all_reduce_sum(values, device)
 
+    def sum_over_ranks_on_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over every rank in one collective, left on the device: no host read."""
+        total = t.clone()
+        all_reduce_tensor(total)
+        return total
+
     def read_sum_over_ranks(self, t: torch.Tensor, stand_in: float = 0.0) -> list[float]:
         """`t`, a vector on the device, summed over every rank in one collective and read to the host in one
         transfer (a step's one sync: everything it reports travels in this vector)."""
