@@ -207,9 +207,13 @@ class TrainingCore:
         aux = outcome.aux_sum if outcome.aux_sum is not None else torch.zeros((), dtype=torch.float64, device=device)
         local = torch.cat([torch.stack([outcome.loss_sum.to(device, torch.float64), aux.to(device, torch.float64)]),
                            local_counts, self._layer_change_sums(layers), self._unit_grad_sums(units),
-                           *([] if expert_rows is None else [expert_rows.flatten().to(device, torch.float64)])])
+                           *([] if expert_rows is None else [expert_rows.flatten().to(device, torch.float64)]),
+                           *([] if outcome.norm_sums is None else [outcome.norm_sums])])
         # The step's figures travel in one reduction and reach the host in one read.
         total_loss, total_aux, total_targets, global_tokens, *sums = read.read_sum_over_ranks(local)
+        if outcome.norm_sums is not None:
+            *sums, total_sq, total_bad = sums
+            self.stepper.settle(outcome, total_sq, total_bad)
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):2 * len(layers) + len(units)]
         expert_sums = sums[2 * len(layers) + len(units):]
         if not outcome.skipped and self.sampler.strategy is not None:

@@ -40,6 +40,10 @@ class StepOutcome:
     nonfinite_shards: int = 0
     """One-pass fused mode: gradient shards that were non-finite and therefore not applied."""
     backward_passes: int = 1
+    norm_sums: torch.Tensor | None = None
+    """This rank's squared gradient norm and non-finite shard count, on the device, when no decision of the step
+    waited for their reduction: they go with the step's figures, and `StepRunner.settle` fills in `grad_norm`
+    and `nonfinite_shards` from the sums."""
     aux_sum: torch.Tensor | None = None
     """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted), on
     the device, where lisa_dist added them to its own loss (None: not added)."""
@@ -129,6 +133,14 @@ class StepRunner:
         return self.expert_load.counting(batch.get("attention_mask")) if self.expert_load is not None \
             else nullcontext()
 
+    def settle(self, outcome: StepOutcome, total_sq: float, total_bad: float) -> None:
+        """An outcome's pending norm (`StepOutcome.norm_sums`), summed over ranks: its norm and non-finite count,
+        and the norm the next step clips by."""
+        outcome.grad_norm = math.sqrt(total_sq) / self.scaler.scale
+        outcome.nonfinite_shards = int(total_bad)
+        if math.isfinite(outcome.grad_norm):
+            self.last_grad_norm = outcome.grad_norm
+
     def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
         """The global gradient norm (unscaled) and count of non-finite shards: one reduction, one host read."""
         device = self.runtime.device
@@ -164,8 +176,9 @@ class FusedStep(StepRunner):
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
 
     def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
-              global_targets: torch.Tensor, loss_fn: LossFn | None) -> StepOutcome:
-        """One forward/backward with the hooks in `mode`; `skipped` means a non-finite loss stopped it."""
+              global_targets: torch.Tensor, loss_fn: LossFn | None, read_norm: bool) -> StepOutcome:
+        """One forward/backward with the hooks in `mode`; `skipped` means a non-finite loss stopped it. The
+        gradient norm is read here with `read_norm`, else left pending (`StepOutcome.norm_sums`)."""
         self.hooks.begin_pass(mode, options, guard)
         loss_sum, aux_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
                                                           loss_fn=loss_fn)
@@ -173,6 +186,11 @@ class FusedStep(StepRunner):
             self.optimizer.zero_grad(self.model)
             return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=True, aux_sum=aux_sum)
         sq, bad = self.hooks.end_pass(self.model)
+        if not read_norm:
+            device = self.runtime.device
+            sums = torch.stack([torch.as_tensor(sq).to(device, torch.float64).reshape(()),
+                                torch.as_tensor(bad).to(device, torch.float64).reshape(())])
+            return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=False, norm_sums=sums, aux_sum=aux_sum)
         grad_norm, nonfinite = self._global(sq, bad)
         return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, nonfinite_shards=nonfinite,
                            aux_sum=aux_sum)
@@ -180,18 +198,17 @@ class FusedStep(StepRunner):
     def run(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
         if self.precheck:
-            check = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn)
+            check = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn,
+                               read_norm=True)
             if check.skipped or check.nonfinite_shards or not math.isfinite(check.grad_norm):
                 self.scaler.update(overflow=True)
                 return StepOutcome(loss_sum=check.loss_sum, grad_norm=check.grad_norm, skipped=True,
                                    backward_passes=1, aux_sum=check.aux_sum)
             options = self._options(step, lr, self._clip_factor(check.grad_norm))
-            self._pass("apply", options, False, micro_batches, global_targets, loss_fn)
+            self._pass("apply", options, False, micro_batches, global_targets, loss_fn, read_norm=False)
             self.scaler.update(overflow=False)
             return StepOutcome(loss_sum=check.loss_sum, grad_norm=check.grad_norm, skipped=False, backward_passes=2,
                                aux_sum=check.aux_sum)
+        # Clipped by the previous step's norm: this step's is read with its figures (`settle`).
         options = self._options(step, lr, self._clip_factor(self.last_grad_norm))
-        outcome = self._pass("apply", options, True, micro_batches, global_targets, loss_fn)
-        if not outcome.skipped and math.isfinite(outcome.grad_norm):
-            self.last_grad_norm = outcome.grad_norm
-        return outcome
+        return self._pass("apply", options, True, micro_batches, global_targets, loss_fn, read_norm=False)

@@ -39,14 +39,15 @@ def counts(tmp_path_factory):
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 @pytest.mark.parametrize("run", list(RUNS))
 def test_lisa_dist_reads_the_device_and_reduces_a_fixed_few_times_per_step(counts, engine, run):
-    """Per step: the global token counts, summed on the device before backward (a collective, no read); the
-    gradient norm (clipping and skipping read it before the update) and the step's figures after it, each one
-    reduction and one read; LOMO also checks each micro-batch's loss finite on every rank before its backward.
-    Besides, two scalars per micro-batch from the host-side batch (its labelled and real tokens), which wait
-    for no device."""
+    """Per step: the global token counts, summed on the device before backward (a collective, no read), and
+    the step's figures after it (one reduction, one read). AdamW reads the gradient norm before its update
+    (clipping and skipping decide by it: one reduction, one read); LOMO, which clips by the previous step's
+    norm, reads it with the figures, but checks each micro-batch's loss finite on every rank before its
+    backward (one reduction, one read each). Besides, two scalars per micro-batch from the host-side batch (its
+    labelled and real tokens), which wait for no device."""
     micro = MICRO_BATCHES[run]
     fused = run == "full_lomo"
     for step in counts[engine][run]:
-        assert step.get("lisa_dist vector read", 0) == 2 + fused * micro, step
-        assert step.get("lisa_dist collective", 0) == 3 + fused * micro, step
+        assert step.get("lisa_dist vector read", 0) == (1 + micro if fused else 2), step
+        assert step.get("lisa_dist collective", 0) == (2 + micro if fused else 3), step
         assert step.get("lisa_dist scalar read", 0) == 2 * micro, step
