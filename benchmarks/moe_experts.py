@@ -55,7 +55,8 @@ def host_reads(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
     return counter.count
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Prints the comparison; returns per implementation its host reads and median seconds."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--rounds", type=int, default=15)
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     models = {}
@@ -86,13 +87,15 @@ def main() -> None:
     ratios = [a / b for a, b in zip(times["grouped_mm"], times["eager"])]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.dtype}, {args.device}, "
           f"{args.experts} experts, top {args.top_k}, 4 x {args.tokens} tokens, {args.rounds} rounds")
+    reads = {name: host_reads(models[name], input_ids) for name in IMPLEMENTATIONS}
     for name in IMPLEMENTATIONS:
-        print(f"{name}: {host_reads(models[name], input_ids)} host reads (nonzero, item) per forward and backward")
+        print(f"{name}: {reads[name]} host reads (nonzero, item) per forward and backward")
     for name in IMPLEMENTATIONS:
         print(f"{name}: median {statistics.median(times[name]) * 1000:.1f} ms per forward and backward "
               f"(min {min(times[name]) * 1000:.1f}, max {max(times[name]) * 1000:.1f})")
     print(f"grouped_mm / eager: median {statistics.median(ratios):.3f} "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    return {name: {"host_reads": reads[name], "median_s": statistics.median(times[name])} for name in IMPLEMENTATIONS}
 
 
 if __name__ == "__main__":
