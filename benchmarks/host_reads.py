@@ -67,7 +67,7 @@ def count_vector_reads() -> None:
     method an older lisa_dist lacks is skipped, so the counts of a commit before these can be compared)."""
     from lisa_dist import values
 
-    for method in ("items", "read_sum_over_ranks", "sum_over_ranks"):
+    for method in ("items", "sum_over_ranks"):  # every read goes through `items`; older versions also had the latter
         original = getattr(values.Values, method, None)
         if original is None:
             continue

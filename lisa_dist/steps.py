@@ -136,18 +136,23 @@ class StepRunner:
     def settle(self, outcome: StepOutcome, total_sq: float, total_bad: float) -> None:
         """An outcome's pending norm (`StepOutcome.norm_sums`), summed over ranks: its norm and non-finite count,
         and the norm the next step clips by."""
-        outcome.grad_norm = math.sqrt(total_sq) / self.scaler.scale
-        outcome.nonfinite_shards = int(total_bad)
+        outcome.grad_norm, outcome.nonfinite_shards = self._norm(total_sq, total_bad)
         if math.isfinite(outcome.grad_norm):
             self.last_grad_norm = outcome.grad_norm
 
-    def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
-        """The global gradient norm (unscaled) and count of non-finite shards: one reduction, one host read."""
+    def _norm_sums(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> torch.Tensor:
+        """This rank's squared gradient norm and non-finite shard count, one float64 vector on the device."""
         device = self.runtime.device
-        local = torch.stack([torch.as_tensor(sq).to(device, torch.float64).reshape(()),
-                             torch.as_tensor(bad).to(device, torch.float64).reshape(())])
-        total_sq, total_bad = self.values.read_sum_over_ranks(local)
+        return torch.stack([torch.as_tensor(sq).to(device, torch.float64).reshape(()),
+                            torch.as_tensor(bad).to(device, torch.float64).reshape(())])
+
+    def _norm(self, total_sq: float, total_bad: float) -> tuple[float, int]:
+        """The global gradient norm (unscaled) and count of non-finite shards, from their sums over ranks."""
         return math.sqrt(total_sq) / self.scaler.scale, int(total_bad)
+
+    def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
+        """The global gradient norm and count of non-finite shards: one reduction, one host read."""
+        return self._norm(*self.values.read_sum_over_ranks(self._norm_sums(sq, bad)))
 
 
 class PostBackwardStep(StepRunner):
@@ -187,10 +192,8 @@ class FusedStep(StepRunner):
             return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=True, aux_sum=aux_sum)
         sq, bad = self.hooks.end_pass(self.model)
         if not read_norm:
-            device = self.runtime.device
-            sums = torch.stack([torch.as_tensor(sq).to(device, torch.float64).reshape(()),
-                                torch.as_tensor(bad).to(device, torch.float64).reshape(())])
-            return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=False, norm_sums=sums, aux_sum=aux_sum)
+            return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=False, norm_sums=self._norm_sums(sq, bad),
+                               aux_sum=aux_sum)
         grad_norm, nonfinite = self._global(sq, bad)
         return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, nonfinite_shards=nonfinite,
                            aux_sum=aux_sum)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lisa_dist.distributed import all_reduce_sum, all_reduce_tensor
+from lisa_dist.distributed import all_reduce_tensor
 
 if TYPE_CHECKING:
     from lisa_dist.sampler import Strategy
@@ -30,10 +30,6 @@ class Values:
     def items(self, t: torch.Tensor, stand_in: float = 1.0) -> list[float]:
         return t.tolist()
 
-    def sum_over_ranks(self, values: list[float], device: torch.device) -> list[float]:
-        """Each of `values` summed over every rank, in one collective."""
-        return all_reduce_sum(values, device)
-
     def sum_over_ranks_on_device(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over every rank in one collective, left on the device: no host read."""
         total = t.clone()
@@ -43,9 +39,7 @@ class Values:
     def read_sum_over_ranks(self, t: torch.Tensor, stand_in: float = 0.0) -> list[float]:
         """`t`, a vector on the device, summed over every rank in one collective and read to the host in one
         transfer (a step's one sync: everything it reports travels in this vector)."""
-        total = t.to(torch.float64)
-        all_reduce_tensor(total)
-        return total.tolist()
+        return self.items(self.sum_over_ranks_on_device(t.to(torch.float64)), stand_in)
 
     @contextmanager
     def real_tensors(self) -> Iterator[None]:

@@ -130,8 +130,10 @@ class ExpertLoad:
     def of(cls, layers: Sequence[nn.Module], hf_config: Any, device: torch.device) -> ExpertLoad | None:
         """The counter of a model's decoder `layers`, None for a dense model."""
         experts = routed_experts(hf_config)
-        load = cls(layers, experts, device) if experts else None
-        return load if load is not None and load.routers else None
+        if not experts:
+            return None
+        load = cls(layers, experts, device)
+        return load if load.routers else None
 
     def register(self) -> list[RemovableHandle]:
         return [router.register_forward_hook(partial(self._count, row)) for row, router in enumerate(self.routers)]

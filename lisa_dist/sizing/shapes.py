@@ -31,14 +31,8 @@ class ShapesOnly(Values):
         with unset_fake_temporarily():
             return t.tolist()
 
-    def sum_over_ranks(self, values: list[float], device: torch.device) -> list[float]:
-        return list(values)
-
     def sum_over_ranks_on_device(self, t: torch.Tensor) -> torch.Tensor:
         return t
-
-    def read_sum_over_ranks(self, t: torch.Tensor, stand_in: float = 0.0) -> list[float]:
-        return self.items(t, stand_in)
 
     @contextmanager
     def real_tensors(self) -> Iterator[None]:

@@ -42,7 +42,9 @@ def test_shapes_only_reads_stand_ins_for_fake_tensors_and_values_for_real_ones()
             total = real.sum()
         assert not is_fake(real) and not is_fake(total)
         assert values.item(total) == 3.0 and values.items(real) == [0, 1, 2]
-    assert values.sum_over_ranks([2.0, 0.5], torch.device("cpu")) == [2.0, 0.5]  # no process group needed
+        assert values.read_sum_over_ranks(fake) == [0.0, 0.0, 0.0]
+    # no process group needed
+    assert values.read_sum_over_ranks(torch.tensor([2.0, 0.5])) == [2.0, 0.5]
     assert not values.has_data
 
 
