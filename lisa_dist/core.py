@@ -87,7 +87,16 @@ class StepResult:
 
 def _labelled_targets(batch: Batch, values: Values) -> float:
     """Tokens of a micro-batch the loss is taken on (labels shift by one)."""
-    return values.item((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return values.item(_labelled(batch))
+
+
+def _labelled(batch: Batch) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def _real_tokens(batch: Batch) -> torch.Tensor:
+    mask, ids = batch.get("attention_mask"), batch["input_ids"]
+    return mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
 
 
 def _per_router(names: list[str], sums: list[float]) -> dict[str, list[int]]:
@@ -189,16 +198,13 @@ class TrainingCore:
         self.switch(step, micro_batches)
         read = self.values
         device = self.runtime.device
-        # The batch is on the host: its counts wait for no device. Their global sums stay on the device for the
-        # loss scale, and reach the host with the step's figures.
-        local_counts = torch.tensor([sum(_labelled_targets(b, read) for b in micro_batches),
-                                     sum(read.item(b["attention_mask"].sum()) if "attention_mask" in b
-                                         else b["input_ids"].numel() for b in micro_batches)],
-                                    dtype=torch.float64, device=device)
+        # Counted where the batch is, without a read; the global sums stay on the device for the loss scale, and
+        # reach the host with the step's figures.
+        local_counts = torch.stack([sum(_labelled(b) for b in micro_batches),
+                                    sum(_real_tokens(b) for b in micro_batches)]).to(device, torch.float64)
         global_targets = read.sum_over_ranks_on_device(local_counts)[0].clamp(min=1.0)
         loss_scale = self.stepper.scaler.scale
         outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
-        self.skipped_steps += int(outcome.skipped)
         self.sampler.step = step + 1
         layers = sorted({self.units[u].layer for u in self.active_layers})
         units = sorted(self.active_layers)
@@ -208,12 +214,12 @@ class TrainingCore:
         local = torch.cat([torch.stack([outcome.loss_sum.to(device, torch.float64), aux.to(device, torch.float64)]),
                            local_counts, self._layer_change_sums(layers), self._unit_grad_sums(units),
                            *([] if expert_rows is None else [expert_rows.flatten().to(device, torch.float64)]),
-                           *([] if outcome.norm_sums is None else [outcome.norm_sums])])
-        # The step's figures travel in one reduction and reach the host in one read.
+                           outcome.sums])
+        # The step's one host sync: its figures travel in one reduction and reach the host in one read.
         total_loss, total_aux, total_targets, global_tokens, *sums = read.read_sum_over_ranks(local)
-        if outcome.norm_sums is not None:
-            *sums, total_sq, total_bad = sums
-            self.stepper.settle(outcome, total_sq, total_bad)
+        self.stepper.settle(outcome, sums[-3:])
+        self.skipped_steps += int(outcome.skipped)
+        sums = sums[:-3]
         layer_sums, grad_sums = sums[:2 * len(layers)], sums[2 * len(layers):2 * len(layers) + len(units)]
         expert_sums = sums[2 * len(layers) + len(units):]
         if not outcome.skipped and self.sampler.strategy is not None:

@@ -32,24 +32,27 @@ is for losses that normalize themselves, such as a Trainer's `compute_loss`)."""
 @dataclass(slots=True)
 class StepOutcome:
     loss_sum: torch.Tensor
-    """Sum of token losses on this rank, on the device (NaN when a non-finite loss stopped the step)."""
-    grad_norm: float
+    """Sum of token losses on this rank, on the device (NaN where a micro-batch's loss was non-finite)."""
+    sums: torch.Tensor
+    """This rank's squared gradient norm (as measured, loss-scaled), count of non-finite gradient shards and
+    whether the step's updates were held back (`StepRunner._sums`), on the device: they travel with the step's
+    figures, and `StepRunner.settle` fills in the fields below from their sums over ranks."""
+    grad_norm: float = math.nan
     """Global gradient norm before clipping, unscaled."""
-    skipped: bool
+    skipped: bool = False
     """No weight changed: a non-finite loss or gradient (or an fp16 overflow) was found first."""
     nonfinite_shards: int = 0
     """One-pass fused mode: gradient shards that were non-finite and therefore not applied."""
     backward_passes: int = 1
-    norm_sums: torch.Tensor | None = None
-    """This rank's squared gradient norm and non-finite shard count, on the device, when no decision of the step
-    waited for their reduction: they go with the step's figures, and `StepRunner.settle` fills in `grad_norm`
-    and `nonfinite_shards` from the sums."""
     aux_sum: torch.Tensor | None = None
     """Mixture-of-experts: the sum of this rank's micro-batches' router load-balancing losses (unweighted), on
     the device, where lisa_dist added them to its own loss (None: not added)."""
 
 
 class StepRunner:
+    """Every decision of a step (clip, skip, hold back an update) is taken on the device, from sums reduced
+    there; the host learns the outcome from the step's one read (`settle`)."""
+
     def __init__(self, config: Config, runtime: Runtime, engine: Engine, model: nn.Module,
                  optimizer: ShardedOptimizer, hooks: GradHooks) -> None:
         self.hooks = hooks
@@ -69,18 +72,28 @@ class StepRunner:
         t = config.train
         self.scaler = DynamicLossScaler(t.loss_scale, t.loss_scale_window, t.min_loss_scale, t.dtype == "fp16")
 
-    def _options(self, step: int, lr: float, clip: float) -> UpdateOptions:
+    def _options(self, step: int, lr: float, clip: float | torch.Tensor,
+                 commit: torch.Tensor | None) -> UpdateOptions:
         generator = None
         if self.config.optim.stochastic_rounding:
             generator = rounding_generator(self.config.seed, step, self.runtime.rank, self.runtime.device)
         return UpdateOptions(lr=lr, grad_scale=clip / self.scaler.scale, clip_value=self.config.optim.clip_grad_value,
-                             generator=generator)
+                             generator=generator, commit=commit)
 
     def _clip_factor(self, grad_norm: float | None) -> float:
         max_norm = self.config.optim.max_grad_norm
         if max_norm <= 0 or grad_norm is None or not math.isfinite(grad_norm):
             return 1.0
         return min(1.0, max_norm / (grad_norm + 1e-6))
+
+    def _clip_factor_on_device(self, total_sq: torch.Tensor) -> float | torch.Tensor:
+        """`_clip_factor` of the norm whose squared sum over ranks is `total_sq`, computed on the device in
+        float64 as the host would (1 where the norm is not finite)."""
+        if self.config.optim.max_grad_norm <= 0:
+            return 1.0
+        norm = total_sq.sqrt() / self.scaler.scale
+        clip = (self.config.optim.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        return torch.where(torch.isfinite(norm), clip, 1.0).float()  # the float32 factor a Python float would be
 
     def token_loss(self, batch: Batch) -> torch.Tensor:
         """A micro-batch's summed token loss, lisa_dist's own, without the router's."""
@@ -91,12 +104,12 @@ class StepRunner:
                                        self.runtime.device, aux)
 
     def forward_backward(self, micro_batches: list[Batch], global_targets: torch.Tensor, check_loss: bool,
-                         loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """Returns (local loss sum, local router load-balancing loss sum or None where none was added, whether
-        every micro-batch's loss was finite on every rank); the sums stay on the device. The router's loss
-        (lisa_dist's own loss only; a Trainer's includes its own) is the mean over the global batch's
-        micro-batches, weighted by its coefficient. With `check_loss`, each micro-batch's loss is checked
-        finite on every rank before its backward: one reduction and host read per micro-batch."""
+                         loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (local loss sum, local router load-balancing loss sum or None where none was added); both
+        stay on the device. The router's loss (lisa_dist's own loss only; a Trainer's includes its own) is the
+        mean over the global batch's micro-batches, weighted by its coefficient. With `check_loss`, before the
+        last micro-batch's backward (where fused updates run) the pass's updates are made to stand only if
+        every rank's losses were finite (`UpdateOptions.commit`): one reduction on the device, no host read."""
         scale = self.runtime.world_size / global_targets * self.scaler.scale
         adds_aux = self.router_aux is not None and loss_fn is None
         aux_weight = self.router_aux.coef * global_targets / (len(micro_batches) * self.runtime.world_size) \
@@ -113,67 +126,67 @@ class StepRunner:
                     loss_sum, aux = self._loss_and_aux(batch, self.router_aux)
                 else:
                     loss_sum, aux = loss_fn(batch, global_targets), None
-            value = loss_sum.detach().to(device, torch.float64)
-            aux_value = torch.zeros_like(value) if aux is None else aux.detach().to(device, torch.float64)
-            if check_loss:
-                (bad,) = self.values.read_sum_over_ranks((~torch.isfinite(value + aux_value)).double().reshape(1))
-                if bad:
-                    nan = torch.full((), math.nan, dtype=torch.float64, device=device)
-                    return nan, nan if adds_aux else None, False
+            total = total + loss_sum.detach().to(device, torch.float64)
+            if aux is not None:
+                aux_total = aux_total + aux.detach().to(device, torch.float64)
             self.hooks.final_micro_batch = i == len(micro_batches) - 1
+            if check_loss and self.hooks.final_micro_batch:
+                self._commit_if_finite(total + aux_total)
             # Reduce-scatter averages over ranks; scaling by world size gives the per-token mean over the
             # whole global batch, whatever the world size and micro-batch split.
             objective = loss_sum if aux is None else loss_sum + aux * aux_weight
             self.engine.backward(objective * scale)
-            total = total + value
-            aux_total = aux_total + aux_value
-        return total, aux_total if adds_aux else None, True
+        return total, aux_total if adds_aux else None
+
+    def _commit_if_finite(self, local_losses: torch.Tensor) -> None:
+        """The pass's updates stand only if every rank's summed losses are finite (and its commit said so)."""
+        bad = self.values.sum_over_ranks_on_device((~torch.isfinite(local_losses)).double().reshape(1))[0]
+        commit = self.hooks.options.commit
+        self.hooks.options.commit = bad == 0 if commit is None else commit & (bad == 0)
 
     def _counting_experts(self, batch: Batch) -> AbstractContextManager[None]:
         return self.expert_load.counting(batch.get("attention_mask")) if self.expert_load is not None \
             else nullcontext()
 
-    def settle(self, outcome: StepOutcome, total_sq: float, total_bad: float) -> None:
-        """An outcome's pending norm (`StepOutcome.norm_sums`), summed over ranks: its norm and non-finite count,
-        and the norm the next step clips by."""
-        outcome.grad_norm, outcome.nonfinite_shards = self._norm(total_sq, total_bad)
+    def _sums(self, sq: torch.Tensor, bad: torch.Tensor | int, commit: torch.Tensor | None) -> torch.Tensor:
+        """This rank's squared gradient norm, non-finite shard count and whether its updates were held back,
+        one float64 vector on the device."""
+        device = self.runtime.device
+        held = torch.zeros((), device=device) if commit is None else ~commit
+        return torch.stack([torch.as_tensor(t).to(device, torch.float64).reshape(()) for t in (sq, bad, held)])
+
+    def settle(self, outcome: StepOutcome, totals: list[float]) -> None:
+        """An outcome from its sums over ranks (`StepOutcome.sums`, read with the step's figures): its norm,
+        non-finite count and whether it was skipped; updates held back are not counted, the fp16 loss scale
+        moves, and a finite norm is the one the next one-pass fused step clips by."""
+        total_sq, total_bad, total_held = totals
+        outcome.grad_norm = math.sqrt(total_sq) / self.scaler.scale
+        outcome.nonfinite_shards = int(total_bad)
+        outcome.skipped = total_held > 0
+        self.optimizer.settle(committed=not outcome.skipped)
+        self.scaler.update(overflow=outcome.skipped)
         if math.isfinite(outcome.grad_norm):
             self.last_grad_norm = outcome.grad_norm
-
-    def _norm_sums(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> torch.Tensor:
-        """This rank's squared gradient norm and non-finite shard count, one float64 vector on the device."""
-        device = self.runtime.device
-        return torch.stack([torch.as_tensor(sq).to(device, torch.float64).reshape(()),
-                            torch.as_tensor(bad).to(device, torch.float64).reshape(())])
-
-    def _norm(self, total_sq: float, total_bad: float) -> tuple[float, int]:
-        """The global gradient norm (unscaled) and count of non-finite shards, from their sums over ranks."""
-        return math.sqrt(total_sq) / self.scaler.scale, int(total_bad)
-
-    def _global(self, sq: torch.Tensor, bad: torch.Tensor | int = 0) -> tuple[float, int]:
-        """The global gradient norm and count of non-finite shards: one reduction, one host read."""
-        return self._norm(*self.values.read_sum_over_ranks(self._norm_sums(sq, bad)))
 
 
 class PostBackwardStep(StepRunner):
     def run(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
         self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False)
-        loss_sum, aux_sum, _ = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
-        grad_norm, _ = self._global(self.optimizer.grad_sq_sum())
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:
-            self.optimizer.step(self._options(step, lr, self._clip_factor(grad_norm)))
+        loss_sum, aux_sum = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
+        sq = self.optimizer.grad_sq_sum()
+        total_sq = self.values.sum_over_ranks_on_device(sq.to(self.runtime.device, torch.float64).reshape(1))[0]
+        commit = torch.isfinite(total_sq)  # a non-finite norm (or an fp16 overflow) skips the step
+        self.optimizer.step(self._options(step, lr, self._clip_factor_on_device(total_sq), commit))
         self.optimizer.zero_grad(self.model)
-        self.scaler.update(overflow=skipped)
-        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=skipped, aux_sum=aux_sum)
+        return StepOutcome(loss_sum=loss_sum, sums=self._sums(sq, 0, commit), aux_sum=aux_sum)
 
 
 class FusedStep(StepRunner):
     """lomo/adalomo. Without precheck: one backward; clipping by global norm uses the previous step's
-    norm; a non-finite loss skips the step before backward; a non-finite gradient shard is not applied.
-    With precheck: a first backward measures (non-finite check, exact norm) and discards every gradient;
-    only if all is finite does a second backward apply the updates, so a bad step changes no weight."""
+    norm; a non-finite loss on any rank holds back every update; a non-finite gradient shard is not applied.
+    With precheck: a first backward measures (non-finite check, exact norm) and discards every gradient; a
+    second applies the updates, which stand only if all was finite, so a bad step changes no weight."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -181,37 +194,27 @@ class FusedStep(StepRunner):
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
 
     def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
-              global_targets: torch.Tensor, loss_fn: LossFn | None, read_norm: bool) -> StepOutcome:
-        """One forward/backward with the hooks in `mode`; `skipped` means a non-finite loss stopped it. The
-        gradient norm is read here with `read_norm`, else left pending (`StepOutcome.norm_sums`)."""
+              global_targets: torch.Tensor, loss_fn: LossFn | None) -> tuple[StepOutcome, torch.Tensor, torch.Tensor]:
+        """One forward/backward with the hooks in `mode`; returns its outcome and its local (squared gradient
+        norm, non-finite shard count)."""
         self.hooks.begin_pass(mode, options, guard)
-        loss_sum, aux_sum, finite = self.forward_backward(micro_batches, global_targets, check_loss=True,
-                                                          loss_fn=loss_fn)
-        if not finite:
-            self.optimizer.zero_grad(self.model)
-            return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=True, aux_sum=aux_sum)
+        loss_sum, aux_sum = self.forward_backward(micro_batches, global_targets, check_loss=True, loss_fn=loss_fn)
         sq, bad = self.hooks.end_pass(self.model)
-        if not read_norm:
-            return StepOutcome(loss_sum=loss_sum, grad_norm=math.nan, skipped=False, norm_sums=self._norm_sums(sq, bad),
-                               aux_sum=aux_sum)
-        grad_norm, nonfinite = self._global(sq, bad)
-        return StepOutcome(loss_sum=loss_sum, grad_norm=grad_norm, skipped=False, nonfinite_shards=nonfinite,
-                           aux_sum=aux_sum)
+        outcome = StepOutcome(loss_sum=loss_sum, sums=self._sums(sq, bad, self.hooks.options.commit), aux_sum=aux_sum)
+        return outcome, sq, bad
 
     def run(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
-        if self.precheck:
-            check = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn,
-                               read_norm=True)
-            if check.skipped or check.nonfinite_shards or not math.isfinite(check.grad_norm):
-                self.scaler.update(overflow=True)
-                return StepOutcome(loss_sum=check.loss_sum, grad_norm=check.grad_norm, skipped=True,
-                                   backward_passes=1, aux_sum=check.aux_sum)
-            options = self._options(step, lr, self._clip_factor(check.grad_norm))
-            self._pass("apply", options, False, micro_batches, global_targets, loss_fn, read_norm=False)
-            self.scaler.update(overflow=False)
-            return StepOutcome(loss_sum=check.loss_sum, grad_norm=check.grad_norm, skipped=False, backward_passes=2,
-                               aux_sum=check.aux_sum)
-        # Clipped by the previous step's norm: this step's is read with its figures (`settle`).
-        options = self._options(step, lr, self._clip_factor(self.last_grad_norm))
-        return self._pass("apply", options, True, micro_batches, global_targets, loss_fn, read_norm=False)
+        if not self.precheck:  # clipped by the previous step's norm: this step's is read with its figures
+            options = self._options(step, lr, self._clip_factor(self.last_grad_norm), None)
+            return self._pass("apply", options, True, micro_batches, global_targets, loss_fn)[0]
+        check, sq, bad = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn)
+        # The norm and non-finite count go over ranks on the device: the apply pass clips by them and its
+        # updates stand only if the check found every loss and gradient finite.
+        totals = self.values.sum_over_ranks_on_device(check.sums)
+        commit = (totals[1] == 0) & (totals[2] == 0) & torch.isfinite(totals[0])
+        options = self._options(step, lr, self._clip_factor_on_device(totals[0]), commit)
+        self._pass("apply", options, False, micro_batches, global_targets, loss_fn)
+        check.sums = self._sums(sq, bad, self.hooks.options.commit)
+        check.backward_passes = 2
+        return check

@@ -29,13 +29,15 @@ class UpdateRule(Protocol):
     def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]: ...
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float, shard: ShardInfo) -> None:
+               step: int, lr: float, shard: ShardInfo, commit: torch.Tensor | None = None) -> None:
         """Update `master` (fp32, this rank's shard) in place. Rules that reduce across ranks must do so
-        on every rank, also for empty shards, in the same order."""
+        on every rank, also for empty shards, in the same order. With `commit` (a 0-dim bool on the device)
+        False, `state` must end as it was, bit for bit, without a host read; `grad` is then zeros and `master`
+        may change (the optimizer puts it back)."""
 
     def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
                     states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
-                    shards: list[ShardInfo]) -> None:
+                    shards: list[ShardInfo], commit: torch.Tensor | None = None) -> None:
         """`update` of each (master, grad, state, step, shard), with torch's multi-tensor kernels where the
         rule has them; the same numbers as one `update` after another."""
 
@@ -45,9 +47,9 @@ class OneAtATime:
 
     def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
                     states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
-                    shards: list[ShardInfo]) -> None:
+                    shards: list[ShardInfo], commit: torch.Tensor | None = None) -> None:
         for master, grad, state, step, shard in zip(masters, grads, states, steps, shards):
-            self.update(master, grad, state, step, lr, shard)
+            self.update(master, grad, state, step, lr, shard, commit)
 
 
 class AdamW:
@@ -65,20 +67,26 @@ class AdamW:
         return {"exp_avg": torch.zeros_like(master), "exp_avg_sq": torch.zeros_like(master)}
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float, shard: ShardInfo) -> None:
-        self.update_many([master], [grad], [state], [step], lr, [shard])
+               step: int, lr: float, shard: ShardInfo, commit: torch.Tensor | None = None) -> None:
+        self.update_many([master], [grad], [state], [step], lr, [shard], commit)
 
     def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
                     states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
-                    shards: list[ShardInfo]) -> None:
+                    shards: list[ShardInfo], commit: torch.Tensor | None = None) -> None:
         """torch's multi-tensor AdamW (`torch.optim.AdamW(foreach=True)`, one kernel per operation for all
-        the shards on a GPU), with a step count per shard: LISA's layers enter at different steps."""
+        the shards on a GPU), with a step count per shard: LISA's layers enter at different steps. Under
+        `commit` the moments' decays are device tensors, 1 and 0 when it is False, so zero gradients leave
+        them as they were (the same float32 factors as the scalars: the numbers do not change)."""
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         if self.weight_decay:
             torch._foreach_mul_(masters, 1 - lr * self.weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - self.beta1)
-        torch._foreach_mul_(exp_avg_sqs, self.beta2)
+        if commit is None:
+            torch._foreach_lerp_(exp_avgs, grads, 1 - self.beta1)
+            torch._foreach_mul_(exp_avg_sqs, self.beta2)
+        else:  # a list of 0-dim tensors: a single one would be read to the host as a scalar
+            torch._foreach_lerp_(exp_avgs, grads, [torch.where(commit, 1 - self.beta1, 0.0)] * len(grads))
+            torch._foreach_mul_(exp_avg_sqs, torch.where(commit, self.beta2, 1.0))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - self.beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denoms, [math.sqrt(1 - self.beta2 ** step) for step in steps])
@@ -102,15 +110,17 @@ class Sgd(OneAtATime):
         return {"momentum_buffer": torch.zeros_like(master)} if self.momentum else {}
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float, shard: ShardInfo) -> None:
+               step: int, lr: float, shard: ShardInfo, commit: torch.Tensor | None = None) -> None:
         if self.weight_decay:
             grad = grad.add(master, alpha=self.weight_decay)
+            if commit is not None and self.momentum:
+                grad.masked_fill_(~commit, 0.0)
         if self.momentum:
             buf = state["momentum_buffer"]
-            if step == 1:
+            if step == 1:  # a fresh buffer is zeros, as a held-back first update leaves it
                 buf.copy_(grad)
             else:
-                buf.mul_(self.momentum).add_(grad)
+                buf.mul_(self.momentum if commit is None else torch.where(commit, self.momentum, 1.0)).add_(grad)
             grad = buf
         master.add_(grad, alpha=-lr)
 
@@ -144,12 +154,23 @@ class AdaLomo:
                 "exp_avg_sq_col": master.new_zeros(matrices * cols)}
 
     def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
-               step: int, lr: float, shard: ShardInfo) -> None:
-        self.update_many([master], [grad], [state], [step], lr, [shard])
+               step: int, lr: float, shard: ShardInfo, commit: torch.Tensor | None = None) -> None:
+        self.update_many([master], [grad], [state], [step], lr, [shard], commit)
 
     def update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
                     states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
-                    shards: list[ShardInfo]) -> None:
+                    shards: list[ShardInfo], commit: torch.Tensor | None = None) -> None:
+        """Under `commit`, the statistics (row and column vectors; a shard of a vector) are put back from
+        copies when it is False: small beside the shard, and the arithmetic stays that of `update`."""
+        kept = None if commit is None else [{key: t.clone() for key, t in state.items()} for state in states]
+        self._update_many(masters, grads, states, steps, lr, shards)
+        for state, before in zip(states, kept or []):
+            for key, t in state.items():
+                torch.where(commit, t, before[key], out=t)
+
+    def _update_many(self, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                     states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
+                     shards: list[ShardInfo]) -> None:
         """The shards' statistics go across ranks in two collectives for all of them (`_sum_over_ranks`):
         first the row and column means and the parameters' squared sums (with vectors' update sums), then
         the matrices' update sums. Each update is made in its gradient's storage (the gradient is consumed),

@@ -47,11 +47,16 @@ class Slot:
 @dataclass(slots=True)
 class UpdateOptions:
     lr: float
-    grad_scale: float = 1.0
-    """Multiplies each gradient (1 / loss scale x norm-clipping factor)."""
+    grad_scale: float | torch.Tensor = 1.0
+    """Multiplies each gradient (1 / loss scale x norm-clipping factor); a 0-dim tensor on the device where the
+    factor comes from a norm that was not read to the host."""
     clip_value: float = 0.0
     generator: torch.Generator | None = None
     """Set for stochastic rounding into bf16."""
+    commit: torch.Tensor | None = None
+    """A 0-dim bool on the device, decided without a host read: False makes every update a no-op (weights and
+    state stay as they were, bit for bit). `ShardedOptimizer.settle` takes back the update counts once the step
+    has read it."""
 
 
 class ShardedOptimizer:
@@ -63,6 +68,8 @@ class ShardedOptimizer:
         self.host = host
         """Set: state and masters live on this device and visit the shard's device only for an update."""
         self.slots: dict[str, Slot] = {}
+        self.uncommitted: list[Slot] = []
+        """Slots updated under a commit flag the host has not read yet (`settle`)."""
         self.on_shard_device: Callable[[], AbstractContextManager[None]] = nullcontext
         """Context around the work done where a shard lives (its new state, its fp32 gradient, its update):
         with FSDP2's parameter offload that is host memory, which `estimate` counts apart."""
@@ -175,9 +182,18 @@ class ShardedOptimizer:
     def _apply_many(self, slots: list[Slot], grads: list[torch.Tensor], options: UpdateOptions, guard: bool,
                     grad_sqs: list[torch.Tensor] | None) -> list[torch.Tensor]:
         grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
-        if options.grad_scale != 1.0:
-            torch._foreach_mul_(grads32, options.grad_scale)
-        finite = self._finite(grads32, options.grad_scale, grad_sqs) if guard else []
+        grad_scale, commit = options.grad_scale, options.commit
+        if grads32 and isinstance(grad_scale, torch.Tensor):  # shards in host memory (FSDP2's offload) wait here
+            grad_scale = grad_scale.to(grads32[0].device)
+        if grads32 and commit is not None:
+            commit = commit.to(grads32[0].device)
+        if isinstance(grad_scale, torch.Tensor) or grad_scale != 1.0:
+            torch._foreach_mul_(grads32, grad_scale)
+        finite = self._finite(grads32, grad_scale, grad_sqs) if guard else []
+        keep = self._keep(finite, commit, len(slots))
+        if self.rule.needs_finite_grads:  # a held-back shard's rule sees zeros: NaN * 0 would still be NaN
+            for g, ok in zip(grads32, keep):
+                g.masked_fill_(~ok, 0.0)
         if options.clip_value:
             torch._foreach_clamp_min_(grads32, -options.clip_value)
             torch._foreach_clamp_max_(grads32, options.clip_value)
@@ -192,13 +208,16 @@ class ShardedOptimizer:
                 state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
             masters.append(master)
             states.append(state)
+        if commit is not None:
+            self.uncommitted.extend(slots)
         targets = [master if master is not None else slot.shard.float() for master, slot in zip(masters, slots)]
         befores = [target.clone() for target in targets]
         self.rule.update_many(targets, grads32, states, [slot.updates for slot in slots], options.lr,
-                              [slot.info for slot in slots])
-        for target, before, ok in zip(targets, befores, finite):
+                              [slot.info for slot in slots], commit)
+        for target, before, ok in zip(targets, befores, keep):
             torch.where(ok, target, before, out=target)
-        for slot, master, state, target, before in zip(slots, masters, states, targets, befores):
+        for slot, master, state, target, before, ok in zip(slots, masters, states, targets, befores,
+                                                           keep or [None] * len(slots)):
             # For the per-layer relative change ||dW|| / ||W||: two sums per shard, reduced per layer by the core.
             slot.value_sq = squared_sum(before)
             slot.change_sq = squared_sum(before.sub_(target))
@@ -208,24 +227,35 @@ class ShardedOptimizer:
                 if master is not None:
                     slot.master.copy_(master)
             if target is not slot.shard:
-                if options.generator is not None and slot.shard.dtype == torch.bfloat16:
-                    slot.shard.copy_(stochastic_round_bf16(target, options.generator))
-                else:
-                    slot.shard.copy_(target)
+                self._write_shard(slot, target, options.generator, ok)
         del befores
         return [(~ok).to(torch.int64) for ok in finite] if guard else [torch.zeros((), dtype=torch.int64)] * len(slots)
 
+    @staticmethod
+    def _keep(finite: list[torch.Tensor], commit: torch.Tensor | None, count: int) -> list[torch.Tensor]:
+        """Per shard, whether its update stands (0-dim bools on the device): finite where guarded, and the
+        step's commit. Empty: every update stands."""
+        if commit is None:
+            return finite
+        return [ok & commit for ok in finite] if finite else [commit] * count
+
+    @staticmethod
+    def _write_shard(slot: Slot, target: torch.Tensor, generator: torch.Generator | None,
+                     keep: torch.Tensor | None) -> None:
+        """The updated fp32 value into the training-dtype shard. Stochastic rounding draws afresh, so a shard
+        whose update was held back keeps its old rounding rather than a new one of the same value."""
+        if generator is None or slot.shard.dtype != torch.bfloat16:
+            slot.shard.copy_(target)
+            return
+        rounded = stochastic_round_bf16(target, generator)
+        slot.shard.copy_(rounded if keep is None else torch.where(keep, rounded, slot.shard))
+
     def _finite(self, grads32: list[torch.Tensor], grad_scale: float,
                 grad_sqs: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """Per shard, whether its scaled gradient is finite (0-dim bools, no host sync). A rule whose state or
-        statistics across ranks would take a non-finite gradient in sees zeros instead."""
+        """Per shard, whether its scaled gradient is finite (0-dim bools, no host sync)."""
         sqs = grad_sqs if grad_sqs is not None else [squared_sum(g) for g in grads32]
         scale_sq = grad_scale ** 2 if grad_sqs is not None else 1.0
-        finite = [torch.isfinite(sq * scale_sq) for sq in sqs]
-        if self.rule.needs_finite_grads:
-            for g, ok in zip(grads32, finite):
-                g.masked_fill_(~ok, 0.0)
-        return finite
+        return [torch.isfinite(sq * scale_sq) for sq in sqs]
 
     def step(self, options: UpdateOptions) -> int:
         """Post-backward update of every trainable shard with a gradient, in `update_runs`; returns how many
@@ -234,6 +264,14 @@ class ShardedOptimizer:
         for run in self.update_runs(pending):
             self._apply_group(pending[run], options)
         return len(pending)
+
+    def settle(self, committed: bool) -> None:
+        """Once the step has read its commit flag: updates that did not stand are not counted."""
+        if not committed:
+            for slot in self.uncommitted:
+                slot.step -= 1
+                slot.updates -= 1
+        self.uncommitted = []
 
     def update_runs(self, slots: list[Slot]) -> list[slice]:
         """`slots` cut, in order, into runs of parameters of at most the largest trainable parameter's

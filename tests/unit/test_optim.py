@@ -201,3 +201,61 @@ def test_update_runs_are_cut_the_same_on_every_rank_when_shards_split_unevenly()
         assert [s.shard.numel() for s in opt.slots.values()] == ([8, 4, 4] if rank == 0 else [4, 4, 4])
         cuts.append([(run.start, run.stop) for run in opt.update_runs(list(opt.slots.values()))])
     assert cuts[0] == cuts[1] == [(0, 1), (1, 2), (2, 3)]
+
+
+
+COMMIT_RULES = {"adamw": {"weight_decay": 0.1}, "sgd": {"momentum": 0.9, "weight_decay": 0.01}, "plain_sgd": {},
+                "adalomo": {"weight_decay": 0.01}, "lomo": {}}
+HELD, ABSENT = False, "absent"
+
+
+def _flagged_steps(name: str, dtype: torch.dtype, commits: list) -> tuple[list, dict, ShardedOptimizer]:
+    """Steps from the same start and gradients, each under `commits[i]` (None: no flag; HELD: False, with a NaN
+    gradient element as a non-finite step has; ABSENT: not run). Returns the weights, the state and the optimizer."""
+    torch.manual_seed(0)
+    params = {f"p{i}": nn.Parameter(torch.randn(*shape).to(dtype)) for i, shape in enumerate([(6, 4), (5,)])}
+    grads = [[torch.randn(*p.shape) for p in params.values()] for _ in commits]
+    config = OptimConfig(name="sgd" if name == "plain_sgd" else name, lr=1e-2, **COMMIT_RULES[name])
+    opt = ShardedOptimizer(make_rule(config), PLAIN)
+    opt.set_trainable(params)
+    for step, (commit, step_grads) in enumerate(zip(commits, grads)):
+        if commit is ABSENT:
+            continue
+        for p, g in zip(params.values(), step_grads):
+            p.grad = g.to(dtype)
+            if commit is HELD:
+                p.grad.view(-1)[0] = float("nan")
+        generator = torch.Generator().manual_seed(step) if dtype == torch.bfloat16 else None
+        options = UpdateOptions(lr=1e-2, grad_scale=torch.tensor(0.5), generator=generator,
+                                commit=None if commit is None else torch.tensor(commit))
+        if opt.rule.fused:
+            for slot in opt.slots.values():
+                opt.apply(slot, opt.full_grad(slot), options)
+                opt.access.release_grad(slot.param)
+        else:
+            opt.step(options)
+        opt.zero_grad(nn.ModuleList())
+        opt.settle(committed=commit is not HELD)
+    state = {n: {k: t.clone() for k, t in s.items()} for n, s in opt.state_dict().items()}
+    return [p.detach().clone() for p in params.values()], state, opt
+
+
+def _same(a: tuple[list, dict, ShardedOptimizer], b: tuple[list, dict, ShardedOptimizer]) -> bool:
+    weights = all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    states = a[1].keys() == b[1].keys() and all(
+        a[1][n].keys() == b[1][n].keys() and all(torch.equal(a[1][n][k], b[1][n][k]) for k in a[1][n]) for n in a[1])
+    counts = [s.updates for s in a[2].slots.values()] == [s.updates for s in b[2].slots.values()]
+    return weights and states and counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(COMMIT_RULES))
+def test_an_update_held_back_on_the_device_changes_nothing_and_a_standing_one_is_unchanged(name, dtype):
+    """`UpdateOptions.commit` False (a non-finite step found without a host read): weights, fp32 masters, the
+    rule's state and, once settled, the update counts end as if the step had not run, bit for bit (in bf16 with
+    stochastic rounding too: a held-back shard keeps its rounding). True: the same numbers as no flag at all."""
+    assert _same(_flagged_steps(name, dtype, [None] * 3), _flagged_steps(name, dtype, [True] * 3))
+    held = _flagged_steps(name, dtype, [True, HELD, True])
+    assert _same(held, _flagged_steps(name, dtype, [True, ABSENT, True]))
+    assert not _same(held, _flagged_steps(name, dtype, [True, True, True]))  # the flag is what made the difference
+    assert all(slot.updates == 2 and int(slot.step) == 2 for slot in held[2].slots.values())
