@@ -6,8 +6,11 @@ optimizer state and, on ZeRO-3, DeepSpeed's prefetch trace).
     .venv/bin/python -m benchmarks.speed_memory                      # the 42M-parameter shape of docs/zero3.md
     .venv/bin/python -m benchmarks.speed_memory --config my.yaml model.config=/path/config.json --steps 8
     .venv/bin/python -m benchmarks.speed_memory --runs lisa_dist_fsdp2_full_lomo,fsdp2_adamw
+    .venv/bin/python -m benchmarks.speed_memory --rounds 5 --runs lisa_dist_fsdp2_full_adamw,fsdp2_adamw --steps 10
 
-Prints a markdown table; `--out DIR` keeps each run's metrics.
+Prints a markdown table; `--out DIR` keeps each run's metrics. With `--rounds N` the runs go N times, every other
+round in reverse order, and each run's step time is given as the median over rounds of its ratio to the first
+run's in the same round (this machine's noise moves whole rounds).
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--nproc", type=int, default=2, help="ranks per run (one GPU each on a GPU machine)")
+    parser.add_argument("--rounds", type=int, default=1, help="paired rounds, in alternating order")
     parser.add_argument("overrides", nargs="*", help="key=value changes to the config, for every run")
     args = parser.parse_args(argv)
     names = args.runs.split(",")
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be at least 3 (the first step is left out of the medians)")
     out = args.out or Path(tempfile.mkdtemp(prefix="speed_memory_"))
     print(f"config {args.config} {' '.join(args.overrides)}; {args.steps} steps; medians over steps 2..{args.steps}")
+    if args.rounds > 1:
+        return _rounds(names, args, out)
     print("| run | median step s | tokens/s, all ranks | peak MiB per rank | loss at the last step |")
     print("| --- | --- | --- | --- | --- |")
     for name in names:
@@ -96,6 +102,23 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['final_loss']:.4f} |", flush=True)
     return 0
 
+
+def _rounds(names: list[str], args: argparse.Namespace, out: Path) -> int:
+    """Each round's median step times, then each run's median ratio to the first run over the rounds."""
+    print("| round | " + " | ".join(names) + " |")
+    print("| --- |" + " --- |" * len(names))
+    medians: list[dict[str, float]] = []
+    for i in range(args.rounds):
+        order = names if i % 2 == 0 else names[::-1]
+        step_s = {name: run_one(name, args.config, args.overrides, args.steps, out / f"round{i + 1}",
+                                args.nproc)["median_step_s"] for name in order}
+        medians.append(step_s)
+        print(f"| {i + 1} | " + " | ".join(f"{step_s[n]:.3f}" for n in names) + " |", flush=True)
+    ratios = {n: [m[n] / m[names[0]] for m in medians] for n in names}
+    print(f"| median ratio to {names[0]} (range) | " + " | ".join(
+        f"{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})" for r in ratios.values()) + " |")
+    (out / "rounds.json").write_text(json.dumps({"runs": names, "medians": medians}, indent=1))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

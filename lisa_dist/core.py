@@ -201,7 +201,8 @@ class TrainingCore:
         # Counted where the batch is, without a read; the global sums stay on the device for the loss scale, and
         # reach the host with the step's figures.
         local_counts = torch.stack([sum(_labelled(b) for b in micro_batches),
-                                    sum(_real_tokens(b) for b in micro_batches)]).to(device, torch.float64)
+                                    sum(_real_tokens(b) for b in micro_batches)]).to(device, torch.float64,
+                                                                                    non_blocking=True)
         global_targets = read.sum_over_ranks_on_device(local_counts)[0].clamp(min=1.0)
         loss_scale = self.stepper.scaler.scale
         outcome = self.stepper.run(step, micro_batches, global_targets, lr, loss_fn)
@@ -260,23 +261,31 @@ class TrainingCore:
         """This rank's (squared change, squared value) of each layer in `layers`, flattened, on the device, from
         the shards the step updated; reduced with the loss in one collective."""
         position = {layer: i for i, layer in enumerate(layers)}
-        sums = torch.zeros(2 * len(layers), dtype=torch.float64, device=self.runtime.device)
-        for name, (change, value) in self.optimizer.take_change_sums().items():
+        groups: list[list[torch.Tensor]] = [[] for _ in layers]
+        for name, pair in self.optimizer.take_change_sums().items():
             layer = self.layer_of.get(name)
             if layer in position:
-                sums[2 * position[layer]] += change.to(sums.device, torch.float64)
-                sums[2 * position[layer] + 1] += value.to(sums.device, torch.float64)
-        return sums
+                groups[position[layer]].extend(pair)
+        return self._group_sums(groups, 2)
 
     def _unit_grad_sums(self, units: list[int]) -> torch.Tensor:
         """This rank's squared gradient norm of each unit in `units` (loss-scaled, before clipping)."""
         position = {unit: i for i, unit in enumerate(units)}
-        sums = torch.zeros(len(units), dtype=torch.float64, device=self.runtime.device)
+        groups: list[list[torch.Tensor]] = [[] for _ in units]
         for name, sq in self.optimizer.take_grad_sums().items():
             unit = self.unit_of.get(name)
             if unit in position:
-                sums[position[unit]] += sq.to(sums.device, torch.float64)
-        return sums
+                groups[position[unit]].append(sq)
+        return self._group_sums(groups, 1)
+
+    def _group_sums(self, groups: list[list[torch.Tensor]], width: int) -> torch.Tensor:
+        """Each group's 0-dim sums, taken `width` at a time and added in float64: one vector on the device, a few
+        operations per group rather than per parameter."""
+        device = self.runtime.device
+        zeros = torch.zeros(width, dtype=torch.float64, device=device)
+        rows = [torch.stack(group).to(device, torch.float64).view(-1, width).sum(0) if group else zeros
+                for group in groups]
+        return torch.cat(rows) if rows else zeros[:0]
 
     @torch.no_grad()
     def outlier_ratios(self, micro_batches: list[Batch] | None) -> list[float]:

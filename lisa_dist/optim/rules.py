@@ -25,6 +25,8 @@ class UpdateRule(Protocol):
     needs_finite_grads: bool
     """The rule's state, or its statistics across ranks, take each gradient in: the non-finite guard gives
     it zeros for a bad shard. A stateless rule only needs the shard's value restored afterwards."""
+    keeps_master_when_held: bool
+    """Under a False `commit` the rule leaves `master` as it was itself, so the optimizer need not put it back."""
 
     def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]: ...
 
@@ -57,6 +59,7 @@ class AdamW:
 
     fused = False
     needs_finite_grads = True
+    keeps_master_when_held = True
 
     def __init__(self, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
         self.beta1, self.beta2 = betas
@@ -74,23 +77,28 @@ class AdamW:
                     states: list[dict[str, torch.Tensor]], steps: list[int], lr: float,
                     shards: list[ShardInfo], commit: torch.Tensor | None = None) -> None:
         """torch's multi-tensor AdamW (`torch.optim.AdamW(foreach=True)`, one kernel per operation for all
-        the shards on a GPU), with a step count per shard: LISA's layers enter at different steps. Under
-        `commit` the moments' decays are device tensors, 1 and 0 when it is False, so zero gradients leave
-        them as they were (the same float32 factors as the scalars: the numbers do not change)."""
+        the shards on a GPU), with a step count per shard: LISA's layers enter at different steps.
+
+        Under `commit` the factors are device tensors that become neutral when it is False: the moments' decays
+        1 and 0 (zero gradients then leave them as they were), the weight decay 1, and eps infinite (the step
+        m / (sqrt(v) + eps) is then 0). They are the same float32 factors as the scalars, so a standing update's
+        numbers do not change, and no pass puts anything back."""
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        decay, beta1, beta2, eps = 1 - lr * self.weight_decay, 1 - self.beta1, self.beta2, self.eps
+        if commit is not None:  # in lists of 0-dim tensors where a single one would be read to the host
+            many = len(masters)
+            decay = torch.where(commit, decay, 1.0)
+            beta1, beta2 = [torch.where(commit, beta1, 0.0)] * many, torch.where(commit, beta2, 1.0)
+            eps = [torch.where(commit, eps, math.inf)] * many
         if self.weight_decay:
-            torch._foreach_mul_(masters, 1 - lr * self.weight_decay)
-        if commit is None:
-            torch._foreach_lerp_(exp_avgs, grads, 1 - self.beta1)
-            torch._foreach_mul_(exp_avg_sqs, self.beta2)
-        else:  # a list of 0-dim tensors: a single one would be read to the host as a scalar
-            torch._foreach_lerp_(exp_avgs, grads, [torch.where(commit, 1 - self.beta1, 0.0)] * len(grads))
-            torch._foreach_mul_(exp_avg_sqs, torch.where(commit, self.beta2, 1.0))
+            torch._foreach_mul_(masters, decay)
+        torch._foreach_lerp_(exp_avgs, grads, beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - self.beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denoms, [math.sqrt(1 - self.beta2 ** step) for step in steps])
-        torch._foreach_add_(denoms, self.eps)
+        torch._foreach_add_(denoms, eps)
         torch._foreach_addcdiv_(masters, exp_avgs, denoms, [-lr / (1 - self.beta1 ** step) for step in steps])
 
 
@@ -99,6 +107,8 @@ class Sgd(OneAtATime):
 
     Fused without momentum it is LOMO (arXiv 2306.09782): no state at all.
     """
+
+    keeps_master_when_held = False
 
     def __init__(self, momentum: float, weight_decay: float, fused: bool = False) -> None:
         self.momentum = momentum
@@ -139,6 +149,7 @@ class AdaLomo:
 
     fused = True
     needs_finite_grads = True
+    keeps_master_when_held = False
 
     def __init__(self, eps: tuple[float, float], decay_rate: float, clip_threshold: float, weight_decay: float) -> None:
         self.eps1, self.eps2 = eps

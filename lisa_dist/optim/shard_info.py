@@ -109,8 +109,8 @@ def outer_slice(row_factor: torch.Tensor, col_factor: torch.Tensor, start: int, 
     for lo, hi, row, col, whole in _pieces(start, numel, cols):
         if whole:
             for lo_row, hi_row, matrix in matrix_segments(row, (hi - lo) // cols, rows):  # whole rows by matrix
-                block = row_factor[row + lo_row:row + hi_row, None] * by_matrix[matrix][None, :]
-                out[lo + lo_row * cols:lo + hi_row * cols].view(hi_row - lo_row, cols).copy_(block)
+                torch.mul(row_factor[row + lo_row:row + hi_row, None], by_matrix[matrix][None, :],
+                          out=out[lo + lo_row * cols:lo + hi_row * cols].view(hi_row - lo_row, cols))
         else:
             out[lo:hi] = row_factor[row] * by_matrix[row // rows, col:col + hi - lo]
     return out

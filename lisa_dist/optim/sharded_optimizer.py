@@ -214,7 +214,8 @@ class ShardedOptimizer:
         befores = [target.clone() for target in targets]
         self.rule.update_many(targets, grads32, states, [slot.updates for slot in slots], options.lr,
                               [slot.info for slot in slots], commit)
-        for target, before, ok in zip(targets, befores, keep):
+        restore = finite if self.rule.keeps_master_when_held else keep  # the commit flag: the rule did it
+        for target, before, ok in zip(targets, befores, restore):
             torch.where(ok, target, before, out=target)
         for slot, master, state, target, before, ok in zip(slots, masters, states, targets, befores,
                                                            keep or [None] * len(slots)):
