@@ -262,6 +262,10 @@ def _load_other_layout(access: ShardAccess, model: nn.Module, directory: Path, o
     map onto ours. Every layout is a row-major flat range per rank, so read one parameter's tensors whole
     (host memory for one parameter at a time) and keep this rank's range of each."""
     stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    parts = sorted(set(optim_state) - {name for name, _ in model.named_parameters()})
+    if parts:
+        raise CheckpointError(f"{directory} was written by another engine; the optimizer state of experts' parts "
+                              f"({parts[0]}, lisa.unit=expert) is read back only by the engine that wrote it")
     for name, param in model.named_parameters():
         info = access.shard_info(param)
         targets = {f"model.{name}": access.local_shard(param)}

@@ -23,13 +23,17 @@ class LisaConfig:
     """Number of decoder layers trained in each interval (the paper's gamma)."""
     interval: int = 20
     """Optimizer steps between re-sampling the active layers (the paper's K)."""
-    strategy: Literal["uniform", "weights", "outlier", "grad_norm", "cyclic"] = "uniform"
+    strategy: Literal["uniform", "weights", "outlier", "routing", "grad_norm", "cyclic"] = "uniform"
     """How the active units are drawn: `uniform` (the paper's LISA); `weights` (by lisa.layer_weights);
     `outlier` (OwLore: by each unit's share of outlier weights, measured on the first step's batches);
+    `routing` (lisa.unit=expert, ESFT's affinity: an expert by its share of its layer's routed tokens, measured on
+    the first step's batches; each layer's rest as under uniform);
     `grad_norm` (by a running average of each unit's gradient RMS); `cyclic` (BAdam: every unit once per
     cycle, in lisa.cyclic_order)."""
-    unit: Literal["layer", "block"] = "layer"
-    """What is sampled and what gamma counts: whole decoder layers, or their attention and MLP blocks."""
+    unit: Literal["layer", "block", "expert"] = "layer"
+    """What is sampled and what gamma counts: whole decoder layers, their attention and MLP blocks, or (a
+    mixture-of-experts model) each layer's routed experts one by one plus the rest of each layer (attention,
+    router, shared experts, norms) as one unit; optimizer state exists only for the active experts."""
     layer_weights: list[float] | None = None
     """strategy=weights: a non-negative sampling weight per unit."""
     uniform_mix: float = 0.1

@@ -28,6 +28,7 @@ from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
 from lisa_dist.models import ModelSource, sampling_units, set_trainable_units
 from lisa_dist.models.moe import router_modules
 from lisa_dist.optim import ShardedOptimizer, make_rule
+from lisa_dist.optim.sharded_optimizer import expert_key
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.sampler import LayerSampler, make_strategy
 from lisa_dist.steps import Batch, FusedStep, LossFn, PostBackwardStep
@@ -59,7 +60,8 @@ class StepResult:
     layer_update_ratio: list[float]
     """Per layer of `active_layers`: ||W_after - W_before|| / ||W_before|| over the layer's parameters."""
     active_blocks: list[str] | None = None
-    """lisa.unit=block: the trained blocks ("3.self_attn", "5.mlp"); `active_layers` are their layers."""
+    """lisa.unit=block or expert: the trained units ("3.self_attn", "5.mlp"; "3.e5" an expert, "3" the rest of
+    layer 3); `active_layers` are their layers."""
     aux_loss: float | None = None
     """Mixture-of-experts with the router's load-balancing loss on: its mean over the global batch's
     micro-batches, unweighted (the step's objective adds model.router_aux_loss_coef times it)."""
@@ -123,8 +125,7 @@ class TrainingCore:
         lisa = config.lisa
         self.units = sampling_units(self.parts, lisa.unit if config.method == "lisa" else "layer")
         self.frozen = tuple(router_modules(self.model)) if config.model.freeze_routers else ()
-        self.unit_numel = [sum(getattr(p, "ds_numel", p.numel()) for p in unit.module.parameters())
-                           for unit in self.units]
+        self.unit_numel = [unit.numel() for unit in self.units]
         strategy = None
         if config.method == "lisa":
             with self.values.real_tensors():
@@ -139,13 +140,23 @@ class TrainingCore:
                           engine.grad_units())
         runner = FusedStep if self.optimizer.rule.fused else PostBackwardStep
         self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks)
+        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         layer_ids = {id(p): i for i, layer in enumerate(self.parts.layers) for p in layer.parameters()}
         self.layer_of = {n: layer_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in layer_ids}
-        unit_ids = {id(p): u for u, unit in enumerate(self.units) for p in unit.module.parameters()}
-        self.unit_of = {n: unit_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in unit_ids}
+        self.unit_of = self._slot_units()
+        """By optimizer slot key (a parameter's name, or an expert's part of it), the unit it belongs to."""
+        self.layer_of |= {key: self.units[u].layer for key, u in self.unit_of.items()}
         self.active_layers: tuple[int, ...] | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0
+
+    def _slot_units(self) -> dict[str, int]:
+        out = {}
+        for u, unit in enumerate(self.units):
+            for p in unit.parameters():
+                name = self.param_names[id(p)]
+                out[name if unit.expert is None else expert_key(name, unit.expert)] = u
+        return out
 
     @classmethod
     def build(cls, config: Config, runtime: Runtime, source: ModelSource, mesh: DeviceMesh | None = None,
@@ -166,9 +177,10 @@ class TrainingCore:
     def set_active_layers(self, active: tuple[int, ...]) -> None:
         """Flip requires_grad so frozen units compute no weight gradients, then resize optimizer state."""
         lisa = self.config.lisa
-        set_trainable_units(self.parts, self.units, active, lisa.train_embeddings, lisa.train_norm, lisa.train_head,
-                            self.frozen)
-        self.optimizer.set_trainable(trainable_named_parameters(self.model))
+        experts = set_trainable_units(self.parts, self.units, active, lisa.train_embeddings, lisa.train_norm,
+                                      lisa.train_head, self.frozen)
+        self.optimizer.set_trainable(trainable_named_parameters(self.model),
+                                     {self.param_names[i]: chosen for i, chosen in experts.items()})
         self.active_layers = active
 
     def switch(self, step: int, micro_batches: list[Batch] | None = None) -> None:
@@ -179,7 +191,8 @@ class TrainingCore:
             return
         strategy = self.sampler.strategy
         if strategy is not None and strategy.needs_calibration:
-            strategy.calibrate(self.outlier_ratios(micro_batches))
+            measure = self.routing_scores if strategy.name == "routing" else self.outlier_ratios
+            strategy.calibrate(measure(micro_batches))
         with self.values.real_tensors():
             active = self.sampler.active_layers(step)
         # The statistics too: ranks that drifted apart would draw apart at a later switch.
@@ -234,7 +247,7 @@ class TrainingCore:
             loss_scale=self.stepper.scaler.scale if self.config.train.dtype == "fp16" else None,
             layer_update_ratio=[math.sqrt(change / value) if value > 0 else 0.0
                                 for change, value in zip(layer_sums[0::2], layer_sums[1::2])],
-            active_blocks=[self.units[u].name for u in units] if self.config.lisa.unit == "block"
+            active_blocks=[self.units[u].name for u in units] if self.config.lisa.unit != "layer"
             and self.config.method == "lisa" else None,
             aux_loss=None if outcome.aux_sum is None else total_aux / (len(micro_batches) * self.runtime.world_size),
             expert_tokens=None if expert_rows is None else _per_router(load.names_counted(), expert_sums))
@@ -286,6 +299,34 @@ class TrainingCore:
         rows = [torch.stack(group).to(device, torch.float64).view(-1, width).sum(0) if group else zeros
                 for group in groups]
         return torch.cat(rows) if rows else zeros[:0]
+
+    @torch.no_grad()
+    def routing_scores(self, micro_batches: list[Batch] | None) -> list[float]:
+        """Each unit's score for `lisa.strategy=routing` (`sampler.RoutingStrategy`), from the tokens the routers
+        send each expert in forwards over every rank's `micro_batches` (the first step's), padding left out."""
+        assert micro_batches, "the routing strategy measures on the first step's micro-batches"
+        load = self.stepper.expert_load
+        self.model.eval()
+        try:
+            load.reset()
+            for batch in micro_batches:
+                with load.counting(batch.get("attention_mask")):
+                    self.stepper.token_loss(batch)
+        finally:
+            self.engine.after_forward_only()
+            self.model.train()
+        names = load.names_counted()
+        rows = load.take()
+        counts = sum_over_ranks(rows.flatten(), self.runtime.device).view(rows.shape).cpu()
+        by_layer = {name: row for name, row in zip(names, counts)}
+        scores = []
+        for unit in self.units:
+            row = by_layer.get(str(unit.layer))
+            if unit.expert is None or row is None or float(row.sum()) <= 0:
+                scores.append(1.0)
+            else:
+                scores.append(float(row[unit.expert] / row.sum()) * row.numel())
+        return scores
 
     @torch.no_grad()
     def outlier_ratios(self, micro_batches: list[Batch] | None) -> list[float]:

@@ -17,7 +17,7 @@ import torch
 
 from lisa_dist.errors import CheckpointError, ConfigError
 
-STRATEGIES = ("uniform", "weights", "outlier", "grad_norm", "cyclic")
+STRATEGIES = ("uniform", "weights", "outlier", "routing", "grad_norm", "cyclic")
 
 
 def _generator(seed: int, *where: object) -> torch.Generator:
@@ -120,6 +120,15 @@ class OutlierStrategy(Strategy):
             self.calibrate(state["ratios"])
 
 
+class RoutingStrategy(OutlierStrategy):
+    """ESFT's affinity: an expert is drawn by its share of the training tokens its layer's router sends it,
+    measured once on the first step's batches (`calibrate`). Scores: an expert's is its share times its layer's
+    expert count (1 each under an even load); each layer's rest, and each layer without experts, scores 1, as
+    under uniform. Mixed with uniform by lisa.uniform_mix."""
+
+    name = "routing"
+
+
 class GradNormStrategy(Strategy):
     """A running average of each unit's gradient norm, updated on the steps it trains; a unit not trained
     since keeps its estimate, one never trained counts as the largest estimate (so it is tried early)."""
@@ -185,6 +194,8 @@ def make_strategy(lisa: Any, num_units: int, seed: int) -> Strategy:
         return WeightsStrategy(num_units, lisa.gamma, seed, lisa.layer_weights)
     if lisa.strategy == "outlier":
         return OutlierStrategy(num_units, lisa.gamma, seed, lisa.uniform_mix)
+    if lisa.strategy == "routing":
+        return RoutingStrategy(num_units, lisa.gamma, seed, lisa.uniform_mix)
     if lisa.strategy == "grad_norm":
         return GradNormStrategy(num_units, lisa.gamma, seed, lisa.uniform_mix, lisa.grad_norm_decay)
     if lisa.strategy == "cyclic":

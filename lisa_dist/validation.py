@@ -100,7 +100,7 @@ def _validate_engine(e: EngineConfig) -> None:
 
 
 # Each strategy option with its default, and the strategy that reads it.
-_STRATEGY_OPTIONS = {"layer_weights": (None, "weights"), "uniform_mix": (0.1, ("outlier", "grad_norm")),
+_STRATEGY_OPTIONS = {"layer_weights": (None, "weights"), "uniform_mix": (0.1, ("outlier", "routing", "grad_norm")),
                      "grad_norm_decay": (0.8, "grad_norm"), "outlier_threshold": (13.0, "outlier"),
                      "cyclic_order": ("random", "cyclic")}
 
@@ -120,6 +120,9 @@ def _validate_lisa(lisa: LisaConfig) -> None:
         _require(value == default or lisa.strategy in readers,
                  f"lisa.{key}={value} is read by lisa.strategy={'/'.join(readers)} only, but lisa.strategy="
                  f"{lisa.strategy}; set lisa.strategy: {readers[0]} or drop lisa.{key}")
+    _require(lisa.strategy != "routing" or lisa.unit == "expert",
+             f"lisa.strategy=routing draws routed experts by their share of the tokens; it needs lisa.unit=expert, "
+             f"got lisa.unit={lisa.unit}")
     _require(lisa.strategy != "weights" or lisa.layer_weights is not None,
              "lisa.strategy=weights needs lisa.layer_weights (one weight per sampled unit)")
     _require(0 < lisa.uniform_mix <= 1, f"lisa.uniform_mix must be in (0, 1] so every unit can be drawn, "

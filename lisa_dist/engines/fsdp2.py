@@ -139,7 +139,7 @@ class FSDP2Engine(Engine):
         # (autograd itself only ever sees the unsharded parameter).
         return param.register_post_accumulate_grad_hook(hook)
 
-    def _as_global(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+    def _as_global(self, param: nn.Parameter | None, local: torch.Tensor) -> torch.Tensor:
         if not isinstance(param, DTensor) or local.shape != self.local_shard(param).shape:
             return local
         return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
@@ -147,7 +147,8 @@ class FSDP2Engine(Engine):
 
     def checkpoint_state(self, optim_state: dict[str, dict[str, torch.Tensor]]) -> dict:
         params = dict(self.model.named_parameters())
-        optim = {name: {key: self._as_global(params[name], t) for key, t in state.items()}
+        # An expert's part (lisa.unit=expert) is no parameter's shard: it is stored as this rank holds it.
+        optim = {name: {key: self._as_global(params.get(name), t) for key, t in state.items()}
                  for name, state in optim_state.items()}
         return {"model": self.model.state_dict(), "optim": optim}
 

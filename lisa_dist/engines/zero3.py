@@ -232,10 +232,10 @@ class Zero3Engine(Engine):
     def resident_tensors(self) -> list[torch.Tensor]:
         return [p.ds_tensor for p in self.model.parameters()] + list(self._grads.values())
 
-    def _flat_global(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+    def _flat_global(self, param: nn.Parameter | None, local: torch.Tensor) -> torch.Tensor:
         """A partition as a DTensor shard of the flattened parameter: DeepSpeed's partitions are
         torch.chunk pieces of it, so DCP can reshard them to another world size."""
-        if local.dim() != 1 or local.numel() != self._range(param)[1]:
+        if param is None or local.dim() != 1 or local.numel() != self._range(param)[1]:
             return local
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=(param.ds_numel,),
                                   stride=(1,))
@@ -244,7 +244,8 @@ class Zero3Engine(Engine):
         params = dict(self.model.named_parameters())
         model = {name: self._flat_global(p, self.local_shard(p)) for name, p in params.items()}
         model |= persistent_buffers(self.model)  # replicated: each rank holds them whole
-        optim = {name: {key: self._flat_global(params[name], t) for key, t in state.items()}
+        # An expert's part (lisa.unit=expert) is no parameter's partition: it is stored as this rank holds it.
+        optim = {name: {key: self._flat_global(params.get(name), t) for key, t in state.items()}
                  for name, state in optim_state.items()}
         return {"model": model, "optim": optim}
 

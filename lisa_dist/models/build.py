@@ -123,7 +123,8 @@ def check_model(c: Config, model: nn.Module) -> None:
     """The checks of the config against a built model (lisa_dist's meta model, or a Trainer script's)."""
     parts = find_parts(model)
     units = len(sampling_units(parts, c.lisa.unit)) if c.method == "lisa" else num_decoder_layers(model.config)
-    what = "decoder layers" if c.lisa.unit == "layer" else "attention and MLP blocks (lisa.unit=block)"
+    what = {"layer": "decoder layers", "block": "attention and MLP blocks (lisa.unit=block)",
+            "expert": "routed experts and rests of layers (lisa.unit=expert)"}[c.lisa.unit]
     if c.method == "lisa" and c.lisa.gamma > units:
         raise ConfigError(f"lisa.gamma={c.lisa.gamma} exceeds the model's {units} {what}")
     if c.lisa.layer_weights is not None and len(c.lisa.layer_weights) != units:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lisa_dist.errors import UnsupportedModelError
+from lisa_dist.models.moe import expert_modules
 
 
 # model_type -> dotted path of the final norm, where the structural search would be ambiguous.
@@ -114,19 +115,52 @@ def layer_blocks(layer: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, child) for name, child in layer.named_children() if numel(child) * 10 >= total]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SampledUnit:
-    """What LISA samples: a whole decoder layer, or (`lisa.unit=block`) one block of it."""
+    """What LISA samples: a whole decoder layer, one block of it (`lisa.unit=block`), or one routed expert of it or
+    the rest of it (`lisa.unit=expert`)."""
 
     name: str
-    """"3" for layer 3; "3.self_attn", "3.mlp" for its blocks."""
+    """"3" for layer 3; "3.self_attn", "3.mlp" for its blocks; "3.e5" for its expert 5 (and "3" for the rest)."""
     layer: int
     module: nn.Module
+    expert: int | None = None
+    """lisa.unit=expert: the routed expert this unit trains, of each of `routed`; None for the rest of the layer."""
+    routed: tuple[nn.Parameter, ...] = ()
+    """lisa.unit=expert: the layer's parameters stacked by routed expert ([experts, ...])."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this unit trains (an expert: its slice of each; the rest of a layer: all but `routed`)."""
+        if self.expert is not None:
+            return list(self.routed)
+        skip = {id(p) for p in self.routed}
+        return [p for p in self.module.parameters() if id(p) not in skip]
+
+    def numel(self) -> int:
+        """Elements this unit trains (ZeRO-3 partitioned parameters hold no data; ds_numel is their size)."""
+        sizes = [getattr(p, "ds_numel", p.numel()) for p in self.parameters()]
+        if self.expert is None:
+            return sum(sizes)
+        return sum(size // _shape(p)[0] for size, p in zip(sizes, self.routed))
+
+
+def _shape(p: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def routed_parameters(layer: nn.Module) -> tuple[nn.Parameter, ...]:
+    """A layer's parameters stacked by routed expert: those of its experts modules (3-D weights) whose leading
+    dimension is the experts' count, biases per expert included; () for a dense layer."""
+    own = [p for m in expert_modules(layer) for p in m.parameters(recurse=False)]
+    experts = next((_shape(p)[0] for p in own if len(_shape(p)) == 3), None)
+    return tuple(p for p in own if len(_shape(p)) >= 2 and _shape(p)[0] == experts)
 
 
 def sampling_units(parts: ModelParts, unit: str) -> list[SampledUnit]:
     if unit == "layer":
         return [SampledUnit(str(i), i, layer) for i, layer in enumerate(parts.layers)]
+    if unit == "expert":
+        return _expert_units(parts)
     units = []
     for i, layer in enumerate(parts.layers):
         blocks = layer_blocks(layer)
@@ -138,16 +172,43 @@ def sampling_units(parts: ModelParts, unit: str) -> list[SampledUnit]:
     return units
 
 
+def _expert_units(parts: ModelParts) -> list[SampledUnit]:
+    """Per layer, the rest of it (attention, router, shared experts, norms), then each routed expert."""
+    units = []
+    for i, layer in enumerate(parts.layers):
+        routed = routed_parameters(layer)
+        units.append(SampledUnit(str(i), i, layer, routed=routed))
+        experts = _shape(routed[0])[0] if routed else 0
+        units += [SampledUnit(f"{i}.e{e}", i, layer, expert=e, routed=routed) for e in range(experts)]
+    if len(units) == len(parts.layers):
+        raise UnsupportedModelError(
+            f"lisa.unit=expert: {type(parts.layers[0]).__name__} layers hold no routed experts (parameters stacked "
+            "by expert); it is a dense model: use lisa.unit=layer or block")
+    return units
+
+
 def set_trainable_units(parts: ModelParts, units: list[SampledUnit], active: tuple[int, ...],
                         train_embeddings: bool, train_norm: bool, train_head: bool,
-                        frozen: tuple[nn.Module, ...] = ()) -> None:
+                        frozen: tuple[nn.Module, ...] = ()) -> dict[int, tuple[int, ...]]:
     """Flip requires_grad so only the active units (and the always-trained parts) get gradients. With block
-    units, a layer's parameters outside its blocks (its norms) train while any of its blocks does. `frozen`
-    modules (the routers, with model.freeze_routers) never train."""
+    units, a layer's parameters outside its blocks (its norms) train while any of its blocks does; with expert
+    units, a layer's stacked parameters train while any of its experts does. `frozen` modules (the routers, with
+    model.freeze_routers) never train. Returns, by id of each stacked parameter that trains, its active experts
+    (the optimizer keeps state for those only)."""
     active_layers = {units[u].layer for u in active}
     for i, layer in enumerate(parts.layers):
         layer.requires_grad_(i in active_layers)
-    if len(units) != len(parts.layers):
+    experts: dict[int, tuple[int, ...]] = {}
+    if any(unit.routed for unit in units):
+        on = {id(p) for u in active for p in units[u].parameters()}
+        for unit in units:
+            for p in unit.parameters():
+                p.requires_grad_(id(p) in on)
+        for u in sorted(active, key=lambda u: units[u].expert or 0):
+            if units[u].expert is not None:
+                for p in units[u].routed:
+                    experts[id(p)] = (*experts.get(id(p), ()), units[u].expert)
+    elif len(units) != len(parts.layers):
         for u, unit in enumerate(units):
             unit.module.requires_grad_(u in active)
     for modules, on in ((parts.embeddings, train_embeddings), ([parts.norm], train_norm), ([parts.head], train_head)):
@@ -158,3 +219,4 @@ def set_trainable_units(parts: ModelParts, units: list[SampledUnit], active: tup
         parts.embeddings[0].weight.requires_grad_(True)
     for module in frozen:
         module.requires_grad_(False)
+    return experts

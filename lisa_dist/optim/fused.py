@@ -68,42 +68,50 @@ class GradHooks:
 
     @torch.no_grad()
     def _on_grad(self, name: str, param: nn.Parameter) -> None:
-        slot = self.optimizer.slots.get(name)
-        if slot is None:
+        slots = self.optimizer.slots_of(name)
+        if not slots:
             return
         if not self.final_micro_batch:
             self.optimizer.stash_grad(name)  # LISA with accumulation: only active shards get here
             return
         if self.mode == "accumulate":
             return  # the post-backward optimizer takes the last micro-batch's gradient from the engine
-        self.seen.add(name)
-        sq = self.optimizer.measure_grad(slot)
-        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        for slot in slots:
+            self.seen.add(slot.key)
+            sq = self.optimizer.measure_grad(slot)
+            self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         if self.mode == "check":
-            self._count_nonfinite([(~torch.isfinite(sq)).to(torch.int64)])
-            self._release(slot)
+            self._count_nonfinite([(~torch.isfinite(slot.grad_sq)).to(torch.int64) for slot in slots])
+            self._release(slots)
             return
         unit = self.unit_of[id(param)]
         arrived = self.pending.setdefault(unit, [])
-        arrived.append(slot)
+        arrived.extend(slots)
         if len(arrived) == self.expected[unit]:
             self._apply(self.pending.pop(unit))
 
     def _apply(self, arrived: list[Slot]) -> None:
-        """Update a unit's shards together (`ShardedOptimizer.update_runs`), then free their gradients. The
-        fp32 gradients (copies, for low-precision ones) are made a run at a time."""
+        """Update a unit's shards together (`ShardedOptimizer.update_runs`), then free their gradients (a
+        parameter's once its last slot, of an expert's part, is updated). The fp32 gradients (copies, for
+        low-precision ones) are made a run at a time."""
+        remaining = Counter(slot.name for slot in arrived)
         for run in self.optimizer.update_runs(arrived):
             slots = arrived[run]
             grads = [self.optimizer.full_grad(slot) for slot in slots]
             self._count_nonfinite(self.optimizer.apply_many(slots, grads, self.options, guard=self.guard,
                                                             grad_sqs=[slot.grad_sq for slot in slots]))
             del grads
-            for slot in slots:
-                self._release(slot)
+            remaining.subtract(slot.name for slot in slots)
+            self._release([slot for slot in slots if remaining[slot.name] == 0])
 
-    def _release(self, slot: Slot) -> None:
-        self.optimizer.access.release_grad(slot.param)  # the point of fusing: the memory goes right here
-        slot.grad_accum = None
+    def _release(self, slots: list[Slot]) -> None:
+        """Free the gradients of these slots' parameters (each once) and their slots' accumulators."""
+        for name in dict.fromkeys(slot.name for slot in slots):
+            parts = self.optimizer.slots_of(name)
+            self.optimizer.access.release_grad(parts[0].param)  # the point of fusing: the memory goes right here
+            for part in parts:
+                part.grad_accum = None
+                part.folded = False
 
     def end_pass(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Local (sum of squared gradients, count of non-finite shards); raises if a parameter was missed."""

@@ -38,6 +38,19 @@ class ShardInfo:
         return self.global_numel // max(rows * cols, 1), rows, cols
 
 
+def expert_part(info: ShardInfo, expert: int) -> tuple[slice, ShardInfo]:
+    """The part of a rank's shard of a parameter stacked by expert ([experts, ...]) that holds `expert`'s
+    elements: its range in the flattened shard, and where it sits in that expert's own tensor (empty where the
+    rank holds none of the expert)."""
+    size = info.global_numel // info.global_shape[0]
+    end = info.flat_start + info.numel
+    lo = min(max(info.flat_start, expert * size), end)
+    hi = max(min(end, (expert + 1) * size), lo)
+    start = lo - expert * size if hi > lo else 0
+    return slice(lo - info.flat_start, hi - info.flat_start), ShardInfo(info.global_shape[1:], start, hi - lo,
+                                                                         info.reduce_sum)
+
+
 def local_shard_info(tensor: torch.Tensor) -> ShardInfo:
     """A whole, unsharded tensor (one process, or a replicated parameter)."""
     return ShardInfo(tuple(tensor.shape), 0, tensor.numel(), lambda t: None)

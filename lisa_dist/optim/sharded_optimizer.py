@@ -18,15 +18,20 @@ from lisa_dist.engines.interfaces import ShardAccess
 from lisa_dist.offload import to_host
 from lisa_dist.optim.precision import stochastic_round_bf16
 from lisa_dist.optim.rules import UpdateRule, squared_sum
-from lisa_dist.optim.shard_info import ShardInfo
+from lisa_dist.optim.shard_info import ShardInfo, expert_part
 from lisa_dist.values import READ, Values
 
 
 @dataclass(slots=True)
 class Slot:
     param: nn.Parameter
+    name: str
+    """The parameter's name."""
+    key: str
+    """The slot's key in `ShardedOptimizer.slots`: the name, or `expert_key` for an expert's part."""
     shard: torch.Tensor
-    """The parameter's local shard in the training dtype (shares storage with the parameter)."""
+    """The parameter's local shard in the training dtype, or the part of it `part` says (shares storage with the
+    parameter)."""
     info: ShardInfo
     master: torch.Tensor | None
     """Persistent fp32 copy of `shard` (post-backward rules with a low-precision training dtype)."""
@@ -42,6 +47,17 @@ class Slot:
     value_sq: torch.Tensor | None = None
     grad_sq: torch.Tensor | None = None
     """Of the last gradient measured: its squared norm as reduced (loss-scaled, before clipping)."""
+    part: slice | None = None
+    """lisa.unit=expert: the range of the flattened local shard this slot trains (one expert's elements); None:
+    the whole shard. Only the parts have state; the rest of the shard is never updated."""
+    folded: bool = False
+    """A part's accumulator holds the last micro-batch's gradient already (its parameter's gradient is freed
+    once every part has it)."""
+
+
+def expert_key(name: str, expert: int) -> str:
+    """The slot key of `expert`'s part of parameter `name`."""
+    return f"{name}#{expert}"
 
 
 @dataclass(slots=True)
@@ -68,37 +84,65 @@ class ShardedOptimizer:
         self.host = host
         """Set: state and masters live on this device and visit the shard's device only for an update."""
         self.slots: dict[str, Slot] = {}
+        """By slot key: a parameter's name, or `expert_key` for an expert's part."""
+        self.by_param: dict[str, list[Slot]] = {}
         self.uncommitted: list[Slot] = []
         """Slots updated under a commit flag the host has not read yet (`settle`)."""
         self.on_shard_device: Callable[[], AbstractContextManager[None]] = nullcontext
         """Context around the work done where a shard lives (its new state, its fp32 gradient, its update):
         with FSDP2's parameter offload that is host memory, which `estimate` counts apart."""
 
-    def set_trainable(self, params: dict[str, nn.Parameter]) -> tuple[list[str], list[str]]:
-        """Returns (entered, left) parameter names."""
-        left = [name for name in self.slots if name not in params]
-        entered = [name for name in params if name not in self.slots]
-        for name in left:  # free before allocating, so a switch never holds both sets at once
-            del self.slots[name]
+    def set_trainable(self, params: dict[str, nn.Parameter],
+                      experts: dict[str, tuple[int, ...]] | None = None) -> tuple[list[str], list[str]]:
+        """Returns (entered, left) slot keys. `experts`: for parameters stacked by expert, the experts to train
+        (lisa.unit=expert); each is a slot of its own (`expert_key`), the rest of the parameter has no state."""
+        wanted = {}
+        for name, param in params.items():
+            chosen = (experts or {}).get(name)
+            for expert in [None] if chosen is None else chosen:
+                wanted[name if expert is None else expert_key(name, expert)] = (name, param, expert)
+        left = [key for key in self.slots if key not in wanted]
+        entered = [key for key in wanted if key not in self.slots]
+        self.by_param = {}
+        for key in left:  # free before allocating, so a switch never holds both sets at once
+            del self.slots[key]
         kept = self.slots
         # Slots follow the model's parameter order, so reductions over them (the gradient norm) sum in
         # the same order however the trainable set was reached: a resumed run matches bit for bit.
         self.slots = {}
         with self.on_shard_device():
-            for name, param in params.items():
-                self.slots[name] = kept.pop(name) if name in kept else self._new_slot(param)
+            for key, (name, param, expert) in wanted.items():
+                self.slots[key] = kept.pop(key) if key in kept else self._new_slot(name, param, expert)
+        self.by_param = {}
+        for slot in self.slots.values():
+            self.by_param.setdefault(slot.name, []).append(slot)
         return entered, left
 
-    def _new_slot(self, param: nn.Parameter) -> Slot:
+    def _new_slot(self, name: str, param: nn.Parameter, expert: int | None = None) -> Slot:
         shard = self.access.local_shard(param)
         info = self.access.shard_info(param)
+        part = None
+        if expert is not None:
+            assert shard.is_contiguous(), f"{name}: an expert's part must be a view of a contiguous shard"
+            part, info = expert_part(info, expert)
+            shard = shard.view(-1)[part]
         keep_master = not self.rule.fused and shard.dtype != torch.float32
         master = shard.detach().to(torch.float32, copy=True) if keep_master else None
         state = self.rule.init_state(master if master is not None else shard.detach().float(), info)
         if self.host is not None:
             master = None if master is None else to_host(master, self.host)
             state = {key: to_host(t, self.host) for key, t in state.items()}
-        return Slot(param=param, shard=shard, info=info, master=master, state=state)
+        return Slot(param=param, name=name, key=name if expert is None else expert_key(name, expert), shard=shard,
+                    info=info, master=master, state=state, part=part)
+
+    def slots_of(self, name: str) -> list[Slot]:
+        """The slots of parameter `name`: the whole shard's, or its experts' parts (none if it does not train)."""
+        return self.by_param.get(name, [])
+
+    def _grad(self, slot: Slot) -> torch.Tensor | None:
+        """This rank's gradient of the slot's shard or part (a view of the engine's gradient)."""
+        grad = self.access.local_grad(slot.param)
+        return grad if grad is None or slot.part is None else grad.view(-1)[slot.part]
 
     @property
     def names(self) -> list[str]:
@@ -112,37 +156,42 @@ class ShardedOptimizer:
         return total
 
     def stash_grad(self, name: str) -> None:
-        """Move a low-precision gradient shard into the slot's fp32 accumulator and free it.
+        """Move a low-precision gradient shard into the slots' fp32 accumulators and free it.
 
         The engine reduces each micro-batch's gradient in fp32 but hands it back in the parameter dtype;
         summing micro-batches here keeps one rounding per micro-batch instead of compounding them."""
-        slot = self.slots[name]
-        grad = self.access.local_grad(slot.param)
+        slots = self.slots_of(name)
+        grad = self.access.local_grad(slots[0].param) if slots else None
         if grad is None or grad.dtype == torch.float32:
             return
         with self.on_shard_device():
-            if slot.grad_accum is None:
-                slot.grad_accum = grad.float()
-            else:
-                slot.grad_accum.add_(grad)
-        self.access.release_grad(slot.param)
+            for slot in slots:
+                piece = self._grad(slot)
+                if slot.grad_accum is None:
+                    slot.grad_accum = piece.float()
+                else:
+                    slot.grad_accum.add_(piece)
+        self.access.release_grad(slots[0].param)
 
     def full_grad(self, slot: Slot) -> torch.Tensor | None:
         """This step's fp32 gradient shard: the accumulator plus the last micro-batch's gradient. The last
-        gradient is folded in once and freed, so asking again (the norm, then the update) gives the same sum."""
-        grad = self.access.local_grad(slot.param)
+        gradient is folded in once (and freed, but for a part, whose parameter's other parts still need it), so
+        asking again (the norm, then the update) gives the same sum."""
+        grad = self._grad(slot)
         if slot.grad_accum is None:
             with self.on_shard_device():
                 return None if grad is None else grad.float()
-        if grad is not None:
+        if grad is not None and not slot.folded:
             slot.grad_accum.add_(grad)
-            self.access.release_grad(slot.param)
+            slot.folded = slot.part is not None
+            if slot.part is None:
+                self.access.release_grad(slot.param)
         return slot.grad_accum
 
     def measure_grad(self, slot: Slot) -> torch.Tensor:
         """This step's squared gradient norm of the shard (as `full_grad` would give it), kept as `grad_sq`.
         A low-precision gradient is summed in fp32 as it is read, without an fp32 copy of it."""
-        grad = self.access.local_grad(slot.param) if slot.grad_accum is None else self.full_grad(slot)
+        grad = self._grad(slot) if slot.grad_accum is None else self.full_grad(slot)
         slot.grad_sq = squared_sum(grad)
         return slot.grad_sq
 
@@ -318,16 +367,23 @@ class ShardedOptimizer:
             self.access.release_grad(param)
         for slot in self.slots.values():
             slot.grad_accum = None
+            slot.folded = False
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Local tensors (shared with the live state, so loading into them restores it)."""
+        """Local tensors (shared with the live state, so loading into them restores it), by slot key. An expert's
+        part is stored as this rank holds it, keyed by where it starts in the expert when the rank holds only some
+        of it (ZeRO-3's partitions may cut an expert); a rank holding none of an expert stores nothing for it."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, slot in self.slots.items():
+        for key, slot in self.slots.items():
+            if slot.part is not None and slot.info.numel < slot.info.global_numel:
+                if not slot.info.numel:
+                    continue
+                key = f"{key}@{slot.info.flat_start}"
             entry = dict(slot.state)
             entry["step"] = slot.step
             if slot.master is not None:
                 entry["master"] = slot.master
-            out[name] = entry
+            out[key] = entry
         return out
 
     @torch.no_grad()

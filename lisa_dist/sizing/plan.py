@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lisa_dist.config import Config
+from lisa_dist.errors import ConfigError
 from lisa_dist.models.moe import router_aux, router_modules, routed_experts
 from lisa_dist.sizing.memory import GIB, RESERVE_GIB, print_categories
 from lisa_dist.validation import check_world_size
@@ -76,6 +77,10 @@ class ModelShape:
         from lisa_dist.models import build_meta_model, find_parts, sampling_units
         from lisa_dist.models.build import DTYPES, load_hf_config
 
+        if config.method == "lisa" and config.lisa.unit == "expert":
+            raise ConfigError("lisa-dist plan does not model lisa.unit=expert yet (a drawn expert's layer computes "
+                              "gradients for all its experts, state exists for the drawn experts only); "
+                              "lisa-dist estimate measures it")
         hf_config = hf_config or load_hf_config(config)[0]
         model = build_meta_model(hf_config, DTYPES[config.train.dtype], config.model.attn_implementation,
                                  config.model.experts_implementation)

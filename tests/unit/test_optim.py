@@ -259,3 +259,39 @@ def test_an_update_held_back_on_the_device_changes_nothing_and_a_standing_one_is
     assert _same(held, _flagged_steps(name, dtype, [True, ABSENT, True]))
     assert not _same(held, _flagged_steps(name, dtype, [True, True, True]))  # the flag is what made the difference
     assert all(slot.updates == 2 and int(slot.step) == 2 for slot in held[2].slots.values())
+
+
+def test_an_experts_part_of_a_shard_is_where_its_elements_are():
+    """[3 experts, 4, 5]: a flat shard [27, 60) (cut inside expert 1, as ZeRO-3 may) holds expert 1's elements
+    7..19 at its start, all of expert 2 after them, and none of expert 0."""
+    from lisa_dist.optim.shard_info import expert_part
+
+    info = ShardInfo((3, 4, 5), 27, 33, lambda t: None)
+    assert expert_part(info, 1) == (slice(0, 13), ShardInfo((4, 5), 7, 13, info.reduce_sum))
+    assert expert_part(info, 2) == (slice(13, 33), ShardInfo((4, 5), 0, 20, info.reduce_sum))
+    part, empty = expert_part(info, 0)
+    assert empty.numel == 0 and part.stop - part.start == 0
+
+
+def test_state_for_chosen_experts_only_and_their_updates_are_adamws_on_each_expert():
+    """A stacked parameter trained for experts 0 and 2 only: state for those two experts' elements, expert 1
+    bit-identical, and experts 0 and 2 bit-identical to AdamW on each as a parameter of its own."""
+    torch.manual_seed(0)
+    stacked = nn.Parameter(torch.randn(3, 4, 5))
+    alone = [nn.Parameter(stacked.detach()[e].clone()) for e in (0, 2)]
+    start = stacked.detach().clone()
+    config = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1)
+    opt, ref = ShardedOptimizer(make_rule(config), PLAIN), ShardedOptimizer(make_rule(config), PLAIN)
+    opt.set_trainable({"w": stacked}, {"w": (0, 2)})
+    ref.set_trainable({"e0": alone[0], "e2": alone[1]})
+    assert sorted(opt.slots) == ["w#0", "w#2"] and opt.state_bytes() == 2 * 2 * 20 * 4
+    for _ in range(3):
+        grad = torch.randn(3, 4, 5)
+        stacked.grad, alone[0].grad, alone[1].grad = grad.clone(), grad[0].clone(), grad[2].clone()
+        opt.step(UpdateOptions(lr=1e-2))
+        ref.step(UpdateOptions(lr=1e-2))
+        opt.zero_grad(nn.ModuleList())
+    assert torch.equal(stacked.detach()[1], start[1])
+    assert torch.equal(stacked.detach()[0], alone[0].detach()) and torch.equal(stacked.detach()[2], alone[1].detach())
+    opt.set_trainable({"w": stacked}, {"w": (1,)})
+    assert sorted(opt.slots) == ["w#1"] and opt.state_bytes() == 2 * 20 * 4

@@ -1,0 +1,203 @@
+"""`lisa.unit=expert`: a mixture-of-experts model's routed experts sampled one by one, with each layer's rest
+(attention, router, shared experts, norms) as one more unit. On 2 ranks, both engines, against one process:
+only the drawn units' weights change (an expert's rows, a layer's rest), optimizer state exists for exactly the
+active experts' rows of each rank's shard, AdamW's and AdaLomo's (inside backward) weights equal one process's
+within the reduction-order bound, and a run resumed mid-interval continues bit for bit."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_dist.config import load_config
+from lisa_dist.optim.sharded_optimizer import expert_key
+from tests.families import write_family
+from tests.helpers import (COMMON, PARITY_ADALOMO_EPS1, PARITY_EPS, REPO, ZERO3, assert_same_final,
+                           assert_weights_close, engine_weights, metrics, parity_atol, run_distributed, start_trainer,
+                           tiny_config)
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+STEPS = 4
+FAMILY = "qwen2_moe"  # shared experts beside the routed ones
+EXPERTS, LAYERS = 8, 4
+OPTIMS = {"adamw": {"name": "adamw", "lr": 1e-2, "max_grad_norm": 1.0, "eps": PARITY_EPS},
+          "adalomo": {"name": "adalomo", "lr": 1e-2, "max_grad_norm": 0.0, "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}}
+# Per layer its rest, then its experts: the rests drawn often, so both kinds of unit train in a few steps.
+WEIGHTS = [6.0] + [1.0] * EXPERTS
+LISA = {"gamma": 5, "interval": 2, "unit": "expert", "strategy": "weights", "layer_weights": WEIGHTS * LAYERS}
+
+
+def _worker(rank: int, world_size: int, model_dir: str, engine: str, optim: str, output_dir: str) -> dict:
+    config = tiny_config(f"{output_dir}/{engine}{world_size}{optim}", engine={"name": engine}, lisa=LISA,
+                         model={"path": model_dir}, optim=OPTIMS[optim],
+                         )
+    trainer = start_trainer(config)
+    core = trainer.core
+    start = engine_weights(trainer)
+    records, state = [], []
+    for step in range(STEPS):
+        records.append(trainer.train_step(step))
+        parts = {key: slot for key, slot in core.optimizer.slots.items() if slot.part is not None}
+        elements = sum(t.numel() for slot in parts.values() for t in slot.state.values())
+        state.append({"keys": sorted(parts), "elements": elements})
+    routed = {name for name, p in core.model.named_parameters() if any(p is q for u in core.units for q in u.routed)}
+    out = {"start": start, "end": engine_weights(trainer), "records": records, "state": state,
+           "routed": sorted(routed), "units": [u.name for u in core.units]}
+    core.stepper.hooks.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(write_family(FAMILY, tmp_path_factory.mktemp("expert_units") / "model"))
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("expert_runs"))
+    out = {}
+    for optim in OPTIMS:
+        for engine in ("fsdp2", "zero3"):
+            out[engine, optim] = run_distributed(_worker, 2, model_dir=model_dir, engine=engine, optim=optim,
+                                                 output_dir=root)
+        out["one", optim] = run_distributed(_worker, 1, model_dir=model_dir, engine="fsdp2", optim=optim,
+                                            output_dir=root)
+    return out
+
+
+def _layer(name: str) -> str:
+    return name.split(".layers.")[1].split(".")[0]
+
+
+CASES = [(engine, optim) for optim in OPTIMS for engine in ("fsdp2", "zero3")]
+
+
+@pytest.mark.parametrize("engine, optim", CASES)
+def test_only_drawn_units_change_and_the_rest_stays_bit_identical(runs, engine, optim):
+    obs = runs[engine, optim][0]
+    drawn = {name for r in obs["records"] for name in r["active_blocks"]}
+    assert obs["units"][:EXPERTS + 1] == ["0", *(f"0.e{e}" for e in range(EXPERTS))]
+    assert any(".e" in name for name in drawn) and any(".e" not in name for name in drawn)
+    for name, start in obs["start"].items():
+        if ".layers." not in name:
+            continue
+        if name in obs["routed"]:
+            for e in range(EXPERTS):
+                same = torch.equal(start[e], obs["end"][name][e])
+                assert same == (f"{_layer(name)}.e{e}" not in drawn), f"{name} expert {e}"
+        else:
+            assert torch.equal(start, obs["end"][name]) == (_layer(name) not in drawn), name
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_optimizer_state_covers_exactly_the_active_experts_rows(runs, engine):
+    """Summed over ranks, the routed parameters' AdamW state is two values per element of the active experts
+    (each rank holding its shard's part of them), with a slot per active expert on every rank."""
+    ranks = runs[engine, "adamw"]
+    per_expert = {name: ranks[0]["start"][name][0].numel() for name in ranks[0]["routed"]}
+    for step, record in enumerate(ranks[0]["records"]):
+        experts = [unit.split(".e") for unit in record["active_blocks"] if ".e" in unit]
+        expected = sum(2 * size for layer, _ in experts for name, size in per_expert.items() if _layer(name) == layer)
+        assert sum(rank["state"][step]["elements"] for rank in ranks) == expected, step
+        keys = sorted(expert_key(name, int(e)) for layer, e in experts for name in per_expert if _layer(name) == layer)
+        assert all(rank["state"][step]["keys"] == keys for rank in ranks), step
+
+
+@pytest.mark.parametrize("optim", list(OPTIMS))
+def test_two_ranks_on_either_engine_equal_one_process(runs, optim):
+    one = runs["one", optim][0]
+    for engine in ("fsdp2", "zero3"):
+        two = runs[engine, optim][0]
+        assert [r["active_blocks"] for r in one["records"]] == [r["active_blocks"] for r in two["records"]]
+        norms = [r["grad_norm"] for run in (one, two) for r in run["records"]]
+        assert_weights_close(two["end"], one["end"], parity_atol(OPTIMS[optim], STEPS, max(norms)))
+
+
+def _resume_jobs(rank: int, world_size: int, root: str, model_dir: str) -> None:
+    weights = ",".join(str(w) for w in WEIGHTS * LAYERS)
+    for engine, extra in (("fsdp2", []), ("zero3", ZERO3)):
+        args = [*COMMON, f"model.path={model_dir}", "lisa.unit=expert", "lisa.gamma=5", "lisa.strategy=weights",
+                f"lisa.layer_weights=[{weights}]", "optim.lr=0.01", "max_steps=6", "save_every=3", *extra]
+        straight = Path(root) / engine / "straight"
+        for out, more in ((straight, []), (Path(root) / engine / "resumed", [f"resume={straight}/checkpoints/step_3"])):
+            config = load_config(REPO / "configs" / "tiny.yaml", [*args, *more, f"output_dir={out}"])
+            start_trainer(config).fit()
+
+
+@pytest.fixture(scope="module")
+def resumed(model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("expert_resume")
+    run_distributed(_resume_jobs, 2, root=str(root), model_dir=model_dir)
+    return root
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_a_run_resumed_mid_interval_continues_bit_for_bit(resumed, engine):
+    """Step 3's checkpoint falls inside an interval of 2: the resumed run trains the same experts, with the
+    optimizer state of their parts as the straight run had it."""
+    a, b = metrics(resumed / engine / "straight"), metrics(resumed / engine / "resumed")
+    assert [r["step"] for r in b] == [4, 5, 6]
+    assert [(r["loss"], r["grad_norm"], r["active_blocks"]) for r in a[3:]] == \
+        [(r["loss"], r["grad_norm"], r["active_blocks"]) for r in b]
+    assert_same_final(resumed / engine / "straight", resumed / engine / "resumed")
+
+
+def _routing_worker(rank: int, world_size: int, model_dir: str, engine: str, output_dir: str) -> dict:
+    """The routing strategy's scores after the first step, and the same tokens counted from the routers' logits
+    (their top-k, padding left out) in forwards of this test's own, summed over ranks."""
+    from lisa_dist.distributed import sum_over_ranks
+
+    config = tiny_config(f"{output_dir}/routing_{engine}{world_size}", engine={"name": engine},
+                         lisa={"gamma": 5, "interval": 2, "unit": "expert", "strategy": "routing"},
+                         model={"path": model_dir}, optim=OPTIMS["adamw"])
+    trainer = start_trainer(config)
+    core = trainer.core
+    with core.values.real_tensors():
+        batches = trainer.batches.micro_batches(0)
+    counts = torch.zeros(LAYERS, EXPERTS, dtype=torch.float64)
+    core.model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            out = core.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_router_logits=True, use_cache=False)
+            mask = batch["attention_mask"].reshape(-1).bool()
+            for layer, logits in enumerate(out.router_logits):
+                top = logits.topk(core.model.config.num_experts_per_tok, dim=-1).indices[mask]
+                counts[layer] += torch.bincount(top.flatten(), minlength=EXPERTS).double()
+    core.engine.after_forward_only()
+    core.model.train()
+    counts = sum_over_ranks(counts.flatten(), core.runtime.device).view(LAYERS, EXPERTS)
+    trainer.train_step(0)
+    strategy = core.sampler.strategy
+    out = {"scores": strategy.ratios, "probabilities": strategy.probabilities().tolist(), "counts": counts,
+           "units": [u.name for u in core.units]}
+    core.stepper.hooks.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def routing(model_dir, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("expert_routing"))
+    return {engine: run_distributed(_routing_worker, 2, model_dir=model_dir, engine=engine, output_dir=root)[0]
+            for engine in ("fsdp2", "zero3")}
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_routing_scores_experts_by_their_share_of_the_routed_tokens(routing, engine):
+    """An expert's score is its share of its layer's routed tokens (over both ranks' first batches) times the
+    expert count; each layer's rest scores 1; the probabilities mix the normalized scores with uniform_mix."""
+    obs = routing[engine]
+    counts = obs["counts"]
+    assert float(counts.sum()) > 0
+    for unit, score in zip(obs["units"], obs["scores"]):
+        if ".e" not in unit:
+            assert score == 1.0, unit
+            continue
+        layer, expert = (int(x) for x in unit.split(".e"))
+        share = float(counts[layer, expert] / counts[layer].sum())
+        assert score == pytest.approx(share * EXPERTS, rel=1e-12, abs=0), unit
+    total, n = sum(obs["scores"]), len(obs["scores"])
+    expected = [0.9 * s / total + 0.1 / n for s in obs["scores"]]
+    assert obs["probabilities"] == pytest.approx(expected, rel=1e-12)
+    assert routing["fsdp2"]["scores"] == routing["zero3"]["scores"]
