@@ -230,33 +230,8 @@ class ShardedOptimizer:
 
     def _apply_many(self, slots: list[Slot], grads: list[torch.Tensor], options: UpdateOptions, guard: bool,
                     grad_sqs: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
-        grad_scale, commit = options.grad_scale, options.commit
-        if grads32 and isinstance(grad_scale, torch.Tensor):  # shards in host memory (FSDP2's offload) wait here
-            grad_scale = grad_scale.to(grads32[0].device)
-        if grads32 and commit is not None:
-            commit = commit.to(grads32[0].device)
-        if isinstance(grad_scale, torch.Tensor) or grad_scale != 1.0:
-            torch._foreach_mul_(grads32, grad_scale)
-        finite = self._finite(grads32, grad_scale, grad_sqs) if guard else []
-        keep = self._keep(finite, commit, len(slots))
-        if self.rule.needs_finite_grads:  # a held-back shard's rule sees zeros: NaN * 0 would still be NaN
-            for g, ok in zip(grads32, keep):
-                g.masked_fill_(~ok, 0.0)
-        if options.clip_value:
-            torch._foreach_clamp_min_(grads32, -options.clip_value)
-            torch._foreach_clamp_max_(grads32, options.clip_value)
-        masters, states = [], []
-        for slot in slots:
-            slot.step += 1
-            slot.updates += 1
-            master, state = slot.master, slot.state
-            if self.host is not None:  # offloaded: this shard's state comes to the device for its update only
-                device = slot.shard.device
-                master = None if master is None else master.to(device, non_blocking=True)
-                state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
-            masters.append(master)
-            states.append(state)
+        grads32, commit, finite, keep = self._prepared_grads(grads, options, guard, grad_sqs)
+        masters, states = self._counted_state(slots)
         if commit is not None:
             self.uncommitted.extend(slots)
         targets = [master if master is not None else slot.shard.float() for master, slot in zip(masters, slots)]
@@ -280,6 +255,45 @@ class ShardedOptimizer:
                 self._write_shard(slot, target, options.generator, ok)
         del befores
         return [(~ok).to(torch.int64) for ok in finite] if guard else [torch.zeros((), dtype=torch.int64)] * len(slots)
+
+    def _prepared_grads(self, grads: list[torch.Tensor], options: UpdateOptions, guard: bool,
+                        grad_sqs: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], torch.Tensor | None,
+                                                                      list[torch.Tensor], list[torch.Tensor]]:
+        """fp32 gradients scaled and clipped by value; the commit flag where they are; per shard, whether the
+        gradient is finite (guarded) and whether its update stands. A held-back shard's gradient is zeroed for a
+        rule that takes it into its state."""
+        grads32 = [grad.float() for grad in grads]  # no copy when already fp32 (accumulated, or reduced in fp32)
+        grad_scale, commit = options.grad_scale, options.commit
+        if grads32 and isinstance(grad_scale, torch.Tensor):  # shards in host memory (FSDP2's offload) wait here
+            grad_scale = grad_scale.to(grads32[0].device)
+        if grads32 and commit is not None:
+            commit = commit.to(grads32[0].device)
+        if isinstance(grad_scale, torch.Tensor) or grad_scale != 1.0:
+            torch._foreach_mul_(grads32, grad_scale)
+        finite = self._finite(grads32, grad_scale, grad_sqs) if guard else []
+        keep = self._keep(finite, commit, len(grads32))
+        if self.rule.needs_finite_grads:  # NaN * 0 would still be NaN
+            for g, ok in zip(grads32, keep):
+                g.masked_fill_(~ok, 0.0)
+        if options.clip_value:
+            torch._foreach_clamp_min_(grads32, -options.clip_value)
+            torch._foreach_clamp_max_(grads32, options.clip_value)
+        return grads32, commit, finite, keep
+
+    def _counted_state(self, slots: list[Slot]) -> tuple[list[torch.Tensor | None], list[dict[str, torch.Tensor]]]:
+        """Each slot's update counted, and its master and state where the update runs."""
+        masters, states = [], []
+        for slot in slots:
+            slot.step += 1
+            slot.updates += 1
+            master, state = slot.master, slot.state
+            if self.host is not None:  # offloaded: this shard's state comes to the device for its update only
+                device = slot.shard.device
+                master = None if master is None else master.to(device, non_blocking=True)
+                state = {key: t.to(device, non_blocking=True) for key, t in state.items()}
+            masters.append(master)
+            states.append(state)
+        return masters, states
 
     @staticmethod
     def _keep(finite: list[torch.Tensor], commit: torch.Tensor | None, count: int) -> list[torch.Tensor]:
