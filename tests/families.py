@@ -88,3 +88,21 @@ def layer_index(name: str) -> int | None:
         if part in ("layers", "h") and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+# Two runs whose weights agree within parity_atol (~1e-6) give router logits (32-wide dot products of O(1)
+# hidden states, after at most 4 layers) that agree far within 1e-4; so do a router's own choice (on its softmax
+# probabilities, whose rounding may equalize two logits) and a top-k of the logits it returned.
+ROUTING_TIE = 1e-4
+
+
+def routed_counts(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, top_k: int) -> tuple[list, list]:
+    """Per layer, the real tokens' top-k experts counted, and how many tokens had a k-th and (k+1)-th logit
+    within ROUTING_TIE of each other (where two countings may choose differently)."""
+    counts, ties = [], []
+    real = mask.flatten().bool()
+    for logits in router_logits:
+        top = logits[real].topk(top_k + 1, dim=-1)
+        counts.append(torch.bincount(top.indices[:, :top_k].flatten(), minlength=logits.shape[-1]).tolist())
+        ties.append(int((top.values[:, top_k - 1] - top.values[:, top_k] < ROUTING_TIE).sum()))
+    return counts, ties

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from lisa_dist.data import GlobalBatches, build_sequences, load_examples
-from tests.families import write_family
+from tests.families import routed_counts, write_family
 from tests.helpers import (assert_weights_close, engine_weights, parity_atol, run_distributed, start_trainer,
                            tiny_config)
 
@@ -71,23 +71,6 @@ def runs(dirs, tmp_path_factory):
             for engine in ("fsdp2", "zero3")}
 
 
-def _routed(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor, top_k: int) -> tuple[list, list]:
-    """Per layer, the real tokens' top-k experts counted, and how many tokens had a k-th and (k+1)-th logit
-    within ROUTING_TIE of each other (where two runs' rounding may choose differently)."""
-    counts, ties = [], []
-    real = mask.flatten().bool()
-    for logits in router_logits:
-        top = logits[real].topk(top_k + 1, dim=-1)
-        counts.append(torch.bincount(top.indices[:, :top_k].flatten(), minlength=logits.shape[-1]).tolist())
-        ties.append(int((top.values[:, top_k - 1] - top.values[:, top_k] < ROUTING_TIE).sum()))
-    return counts, ties
-
-
-# Two runs whose weights agree within parity_atol (~1e-6) give router logits (32-wide dot products of O(1)
-# hidden states, after at most 4 layers) that agree far within 1e-4.
-ROUTING_TIE = 1e-4
-
-
 def _reference(directory: str, coef: float, output_dir) -> tuple[dict[str, torch.Tensor], list[float], list]:
     """SGD on mean token loss + coef x mean router loss over the same micro-batches, in one process; also each
     step's expert counts per layer, with the near-tied tokens."""
@@ -105,7 +88,8 @@ def _reference(directory: str, coef: float, output_dir) -> tuple[dict[str, torch
         objective, auxes, counts, ties = 0.0, [], 0, 0
         for batch in micro:
             out = model(input_ids=batch["input_ids"], output_router_logits=True)
-            batch_counts, batch_ties = _routed(out.router_logits, batch["attention_mask"], model.num_experts_per_tok)
+            batch_counts, batch_ties = routed_counts(out.router_logits, batch["attention_mask"],
+                                                     model.num_experts_per_tok)
             counts, ties = torch.tensor(batch_counts) + counts, torch.tensor(batch_ties) + ties
             ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                  ignore_index=-100, reduction="sum")
