@@ -5,6 +5,7 @@ any step checkpoint to one."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -243,17 +244,87 @@ def load_shards(engine: Engine, directory: Path, optim_state: OptimState, writte
 
     DCP reshards a checkpoint in this engine's layout to any world size; another engine's layout is read
     tensor by tensor and sliced (`_load_other_layout`)."""
+    names = {name for name, _ in engine.model.named_parameters()}
+    params = {name: entries for name, entries in optim_state.items() if name in names}
     if written_by == engine.name:
-        state = engine.checkpoint_state(optim_state)
+        state = engine.checkpoint_state(params)
         dcp.load(state, checkpoint_id=str(directory))
         # DCP loads in place into DTensors; plain tensors (replicated scalars) are replaced in the dict.
         for name, entries in state["optim"].items():
             for key, value in entries.items():
                 if not isinstance(value, DTensor):
-                    optim_state[name][key].copy_(value)
+                    params[name][key].copy_(value)
     else:
-        _load_other_layout(engine, engine.model, directory, optim_state)
+        _load_other_layout(engine, engine.model, directory, params)
+    _load_expert_parts(directory, {key: entries for key, entries in optim_state.items() if key not in names})
     engine.after_load()
+
+
+def _span(key: str) -> tuple[str, tuple[int, int]]:
+    """An expert part's slot key and its range of the expert's flat elements."""
+    base, _, span = key.partition("@")
+    start, end = span.split(":")
+    return base, (int(start), int(end))
+
+
+@torch.no_grad()
+def _load_expert_parts(directory: Path, parts: OptimState) -> None:
+    """The optimizer state of experts' parts (lisa.unit=expert). Each was stored as its rank held it, keyed by
+    its range of the expert (`ShardedOptimizer.state_dict`); another world size or engine cuts experts
+    elsewhere, so each part is assembled from the stored pieces it overlaps, read whole (one expert's at most).
+    Entries as long as their part are elementwise; the others (the step, AdaLomo's per-expert statistics) are
+    the same in every piece and read from one."""
+    if not parts:
+        return
+    stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    pieces: dict[str, dict[str, tuple[int, int]]] = {}
+    for name in stored:
+        if name.startswith("optim.") and "#" in name:
+            slot = name[len("optim."):].rsplit(".", 1)[0]
+            base, span = _span(slot)
+            pieces.setdefault(base, {})[slot] = span
+    plan = {key: {entry: _piece_reads(directory, key, entry, target, pieces.get(_span(key)[0], {}), stored)
+                  for entry, target in entries.items()} for key, entries in parts.items()}
+    wanted = {name for entries in plan.values() for reads in entries.values() for name, _, _ in reads}
+    whole = {name: torch.empty(stored[name].size, dtype=stored[name].properties.dtype) for name in wanted}
+    dcp.load(whole, checkpoint_id=str(directory), no_dist=True)
+    for key, entries in plan.items():
+        for entry, reads in entries.items():
+            target = parts[key][entry]
+            for name, source, into in reads:
+                if into is None:
+                    target.copy_(whole[name].view_as(target))
+                else:
+                    target.view(-1)[into[0]:into[1]].copy_(whole[name].view(-1)[source[0]:source[1]])
+
+
+Reads = list[tuple[str, tuple[int, int], tuple[int, int] | None]]
+
+
+def _piece_reads(directory: Path, key: str, entry: str, target: torch.Tensor, pieces: dict[str, tuple[int, int]],
+                 stored: dict[str, Any]) -> Reads:
+    """(stored name, its range to read, the target's range to fill or None for all of it) for one entry of a
+    part: the overlaps with every stored piece for an elementwise entry, or one piece for the others."""
+    base, span = _span(key)
+    found = {f"optim.{slot}.{entry}": piece for slot, piece in pieces.items() if f"optim.{slot}.{entry}" in stored}
+    sizes = {name: math.prod(stored[name].size) for name in found}
+    if target.dim() == 0 or target.numel() != span[1] - span[0] or any(
+            sizes[name] != high - low for name, (low, high) in found.items()):
+        same = [name for name in found if sizes[name] == target.numel()]
+        if not same:
+            raise CheckpointError(f"{directory} holds no {entry} of {target.numel()} values for {base} "
+                                  "(lisa.unit=expert); it was not written for this model and method")
+        return [(same[0], (0, target.numel()), None)]
+    reads, covered = [], 0
+    for name, (low, high) in sorted(found.items(), key=lambda item: item[1]):
+        start, end = max(low, span[0]), min(high, span[1])
+        if start < end:
+            reads.append((name, (start - low, end - low), (start - span[0], end - span[0])))
+            covered += end - start
+    if covered != span[1] - span[0]:
+        raise CheckpointError(f"{directory} holds {covered} of the {span[1] - span[0]} values of {entry} for "
+                              f"{key}; the checkpoint is incomplete")
+    return reads
 
 
 @torch.no_grad()
@@ -262,10 +333,6 @@ def _load_other_layout(access: ShardAccess, model: nn.Module, directory: Path, o
     map onto ours. Every layout is a row-major flat range per rank, so read one parameter's tensors whole
     (host memory for one parameter at a time) and keep this rank's range of each."""
     stored = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    parts = sorted(set(optim_state) - {name for name, _ in model.named_parameters()})
-    if parts:
-        raise CheckpointError(f"{directory} was written by another engine; the optimizer state of experts' parts "
-                              f"({parts[0]}, lisa.unit=expert) is read back only by the engine that wrote it")
     for name, param in model.named_parameters():
         info = access.shard_info(param)
         targets = {f"model.{name}": access.local_shard(param)}

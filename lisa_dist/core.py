@@ -129,7 +129,7 @@ class TrainingCore:
         strategy = None
         if config.method == "lisa":
             with self.values.real_tensors():
-                strategy = self.values.sampling(make_strategy(lisa, len(self.units), config.seed), self.unit_numel)
+                strategy = self.values.sampling(make_strategy(lisa, len(self.units), config.seed), self.units)
         # layer_weights is in the sampler's state already (as "weights")
         options = [key for key in strategy_options(lisa.strategy) if key != "layer_weights"] if strategy else []
         self.sampler = LayerSampler(len(self.units), lisa.interval, config.seed, strategy, unit=lisa.unit,

@@ -16,6 +16,7 @@ import torch
 from lisa_dist.distributed import all_reduce_tensor
 
 if TYPE_CHECKING:
+    from lisa_dist.models.parts import SampledUnit
     from lisa_dist.sampler import Strategy
 
 
@@ -47,8 +48,8 @@ class Values:
         draw, shard offsets."""
         yield
 
-    def sampling(self, strategy: Strategy, unit_sizes: list[int]) -> Strategy:
-        """The strategy whose draws the core trains (`unit_sizes`: each unit's parameter count)."""
+    def sampling(self, strategy: Strategy, units: list[SampledUnit]) -> Strategy:
+        """The strategy whose draws the core trains over `units`."""
         return strategy
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from benchmarks.quality.pretrain import MOE_BASE, BaseModel
+
 ADAMW_LR = 1e-3
 LOMO_LR = 1e-2
 ADALOMO_LR = 1e-3
@@ -33,6 +35,18 @@ def _lisa(strategy: str, *extra: str, optim: str = "adamw", lr: float = ADAMW_LR
 # missed the lowest layers was where uniform LISA failed on this task.
 BOTTOM_HEAVY = "lisa.layer_weights=[8,7,6,5,4,3,2,1]"
 
+def expert_gamma(spec: BaseModel) -> int:
+    """gamma over expert units (each layer's rest, and each expert) at layer units' optimizer memory: GAMMA
+    layers' elements over the mean unit's."""
+    h, heads, kv = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads
+    attention = 2 * h * h + 2 * h * (h // heads * kv)
+    rest = attention + h * spec.experts + 2 * h  # with the router and the two norms
+    expert = 3 * h * spec.intermediate_size
+    layer = rest + spec.experts * expert
+    mean_unit = (rest + spec.experts * expert) / (1 + spec.experts)
+    return round(GAMMA * layer / mean_unit)
+
+
 METHODS = {m.name: m for m in [
     Method("full_adamw", ["method=full", "optim.name=adamw", f"optim.lr={ADAMW_LR}"]),
     Method("lora", lora=True),
@@ -45,4 +59,10 @@ METHODS = {m.name: m for m in [
     Method("lomo", ["method=full", "optim.name=lomo", f"optim.lr={LOMO_LR}"]),
     Method("adalomo", ["method=full", "optim.name=adalomo", f"optim.lr={ADALOMO_LR}"]),
     Method("lisa_adalomo", _lisa("uniform", optim="adalomo", lr=ADALOMO_LR)),
+    Method("lisa_expert_uniform", _lisa("uniform", "lisa.unit=expert", f"lisa.gamma={expert_gamma(MOE_BASE)}")),
+    Method("lisa_expert_routing", _lisa("routing", "lisa.unit=expert", f"lisa.gamma={expert_gamma(MOE_BASE)}")),
 ]}
+
+MOE_METHODS = ["full_adamw", "lisa_uniform", "lisa_expert_uniform", "lisa_expert_routing"]
+"""On the mixture-of-experts base (`--base moe`): LISA over layers (gamma 2) and over experts at the same
+optimizer memory (`expert_gamma`)."""

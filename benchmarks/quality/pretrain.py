@@ -1,4 +1,5 @@
-"""The benchmark's base model: a small LLaMA pre-trained from scratch on the generated corpus, in one process.
+"""The benchmark's base model: a small LLaMA (or a Mixtral of the same widths) pre-trained from scratch on the
+generated corpus, in one process.
 
 It uses the bundled tiny model's byte-level tokenizer. The result is cached under the cache directory by
 a digest of everything that shapes it, so later runs (and every method and seed) start from the same file.
@@ -6,6 +7,7 @@ a digest of everything that shapes it, so later runs (and every method and seed)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,9 +36,29 @@ class BaseModel:
     steps: int = 1200
     lr: float = 3e-3
     seed: int = 0
+    experts: int = 0
+    """Routed experts per layer, each `intermediate_size` wide (a Mixtral); 0 for a dense LLaMA."""
+    top_k: int = 2
+    router_aux_loss_coef: float = 0.01
+    """The load-balancing loss in pre-training and fine-tuning (Mixtral's default 0.02 halved: 8 small experts)."""
 
 
 QUICK_BASE = BaseModel(documents=400, steps=40, batch_size=8, seq_len=64)
+# Top 2 of 8 experts half the dense width: a token passes through the dense model's MLP width.
+MOE_BASE = BaseModel(experts=8, intermediate_size=176)
+QUICK_MOE_BASE = dataclasses.replace(QUICK_BASE, experts=8, intermediate_size=176)
+
+
+def model_config(spec: BaseModel, tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.PretrainedConfig:
+    shape = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+             "num_hidden_layers": spec.num_hidden_layers, "num_attention_heads": spec.num_attention_heads,
+             "num_key_value_heads": spec.num_key_value_heads, "vocab_size": len(tokenizer),
+             "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": tokenizer.bos_token_id,
+             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if not spec.experts:
+        return transformers.LlamaConfig(**shape)
+    return transformers.MixtralConfig(**shape, num_local_experts=spec.experts, num_experts_per_tok=spec.top_k,
+                                      output_router_logits=True, router_aux_loss_coef=spec.router_aux_loss_coef)
 
 
 def _digest(spec: BaseModel) -> str:
@@ -61,13 +83,7 @@ def pretrain(spec: BaseModel, cache_dir: Path, log: bool = True) -> Path:
         return out
     torch.manual_seed(spec.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
-    config = transformers.LlamaConfig(
-        hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, vocab_size=len(tokenizer), max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(model_config(spec, tokenizer))
     data = _packed(tokenizer, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(spec.seed)

@@ -3,6 +3,7 @@ LOMO compare at their memory? One command:
 
     .venv/bin/python -m benchmarks.quality.run            # every method, 3 seeds (about an hour on 2 cores)
     .venv/bin/python -m benchmarks.quality.run --quick    # the pipeline, and that full fine-tuning learns
+    .venv/bin/python -m benchmarks.quality.run --base moe # a Mixtral base: LISA over layers and over experts
 
 It pre-trains the base model once (cached), fine-tunes it with each method and seed (lisa-dist on 2 CPU
 ranks; LoRA through peft in one process), and scores each final model on held-out data by exact match of
@@ -25,8 +26,8 @@ import torch
 import transformers
 import yaml
 
-from benchmarks.quality.methods import LORA_LR, METHODS, Method
-from benchmarks.quality.pretrain import QUICK_BASE, BaseModel, pretrain
+from benchmarks.quality.methods import LORA_LR, METHODS, MOE_METHODS, Method
+from benchmarks.quality.pretrain import MOE_BASE, QUICK_BASE, QUICK_MOE_BASE, BaseModel, pretrain
 from benchmarks.quality.score import exact_match
 from benchmarks.quality.task import task_splits, write_jsonl
 from lisa_dist.data import build_sequences, load_examples
@@ -57,6 +58,7 @@ def _run_lisa_dist(method: Method, base: Path, train_path: Path, out: Path, seed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if "loss" in r]
     return {"peak_mib": max(r["peak_mem_gib"] for r in steps_rows) * 1024,
+            "state_mib": statistics.mean(r["optim_state_gib"] for r in steps_rows) * 1024,
             "step_s": statistics.median(r["step_time_s"] for r in steps_rows[1:])}
 
 
@@ -100,40 +102,52 @@ def run_one(method: Method, base: Path, data: dict[str, Path], rows: dict[str, l
 
 def table(results: list[dict], methods: list[str]) -> str:
     lines = ["| method | held-out exact match, mean | per seed | training questions | held-out loss, mean | "
-             "peak MiB per rank | step s (median) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "peak MiB per rank | optimizer state MiB per rank, mean | step s (median) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in methods:
         rows = sorted((r for r in results if r["method"] == name), key=lambda r: r["seed"])
         if not rows:
             continue
         em = [r["exact_match"] for r in rows]
+        state = [r["state_mib"] for r in rows if "state_mib" in r]  # LoRA's runs and older results have none
         lines.append(f"| {name} | {100 * statistics.mean(em):.1f} % | "
                      f"{', '.join(f'{100 * e:.0f}' for e in em)} | "
                      f"{100 * statistics.mean(r['train_exact_match'] for r in rows):.0f} % | "
                      f"{statistics.mean(r['eval_loss'] for r in rows):.3f} | "
                      f"{statistics.mean(r['peak_mib'] for r in rows):.1f} | "
+                     f"{f'{statistics.mean(state):.2f}' if state else '-'} | "
                      f"{statistics.median(r['step_s'] for r in rows):.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small base model and full fine-tuning only")
+    parser.add_argument("--quick", action="store_true", help="a small base model and full fine-tuning only "
+                        "(with --base moe: and LISA over experts by routing)")
+    parser.add_argument("--base", choices=["dense", "moe"], default="dense",
+                        help="moe: a Mixtral of 8 experts (top 2) per layer and the methods of MOE_METHODS")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tuning steps (default 150, as calibrated; quick 30)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "quality" / ".cache")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/quality (runs/quality_moe)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="appended to every lisa-dist method's overrides (say optim.lr=3e-4, to see how "
                              "another rate moves the table); use another --out")
     args = parser.parse_args(argv)
-    methods = args.methods or (["full_adamw"] if args.quick else list(METHODS))
+    moe = args.base == "moe"
+    args.out = args.out or REPO / "runs" / ("quality_moe" if moe else "quality")
+    quick_methods = ["full_adamw", "lisa_expert_routing"] if moe else ["full_adamw"]
+    everything = MOE_METHODS if moe else [name for name in METHODS if name not in MOE_METHODS[2:]]
+    methods = args.methods or (quick_methods if args.quick else everything)
     if args.override and any(METHODS[name].lora for name in methods):
         parser.error("--override applies to lisa-dist methods; leave lora out (--methods ...)")
     steps = args.steps or (30 if args.quick else 150)
     seeds = 1 if args.quick else args.seeds
-    base = pretrain(QUICK_BASE if args.quick else BaseModel(), args.cache_dir)
+    spec = {(False, False): BaseModel(), (True, False): QUICK_BASE, (False, True): MOE_BASE,
+            (True, True): QUICK_MOE_BASE}[args.quick, moe]
+    base = pretrain(spec, args.cache_dir)
     train_rows, held_rows = task_splits()
     rows = {"train": train_rows, "held": held_rows}
     data = {"train": write_jsonl(args.out / "data" / "train.jsonl", train_rows),

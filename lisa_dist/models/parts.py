@@ -143,6 +143,13 @@ class SampledUnit:
             return sum(sizes)
         return sum(size // _shape(p)[0] for size, p in zip(sizes, self.routed))
 
+    def gradient_numel(self) -> int:
+        """Elements that get gradients while this unit trains: its own, or for an expert every expert's of its
+        layer (autograd differentiates a stacked parameter whole)."""
+        if self.expert is None:
+            return self.numel()
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.routed)
+
 
 def _shape(p: nn.Parameter) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))

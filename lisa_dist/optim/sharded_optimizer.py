@@ -385,14 +385,14 @@ class ShardedOptimizer:
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Local tensors (shared with the live state, so loading into them restores it), by slot key. An expert's
-        part is stored as this rank holds it, keyed by where it starts in the expert when the rank holds only some
-        of it (ZeRO-3's partitions may cut an expert); a rank holding none of an expert stores nothing for it."""
+        part is stored as this rank holds it, keyed `name#e@start:end` by its range of the expert's flat elements
+        (ZeRO-3's partitions may cut an expert); a rank holding none of an expert stores nothing for it."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for key, slot in self.slots.items():
-            if slot.part is not None and slot.info.numel < slot.info.global_numel:
+            if slot.part is not None:
                 if not slot.info.numel:
                     continue
-                key = f"{key}@{slot.info.flat_start}"
+                key = f"{key}@{slot.info.flat_start}:{slot.info.flat_start + slot.info.numel}"
             entry = dict(slot.state)
             entry["step"] = slot.step
             if slot.master is not None:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lisa_dist.config import Config
-from lisa_dist.errors import ConfigError
 from lisa_dist.models.moe import router_aux, router_modules, routed_experts
 from lisa_dist.sizing.memory import GIB, RESERVE_GIB, print_categories
+from lisa_dist.sizing.shapes import UnitSize, draw_elements, heaviest_draw, rank_trained_elements, unit_sizes
 from lisa_dist.validation import check_world_size
 
 
@@ -49,9 +49,10 @@ class ModelShape:
     """All parameters."""
     layers: list[int]
     """Parameters of each decoder layer."""
-    units: list[int]
-    """Parameters of each unit `lisa.unit` samples (layers; or attention and MLP blocks with their layer's
-    norms, counted with every block as an upper bound)."""
+    units: list[UnitSize]
+    """Each unit `lisa.unit` samples (layers; attention and MLP blocks with their layer's norms, counted with every
+    block as an upper bound; or each layer's routed experts and the rest of it). `plan` counts the heaviest draw
+    of gamma of them (`heaviest_draw`), as `estimate` trains it."""
     largest_block: int
     """Parameters of the largest child block of a layer (the MLP for LLaMA)."""
     largest_param: int
@@ -74,13 +75,9 @@ class ModelShape:
     @classmethod
     def of(cls, config: Config, hf_config: Any = None) -> ModelShape:
         """Counts from the model built on the meta device; `hf_config` when the caller already loaded it."""
-        from lisa_dist.models import build_meta_model, find_parts, sampling_units
+        from lisa_dist.models import build_meta_model, find_parts
         from lisa_dist.models.build import DTYPES, load_hf_config
 
-        if config.method == "lisa" and config.lisa.unit == "expert":
-            raise ConfigError("lisa-dist plan does not model lisa.unit=expert yet (a drawn expert's layer computes "
-                              "gradients for all its experts, state exists for the drawn experts only); "
-                              "lisa-dist estimate measures it")
         hf_config = hf_config or load_hf_config(config)[0]
         model = build_meta_model(hf_config, DTYPES[config.train.dtype], config.model.attn_implementation,
                                  config.model.experts_implementation)
@@ -90,12 +87,7 @@ class ModelShape:
             return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
         layers = [count([layer]) for layer in parts.layers]
-        if config.lisa.unit == "block":
-            units = sampling_units(parts, "block")
-            rest = {i: layers[i] - sum(count([u.module]) for u in units if u.layer == i) for i in range(len(layers))}
-            unit_sizes = [count([u.module]) + rest[u.layer] for u in units]
-        else:
-            unit_sizes = layers
+        units = _unit_sizes(parts, config.lisa.unit if config.method == "lisa" else "layer", layers)
         blocks = [count([child]) for layer in parts.layers[:1] for child in layer.children()]
         hidden = int(getattr(hf_config, "hidden_size", 0) or hf_config.n_embd)
         intermediate = int(getattr(hf_config, "intermediate_size", 0) or getattr(hf_config, "n_inner", 0)
@@ -104,7 +96,7 @@ class ModelShape:
         aux_layers = sum(bool(router_modules(layer)) for layer in parts.layers) if router_aux(config, model) else 0
         if experts and top_k:
             intermediate = max(_routed_width(layer, hidden, experts, top_k, intermediate) for layer in parts.layers)
-        return cls(total=sum(p.numel() for p in model.parameters()), layers=layers, units=unit_sizes,
+        return cls(total=sum(p.numel() for p in model.parameters()), layers=layers, units=units,
                    largest_block=max(blocks, default=layers[0]),
                    largest_param=max(p.numel() for p in model.parameters()),
                    embeddings=count(parts.embeddings),
@@ -114,12 +106,50 @@ class ModelShape:
                    router_aux_layers=aux_layers)
 
     def trainable(self, config: Config) -> int:
+        """Elements updated in the heaviest draw (optimizer state and fp32 masters exist for these)."""
+        return self._draw(config)[0]
+
+    def with_gradients(self, config: Config) -> int:
+        """Elements that get gradients in the heaviest draw: the trainable ones, and with expert units every
+        expert of a layer any of whose experts trains."""
+        return self._draw(config)[1]
+
+    def _draw(self, config: Config) -> tuple[int, int]:
         if config.method == "full":
-            return self.total
+            return self.total, self.total
         lisa = config.lisa
-        active = sum(sorted(self.units, reverse=True)[:lisa.gamma])
-        return (active + self.embeddings * lisa.train_embeddings + self.head * lisa.train_head
-                + self.norm * lisa.train_norm)
+        trained, gradients = draw_elements(self.units, heaviest_draw(self.units, lisa.gamma))
+        always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
+        return trained + always, gradients + always
+
+    def rank_trainable(self, config: Config, world_size: int) -> float:
+        """`trainable` on the rank that holds the most of it (`rank_trained_elements`): drawn experts sit whole
+        on a rank; everything else is spread evenly."""
+        if config.method == "full":
+            return self.total / world_size
+        lisa = config.lisa
+        always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
+        chosen = heaviest_draw(self.units, lisa.gamma)
+        return rank_trained_elements(self.units, chosen, world_size) + always / world_size
+
+    def active_share(self, config: Config) -> float:
+        """The share of decoder-layer parameters with gradients in the heaviest draw (1 without LISA)."""
+        if config.method == "full":
+            return 1.0
+        return draw_elements(self.units, heaviest_draw(self.units, config.lisa.gamma))[1] / sum(self.layers)
+
+
+def _unit_sizes(parts: Any, unit: str, layers: list[int]) -> list[UnitSize]:
+    """What each unit `lisa.unit` samples holds; a block counts its layer's parameters outside every block (its
+    norms), which train while any of its blocks does."""
+    from lisa_dist.models import sampling_units
+
+    units = sampling_units(parts, unit)
+    if unit != "block":
+        return unit_sizes(units)
+    blocks = [u.numel() for u in units]
+    rest = {i: layers[i] - sum(b for b, u in zip(blocks, units) if u.layer == i) for i in range(len(layers))}
+    return [UnitSize(b + rest[u.layer], u.name, b + rest[u.layer]) for b, u in zip(blocks, units)]
 
 
 def _routed_width(layer: Any, hidden: int, experts: int, top_k: int, dense: int) -> int:
@@ -197,7 +227,7 @@ def _saved_activations(c: Config, shape: ModelShape, tokens: int, p: int) -> tup
         per_token += 2 * shape.top_k * shape.hidden + shape.experts * 4 / p
         frozen_saves += shape.top_k * shape.hidden
     if c.method == "lisa":
-        per_token -= (1 - c.lisa.gamma / len(shape.units)) * frozen_saves
+        per_token -= (1 - shape.active_share(c)) * frozen_saves
     if c.model.activation_checkpointing:  # only the layer input, and every one of them is still held
         return tokens * shape.hidden * p, len(shape.layers)
     # at the peak, in an early backward layer, about 1.5 layers' saved tensors are already released
@@ -213,7 +243,7 @@ def _gradient_bytes(c: Config, shape: ModelShape, n: int, p: int) -> tuple[float
         return 0.0, 0.0
     accumulation = c.train.global_batch_size // (c.train.micro_batch_size * n)
     per_param = p / n + (4 / n if accumulation > 1 else 0)
-    trainable = shape.trainable(c)
+    trainable = shape.with_gradients(c)
     full = c.method == "full"
     head = (shape.head + shape.norm) if full or c.lisa.train_head else 0
     embeddings = shape.embeddings if full or c.lisa.train_embeddings else 0
@@ -225,7 +255,7 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     c, n = config, world_size
     p, r = _element_bytes(c)
     tokens = c.train.micro_batch_size * c.data.seq_len
-    state_bytes = shape.trainable(c) * _state_bytes_per_param(c) / n
+    state_bytes = shape.rank_trainable(c, n) * _state_bytes_per_param(c)
     layer, block = max(shape.layers), shape.largest_block
     zero3 = c.engine.name == "zero3"
     gathered = _zero3_settings(c, n, shape.total, layer) if zero3 else (layer, 0, False, None)
@@ -289,7 +319,7 @@ def plan_communication(config: Config, shape: ModelShape, world_size: int) -> di
     ring = (n - 1) / n
     passes = _backward_passes(c, n)
     all_gather = ring * shape.total * p * _gathers_per_pass(c) * passes
-    reduce_scatter = ring * shape.trainable(c) * r * passes
+    reduce_scatter = ring * shape.with_gradients(c) * r * passes
     return {"all_gather": all_gather, "reduce_scatter": reduce_scatter, "total": all_gather + reduce_scatter}
 
 
@@ -306,13 +336,13 @@ def plan_host_traffic(config: Config, shape: ModelShape, world_size: int) -> dic
     to_device = to_host = 0.0
     if offload_params:
         to_device += shape.total * p / n * _gathers_per_pass(c) * passes
-        to_host += 0.0 if zero3 else shape.trainable(c) * r / n * passes
+        to_host += 0.0 if zero3 else shape.with_gradients(c) * r / n * passes
     if c.model.activation_offload:
         per_layer = _saved_activations(c, shape, c.train.micro_batch_size * c.data.seq_len, p)[0]
         to_device += len(shape.layers) * per_layer * passes
         to_host += len(shape.layers) * per_layer * passes
     if c.optim.offload_state and not (offload_params and not zero3):
-        state = shape.trainable(c) * _state_bytes_per_param(c) / n
+        state = shape.rank_trainable(c, n) * _state_bytes_per_param(c)
         to_device, to_host = to_device + state, to_host + state
     return {"to_device": to_device, "to_host": to_host, "total": to_device + to_host}
 

@@ -74,6 +74,30 @@ def test_plan_is_within_10_percent_of_estimate_with_block_units(plans_and_estima
     assert planned != plans_and_estimates["llama2-7b", "no-checkpointing", "lisa", "adamw"][0]
 
 
+def _expert_units_planned_and_estimated(levers: str, unit: str, gamma: int) -> tuple[dict, dict]:
+    config = load_config(TINY_YAML, [*SHAPES, "model.preset=qwen3-30b-a3b", "method=lisa", "optim.name=adamw",
+                                     f"lisa.unit={unit}", f"lisa.gamma={gamma}", *LEVER_SETS[levers]])
+    return run_plan(config, world_size=8, gpu_mem_gib=80, suggest=False), run_estimate(config, world_size=8,
+                                                                                        gpu_mem_gib=80)
+
+
+@pytest.mark.parametrize("levers", ["no-checkpointing", "checkpointing"])
+def test_plan_is_within_10_percent_of_estimate_with_expert_units(levers):
+    """Qwen3-30B-A3B's shapes, 4 layers of 128 experts, 8 ranks. gamma 2: an expert of each of the last two layers
+    (each brings its layer's stacked gradients, a rest does not); gamma 6: an expert of every layer and the last
+    two rests. Both hold those experts whole on rank 0 (FSDP2 shards the stacks by expert), which plan counts as
+    rank 0's state to the byte, less each slot's step counter."""
+    layer_plan, layer_estimate = _expert_units_planned_and_estimated(levers, "layer", 2)
+    for gamma in (2, 6):
+        planned, estimated = _expert_units_planned_and_estimated(levers, "expert", gamma)
+        assert planned["peak_gib"] == pytest.approx(estimated["peak_gib"], rel=0.10), gamma
+        state = planned["categories"]["optimizer_state"]
+        assert state == pytest.approx(estimated["categories"]["optimizer_state"], rel=1e-6), gamma
+        # experts' state is a fraction of two whole layers' (128 experts each)
+        assert state < layer_plan["categories"]["optimizer_state"] / 2
+    assert layer_plan["peak_gib"] == pytest.approx(layer_estimate["peak_gib"], rel=0.10)
+
+
 @pytest.mark.parametrize("family, width", [("mixtral", 2 * 16), ("qwen2_moe", 2 * 16 + 32), ("deepseek_v3", 64)])
 def test_an_moe_layers_width_is_what_a_token_passes_through(family, width):
     """Top-2 of the routed experts' intermediate size (16) plus the shared experts' (Qwen2-MoE: 32); DeepSeek-V3's

@@ -143,6 +143,78 @@ def test_a_run_resumed_mid_interval_continues_bit_for_bit(resumed, engine):
     assert_same_final(resumed / engine / "straight", resumed / engine / "resumed")
 
 
+def _reshard_jobs(rank: int, world_size: int, root: str, model_dir: str, engine: str, save: bool) -> dict:
+    """Each optimizer's expert parts as this rank holds them: after 3 steps and saving (`save`), or after loading
+    that checkpoint into a run of `engine` at this world size."""
+    weights = ",".join(str(w) for w in WEIGHTS * LAYERS)
+    out = {}
+    for optim, extra in (("adamw", []), ("adalomo", ["optim.name=adalomo", "optim.max_grad_norm=0"])):
+        args = [*COMMON, f"model.path={model_dir}", "lisa.unit=expert", "lisa.gamma=5", "lisa.strategy=weights",
+                f"lisa.layer_weights=[{weights}]", "optim.lr=0.01", "max_steps=3", "save_every=3",
+                "train.global_batch_size=12", *extra, *(ZERO3 if engine == "zero3" else ["train.dtype=fp32"])]
+        saved = Path(root) / optim / "saved"
+        out_dir = saved if save else Path(root) / optim / f"{engine}{world_size}"
+        trainer = start_trainer(load_config(REPO / "configs" / "tiny.yaml", [*args, f"output_dir={out_dir}"]))
+        if save:
+            trainer.fit()
+        else:
+            trainer.checkpointer.load(saved / "checkpoints" / "step_3")
+        optimizer = trainer.core.optimizer
+        out[optim] = {key: {entry: t.clone() for entry, t in state.items()}
+                      for key, state in optimizer.state_dict().items() if "#" in key}
+        trainer.core.stepper.hooks.remove()
+    return out
+
+
+def _whole_experts(ranks: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each expert's optimizer state assembled from every rank's parts (`name#e@start:end`); entries as long as
+    the part are placed at its range, the others (the step, AdaLomo's statistics) are the same in every part."""
+    whole: dict[str, dict[str, torch.Tensor]] = {}
+    for parts in ranks:
+        for key, state in parts.items():
+            base, span = key.split("@")
+            start, end = map(int, span.split(":"))
+            entries = whole.setdefault(base, {})
+            for entry, t in state.items():
+                if t.dim() and t.numel() == end - start:
+                    grown = entries.get(entry, torch.full((0,), float("nan"), dtype=t.dtype))
+                    if grown.numel() < end:
+                        grown = torch.cat([grown, torch.full((end - grown.numel(),), float("nan"), dtype=t.dtype)])
+                    grown[start:end] = t
+                    entries[entry] = grown
+                else:
+                    assert entry not in entries or torch.equal(entries[entry], t), (key, entry)
+                    entries[entry] = t
+    return whole
+
+
+@pytest.fixture(scope="module")
+def resharded(model_dir, tmp_path_factory) -> dict:
+    """Saved on 3 ZeRO-3 ranks, whose flat partitions cut experts; loaded on 2 ranks of either engine (whole
+    experts on FSDP2, cut elsewhere on ZeRO-3) and in one process."""
+    root = str(tmp_path_factory.mktemp("expert_reshard"))
+    out = {"saved": run_distributed(_reshard_jobs, 3, root=root, model_dir=model_dir, engine="zero3", save=True)}
+    for engine, world_size in (("fsdp2", 2), ("zero3", 2), ("fsdp2", 1)):
+        out[engine, world_size] = run_distributed(_reshard_jobs, world_size, root=root, model_dir=model_dir,
+                                                  engine=engine, save=False)
+    return out
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adalomo"])
+@pytest.mark.parametrize("engine, world_size", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 1)])
+def test_expert_state_reshards_to_another_world_size_and_engine(resharded, optim, engine, world_size):
+    saved = [rank[optim] for rank in resharded["saved"]]
+    assert any(not key.split("@")[1].startswith("0:") for rank in saved for key in rank), \
+        "3 ZeRO-3 ranks cut no expert"
+    expected = _whole_experts(saved)
+    loaded = _whole_experts([rank[optim] for rank in resharded[engine, world_size]])
+    assert sorted(loaded) == sorted(expected) and expected
+    for base, entries in expected.items():
+        assert sorted(loaded[base]) == sorted(entries), base
+        for entry, t in entries.items():
+            assert not t.isnan().any() and torch.equal(loaded[base][entry], t), (base, entry)
+
+
 def _routing_worker(rank: int, world_size: int, model_dir: str, engine: str, output_dir: str) -> dict:
     """The routing strategy's scores after the first step, and the same tokens counted from the routers' logits
     (their top-k, padding left out) in forwards of this test's own, summed over ranks."""
