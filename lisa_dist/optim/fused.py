@@ -75,7 +75,11 @@ class GradHooks:
             self.optimizer.stash_grad(name)  # LISA with accumulation: only active shards get here
             return
         if self.mode == "accumulate":
-            return  # the post-backward optimizer takes the last micro-batch's gradient from the engine
+            # The post-backward optimizer takes the last micro-batch's gradient from the engine; experts' parts
+            # from their accumulators, so the rest of their parameter's gradient goes now.
+            if slots[0].part is not None:
+                self.optimizer.stash_grad(name)
+            return
         for slot in slots:
             self.seen.add(slot.key)
             sq = self.optimizer.measure_grad(slot)

@@ -156,19 +156,22 @@ class ShardedOptimizer:
         return total
 
     def stash_grad(self, name: str) -> None:
-        """Move a low-precision gradient shard into the slots' fp32 accumulators and free it.
+        """Move a low-precision gradient shard, or any gradient of experts' parts, into the slots' fp32
+        accumulators and free it.
 
         The engine reduces each micro-batch's gradient in fp32 but hands it back in the parameter dtype;
-        summing micro-batches here keeps one rounding per micro-batch instead of compounding them."""
+        summing micro-batches here keeps one rounding per micro-batch instead of compounding them. A stacked
+        parameter trained for some experts gets a gradient for all of them: keeping only the parts frees the
+        rest at once (the engine would sum an fp32 gradient in place, in the same order as here)."""
         slots = self.slots_of(name)
         grad = self.access.local_grad(slots[0].param) if slots else None
-        if grad is None or grad.dtype == torch.float32:
+        if grad is None or (grad.dtype == torch.float32 and slots[0].part is None):
             return
         with self.on_shard_device():
             for slot in slots:
                 piece = self._grad(slot)
                 if slot.grad_accum is None:
-                    slot.grad_accum = piece.float()
+                    slot.grad_accum = piece.clone() if piece.dtype == torch.float32 else piece.float()
                 else:
                     slot.grad_accum.add_(piece)
         self.access.release_grad(slots[0].param)

@@ -122,15 +122,15 @@ class ModelShape:
         always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
         return trained + always, gradients + always
 
-    def rank_trainable(self, config: Config, world_size: int) -> float:
-        """`trainable` on the rank that holds the most of it (`rank_trained_elements`): drawn experts sit whole
-        on a rank; everything else is spread evenly."""
+    def rank_trainable(self, config: Config, world_size: int) -> tuple[float, int]:
+        """`trainable` on the rank that holds the most of it (`rank_trained_elements`): (the elements spread
+        evenly, the drawn experts', which sit whole on a rank)."""
         if config.method == "full":
-            return self.total / world_size
+            return self.total / world_size, 0
         lisa = config.lisa
         always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
-        chosen = heaviest_draw(self.units, lisa.gamma)
-        return rank_trained_elements(self.units, chosen, world_size) + always / world_size
+        spread, experts = rank_trained_elements(self.units, heaviest_draw(self.units, lisa.gamma), world_size)
+        return spread + always / world_size, experts
 
     def active_share(self, config: Config) -> float:
         """The share of decoder-layer parameters with gradients in the heaviest draw (1 without LISA)."""
@@ -238,16 +238,18 @@ def _gradient_bytes(c: Config, shape: ModelShape, n: int, p: int) -> tuple[float
     """(all gradient shards, those alive in a layer's backward) for post-backward optimizers.
 
     They are kept until the update (plus an fp32 sum when accumulating); in a layer's backward those of
-    the head and, on average, half of the trainable layers exist."""
+    the head and, on average, half of the trainable layers exist. Experts' parts keep only their fp32 sums
+    (`ShardedOptimizer.stash_grad`), whole on the rank that holds them."""
     if c.optim.name in ("lomo", "adalomo"):
         return 0.0, 0.0
     accumulation = c.train.global_batch_size // (c.train.micro_batch_size * n)
-    per_param = p / n + (4 / n if accumulation > 1 else 0)
-    trainable = shape.with_gradients(c)
+    per_element = p + (4 if accumulation > 1 else 0)
+    spread, experts = shape.rank_trainable(c, n)
     full = c.method == "full"
-    head = (shape.head + shape.norm) if full or c.lisa.train_head else 0
-    embeddings = shape.embeddings if full or c.lisa.train_embeddings else 0
-    return trainable * per_param, (head + (trainable - head - embeddings) / 2) * per_param
+    head = ((shape.head + shape.norm) if full or c.lisa.train_head else 0) / n
+    embeddings = (shape.embeddings if full or c.lisa.train_embeddings else 0) / n
+    return (spread * per_element + 4 * experts,
+            (head + (spread - head - embeddings) / 2) * per_element + 4 * experts / 2)
 
 
 def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str, float]:
@@ -255,7 +257,7 @@ def plan_memory(config: Config, shape: ModelShape, world_size: int) -> dict[str,
     c, n = config, world_size
     p, r = _element_bytes(c)
     tokens = c.train.micro_batch_size * c.data.seq_len
-    state_bytes = shape.rank_trainable(c, n) * _state_bytes_per_param(c)
+    state_bytes = sum(shape.rank_trainable(c, n)) * _state_bytes_per_param(c)
     layer, block = max(shape.layers), shape.largest_block
     zero3 = c.engine.name == "zero3"
     gathered = _zero3_settings(c, n, shape.total, layer) if zero3 else (layer, 0, False, None)
@@ -342,7 +344,7 @@ def plan_host_traffic(config: Config, shape: ModelShape, world_size: int) -> dic
         to_device += len(shape.layers) * per_layer * passes
         to_host += len(shape.layers) * per_layer * passes
     if c.optim.offload_state and not (offload_params and not zero3):
-        state = shape.rank_trainable(c, n) * _state_bytes_per_param(c)
+        state = sum(shape.rank_trainable(c, n)) * _state_bytes_per_param(c)
         to_device, to_host = to_device + state, to_host + state
     return {"to_device": to_device, "to_host": to_host, "total": to_device + to_host}
 

@@ -87,10 +87,11 @@ def draw_elements(sizes: list[UnitSize], chosen: Collection[int]) -> tuple[int, 
     return sum(sizes[u].trained for u in chosen), sum(groups.values())
 
 
-def rank_trained_elements(sizes: list[UnitSize], chosen: Collection[int], world_size: int) -> float:
-    """Trained elements on the rank that holds the most of them. Routed experts are not spread over the ranks:
-    FSDP2 shards a stacked parameter by expert and ZeRO-3 by flat partition, so a rank holds up to ceil(E / n) of
-    a layer's E experts' elements, and a draw's experts can all be there; the rest spreads evenly."""
+def rank_trained_elements(sizes: list[UnitSize], chosen: Collection[int], world_size: int) -> tuple[float, int]:
+    """Trained elements on the rank that holds the most of them: (those spread evenly, the experts'). Routed
+    experts are not spread over the ranks: FSDP2 shards a stacked parameter by expert and ZeRO-3 by flat
+    partition, so a rank holds up to ceil(E / n) of a layer's E experts' elements, and a draw's experts can all
+    be there."""
     spread, experts = 0.0, {}
     for u in chosen:
         if sizes[u].expert is None:
@@ -98,8 +99,8 @@ def rank_trained_elements(sizes: list[UnitSize], chosen: Collection[int], world_
         else:
             experts.setdefault(sizes[u].group, []).append(sizes[u].trained)
     per_layer = {group: sum(size.expert is not None for size in sizes if size.group == group) for group in experts}
-    return spread + sum(sum(sorted(drawn, reverse=True)[:-(-per_layer[group] // world_size)])
-                        for group, drawn in experts.items())
+    return spread, sum(sum(sorted(drawn, reverse=True)[:-(-per_layer[group] // world_size)])
+                       for group, drawn in experts.items())
 
 
 class LargestUnits(Strategy):

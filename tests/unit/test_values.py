@@ -88,8 +88,8 @@ def test_the_heaviest_draw_of_experts_opens_every_layers_stacks_first():
 
 def test_a_ranks_trained_elements_hold_its_share_of_the_rest_and_whole_experts():
     """On 2 ranks each holds 2 of a layer's 4 experts whole: drawn experts count whole, at most 2 per layer."""
-    assert rank_trained_elements(EXPERT_UNITS, (0, 5), 2) == 30
-    assert rank_trained_elements(EXPERT_UNITS, (1, 6), 2) == 20
-    assert rank_trained_elements(EXPERT_UNITS, (1, 2, 3, 4), 2) == 20
-    assert rank_trained_elements(EXPERT_UNITS, (0, 1, 2, 3), 2) == 15 + 20
-    assert rank_trained_elements(EXPERT_UNITS, (1, 2, 3), 4) == 10
+    assert rank_trained_elements(EXPERT_UNITS, (0, 5), 2) == (30, 0)
+    assert rank_trained_elements(EXPERT_UNITS, (1, 6), 2) == (0, 20)
+    assert rank_trained_elements(EXPERT_UNITS, (1, 2, 3, 4), 2) == (0, 20)
+    assert rank_trained_elements(EXPERT_UNITS, (0, 1, 2, 3), 2) == (15, 20)
+    assert rank_trained_elements(EXPERT_UNITS, (1, 2, 3), 4) == (0, 10)
