@@ -145,7 +145,8 @@ class TrainingCore:
         self.layer_of = {n: layer_ids[id(p)] for n, p in self.model.named_parameters() if id(p) in layer_ids}
         self.unit_of = self._slot_units()
         """By optimizer slot key (a parameter's name, or an expert's part of it), the unit it belongs to."""
-        self.layer_of |= {key: self.units[u].layer for key, u in self.unit_of.items()}
+        # experts' parts are slots of their own, not parameters
+        self.layer_of |= {key: self.units[u].layer for key, u in self.unit_of.items() if key not in self.layer_of}
         self.active_layers: tuple[int, ...] | None = None
         self.skipped_steps = 0
         self.consecutive_skips = 0

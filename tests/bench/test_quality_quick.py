@@ -17,3 +17,18 @@ def test_quick_benchmark_runs_and_full_fine_tuning_learns_the_answer_format(tmp_
     assert 0 <= row["exact_match"] <= 1 and row["peak_mib"] > 0 and row["step_s"] > 0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| full_adamw |" in table
+
+
+def test_quick_moe_benchmark_trains_experts_at_a_fraction_of_full_fine_tunings_state(tmp_path):
+    """`--quick --base moe`: a Mixtral base (8 experts, top 2), full AdamW and LISA over experts by routing."""
+    assert main(["--quick", "--base", "moe", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    base = json.loads((tmp_path / "out" / "base.json").read_text())
+    rows = {r["method"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert sorted(rows) == ["full_adamw", "lisa_expert_routing"]
+    config = json.loads(next((tmp_path / "cache").glob("base-*/config.json")).read_text())
+    assert config["model_type"] == "mixtral" and config["num_local_experts"] == 8
+    for row in rows.values():
+        assert row["eval_loss"] < 0.6 * base["eval_loss"], row["method"]
+    # 18 of 72 units (the same share of elements as 2 of 8 layers) plus the embeddings and head, against all
+    assert rows["lisa_expert_routing"]["state_mib"] < 0.5 * rows["full_adamw"]["state_mib"]

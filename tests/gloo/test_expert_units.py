@@ -143,25 +143,31 @@ def test_a_run_resumed_mid_interval_continues_bit_for_bit(resumed, engine):
     assert_same_final(resumed / engine / "straight", resumed / engine / "resumed")
 
 
+RESHARD_OPTIMS = {"adamw": [f"optim.eps={PARITY_EPS}", "optim.max_grad_norm=1.0"],
+                  "adalomo": ["optim.name=adalomo", "optim.max_grad_norm=0",
+                              f"optim.adalomo_eps=[{PARITY_ADALOMO_EPS1},0.001]"]}
+
+
 def _reshard_jobs(rank: int, world_size: int, root: str, model_dir: str, engine: str, save: bool) -> dict:
-    """Each optimizer's expert parts as this rank holds them: after 3 steps and saving (`save`), or after loading
-    that checkpoint into a run of `engine` at this world size."""
+    """Each optimizer's expert parts as this rank holds them, after 3 steps and saving (`save`; with the final
+    weights and gradient norms), or after loading 3 ZeRO-3 ranks' checkpoint into a run of `engine` here."""
     weights = ",".join(str(w) for w in WEIGHTS * LAYERS)
     out = {}
-    for optim, extra in (("adamw", []), ("adalomo", ["optim.name=adalomo", "optim.max_grad_norm=0"])):
+    for optim, extra in RESHARD_OPTIMS.items():
         args = [*COMMON, f"model.path={model_dir}", "lisa.unit=expert", "lisa.gamma=5", "lisa.strategy=weights",
                 f"lisa.layer_weights=[{weights}]", "optim.lr=0.01", "max_steps=3", "save_every=3",
                 "train.global_batch_size=12", *extra, *(ZERO3 if engine == "zero3" else ["train.dtype=fp32"])]
-        saved = Path(root) / optim / "saved"
-        out_dir = saved if save else Path(root) / optim / f"{engine}{world_size}"
-        trainer = start_trainer(load_config(REPO / "configs" / "tiny.yaml", [*args, f"output_dir={out_dir}"]))
+        run = Path(root) / optim / f"{'saved' if save else 'loaded'}_{engine}{world_size}"
+        trainer = start_trainer(load_config(REPO / "configs" / "tiny.yaml", [*args, f"output_dir={run}"]))
         if save:
             trainer.fit()
         else:
-            trainer.checkpointer.load(saved / "checkpoints" / "step_3")
-        optimizer = trainer.core.optimizer
-        out[optim] = {key: {entry: t.clone() for entry, t in state.items()}
-                      for key, state in optimizer.state_dict().items() if "#" in key}
+            trainer.checkpointer.load(Path(root) / optim / "saved_zero33" / "checkpoints" / "step_3")
+        parts = {key: {entry: t.clone() for entry, t in state.items()}
+                 for key, state in trainer.core.optimizer.state_dict().items() if "#" in key}
+        out[optim] = {"parts": parts}
+        if save:
+            out[optim] |= {"weights": engine_weights(trainer), "norms": [r["grad_norm"] for r in metrics(run)]}
         trainer.core.stepper.hooks.remove()
     return out
 
@@ -190,24 +196,34 @@ def _whole_experts(ranks: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def resharded(model_dir, tmp_path_factory) -> dict:
-    """Saved on 3 ZeRO-3 ranks, whose flat partitions cut experts; loaded on 2 ranks of either engine (whole
-    experts on FSDP2, cut elsewhere on ZeRO-3) and in one process."""
+    """Trained and saved on 3 ZeRO-3 ranks, whose flat partitions cut experts, and in one process; the first
+    checkpoint loaded on 2 ranks of either engine (whole experts on FSDP2, cut elsewhere on ZeRO-3) and in one
+    process."""
     root = str(tmp_path_factory.mktemp("expert_reshard"))
-    out = {"saved": run_distributed(_reshard_jobs, 3, root=root, model_dir=model_dir, engine="zero3", save=True)}
+    out = {"saved": run_distributed(_reshard_jobs, 3, root=root, model_dir=model_dir, engine="zero3", save=True),
+           "one": run_distributed(_reshard_jobs, 1, root=root, model_dir=model_dir, engine="fsdp2", save=True)}
     for engine, world_size in (("fsdp2", 2), ("zero3", 2), ("fsdp2", 1)):
         out[engine, world_size] = run_distributed(_reshard_jobs, world_size, root=root, model_dir=model_dir,
                                                   engine=engine, save=False)
     return out
 
 
-@pytest.mark.parametrize("optim", ["adamw", "adalomo"])
-@pytest.mark.parametrize("engine, world_size", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 1)])
-def test_expert_state_reshards_to_another_world_size_and_engine(resharded, optim, engine, world_size):
-    saved = [rank[optim] for rank in resharded["saved"]]
+@pytest.mark.parametrize("optim", list(RESHARD_OPTIMS))
+def test_three_zero3_ranks_cutting_experts_train_as_one_process(resharded, optim):
+    saved = [rank[optim]["parts"] for rank in resharded["saved"]]
     assert any(not key.split("@")[1].startswith("0:") for rank in saved for key in rank), \
         "3 ZeRO-3 ranks cut no expert"
-    expected = _whole_experts(saved)
-    loaded = _whole_experts([rank[optim] for rank in resharded[engine, world_size]])
+    three, one = resharded["saved"][0][optim], resharded["one"][0][optim]
+    config = {"name": optim, "lr": 0.01, "eps": PARITY_EPS, "max_grad_norm": 1.0 if optim == "adamw" else 0.0,
+              "adalomo_eps": [PARITY_ADALOMO_EPS1, 1e-3]}
+    assert_weights_close(three["weights"], one["weights"], parity_atol(config, 3, max(three["norms"] + one["norms"])))
+
+
+@pytest.mark.parametrize("optim", list(RESHARD_OPTIMS))
+@pytest.mark.parametrize("engine, world_size", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 1)])
+def test_expert_state_reshards_to_another_world_size_and_engine(resharded, optim, engine, world_size):
+    expected = _whole_experts([rank[optim]["parts"] for rank in resharded["saved"]])
+    loaded = _whole_experts([rank[optim]["parts"] for rank in resharded[engine, world_size]])
     assert sorted(loaded) == sorted(expected) and expected
     for base, entries in expected.items():
         assert sorted(loaded[base]) == sorted(entries), base
