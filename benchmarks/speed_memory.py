@@ -39,6 +39,12 @@ RUNS: dict[str, str | list[str]] = {
         f"method={method}", f"optim.name={optim}", f"optim.lr={LR[optim]}", "lisa.gamma=2", "lisa.interval=3"]
        for engine in ("fsdp2", "zero3")
        for method, optim in (("full", "adamw"), ("lisa", "adamw"), ("full", "lomo"), ("full", "adalomo"))},
+    # LISA + AdamW with the units not sampled updated inside backward (lisa.inactive_update)
+    **{f"lisa_dist_{engine}_lisa_adamw_inactive_{rule}": [
+        f"engine.name={engine}", *([f"engine.deepspeed_config={LOWMEM}"] if engine == "zero3" else []),
+        "method=lisa", "optim.name=adamw", f"optim.lr={LR['adamw']}", "lisa.gamma=2", "lisa.interval=3",
+        f"lisa.inactive_update={rule}"]
+       for engine in ("fsdp2", "zero3") for rule in ("sgd", "signsgd", "adalomo")},
 }
 
 

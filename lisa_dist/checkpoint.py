@@ -361,6 +361,11 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def optimizer_keys(core: TrainingCore) -> list[str]:
+    """The slots of every optimizer of `core`: which parameters (and experts' parts) have state."""
+    return [key for optimizer in core.optimizers for key in optimizer.names]
+
+
 STATE_KEYS = ("step", "world_size", "engine", "config", "optim_params", "sampler", "loss_scaler", "last_grad_norm",
               "skipped_steps")
 """What every step checkpoint's state file holds (besides the entries of the run's own `states`)."""
@@ -387,9 +392,9 @@ class Checkpointer:
         if self.is_main and self.write_meta is not None:
             self.write_meta(tmp)
         core = self.core
-        save_shards(core.engine, tmp, core.optimizer.state_dict())
+        save_shards(core.engine, tmp, core.optimizer_state())
         state = {"step": step, "world_size": core.runtime.world_size, "engine": core.engine.name,
-                 "config": self.config.to_dict(), "optim_params": core.optimizer.names, **core.state_dict(),
+                 "config": self.config.to_dict(), "optim_params": optimizer_keys(core), **core.state_dict(),
                  **{name: s.state_dict() for name, s in self.states.items()}}
         finish_save(tmp, final, state, self.is_main)
         return final
@@ -408,8 +413,9 @@ class Checkpointer:
                 stateful.load_state_dict(state[name])
         except CheckpointError as e:
             raise CheckpointError(f"{directory}: {e}") from None
-        if sorted(core.optimizer.names) != sorted(state["optim_params"]):
+        if sorted(optimizer_keys(core)) != sorted(state["optim_params"]):
             raise CheckpointError(f"{directory}: optimizer state covers different parameters than this run trains")
-        load_shards(core.engine, directory, core.optimizer.state_dict(), written_by=state["engine"])
-        core.optimizer.after_load()
+        load_shards(core.engine, directory, core.optimizer_state(), written_by=state["engine"])
+        for optimizer in core.optimizers:
+            optimizer.after_load()
         return int(state["step"])

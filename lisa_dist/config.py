@@ -46,6 +46,14 @@ class LisaConfig:
     (OWL's M; OwLore's published ratios use 13)."""
     cyclic_order: Literal["ascending", "descending", "random"] = "random"
     """strategy=cyclic: the order of each cycle (random: a new permutation per cycle)."""
+    inactive_update: Literal["none", "sgd", "signsgd", "adalomo"] = "none"
+    """How the decoder units not sampled train: `none` (the paper's LISA: frozen), or inside backward by a rule
+    that keeps no state (SGD, signSGD; AdaLomo with its small factored statistics), each gradient freed as soon
+    as it is used. Backward then runs through every layer, as in full fine-tuning; optimizer state and fp32
+    masters stay the active units' only. Needs a post-backward optimizer (optim.name adamw or sgd)."""
+    inactive_lr: float | None = None
+    """lisa.inactive_update's learning rate, scheduled as optim.lr is; None: optim.lr times the rule's factor
+    (`optim.rules.INACTIVE_LR_FACTOR`)."""
     train_embeddings: bool = True
     """Keep the input embeddings (and position embeddings) trainable at every step."""
     train_norm: bool = True
@@ -154,9 +162,11 @@ class OptimConfig:
     """Keep optimizer state and fp32 masters in pinned host memory; each shard's state visits the device
     only for its own update (one shard's state on the card at a time, two copies of it per step)."""
     stochastic_rounding: bool = False
-    """Round fp32 updates into bf16 parameters stochastically (lomo/adalomo write into bf16 directly)."""
+    """Round fp32 updates into bf16 parameters stochastically (lomo/adalomo write into bf16 directly;
+    lisa.inactive_update's updates in bf16 always are)."""
     adalomo_eps: list[float] = field(default_factory=lambda: [1e-30, 1e-3])
-    """AdaLomo (eps1 added to squared gradients, eps2 floor of the parameter RMS in the relative step)."""
+    """AdaLomo (eps1 added to squared gradients, eps2 floor of the parameter RMS in the relative step); also
+    lisa.inactive_update=adalomo's, as are the two below."""
     adalomo_decay_rate: float = -0.8
     """AdaLomo second-moment decay: beta2_t = 1 - t ** decay_rate."""
     adalomo_clip_threshold: float = 1.0

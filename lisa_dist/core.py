@@ -28,6 +28,7 @@ from lisa_dist.importance import InputNorms, linear_modules, outlier_ratios
 from lisa_dist.models import ModelSource, sampling_units, set_trainable_units
 from lisa_dist.models.moe import router_modules
 from lisa_dist.optim import ShardedOptimizer, make_rule
+from lisa_dist.optim.rules import make_inactive_rule
 from lisa_dist.optim.sharded_optimizer import expert_key
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.sampler import LayerSampler, make_strategy
@@ -136,8 +137,11 @@ class TrainingCore:
                                     config_key={key: getattr(lisa, key) for key in options})
         self.optimizer = ShardedOptimizer(make_rule(config.optim), engine, self.values,
                                           host=runtime.host_device if config.optim.offload_state else None)
+        inactive_rule = make_inactive_rule(lisa, config.optim) if config.method == "lisa" else None
+        self.inactive = None if inactive_rule is None else ShardedOptimizer(inactive_rule, engine, self.values)
+        """lisa.inactive_update: updates the decoder units not sampled inside backward (None: they stay frozen)."""
         hooks = GradHooks(self.optimizer, dict(self.model.named_parameters()), engine.register_grad_hook,
-                          engine.grad_units())
+                          engine.grad_units(), self.inactive)
         runner = FusedStep if self.optimizer.rule.fused else PostBackwardStep
         self.stepper = runner(config, runtime, engine, self.model, self.optimizer, hooks)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
@@ -180,8 +184,15 @@ class TrainingCore:
         lisa = self.config.lisa
         experts = set_trainable_units(self.parts, self.units, active, lisa.train_embeddings, lisa.train_norm,
                                       lisa.train_head, self.frozen)
-        self.optimizer.set_trainable(trainable_named_parameters(self.model),
-                                     {self.param_names[i]: chosen for i, chosen in experts.items()})
+        trained = trainable_named_parameters(self.model)
+        self.optimizer.set_trainable(trained, {self.param_names[i]: chosen for i, chosen in experts.items()})
+        if self.inactive is not None:  # every other decoder parameter, but frozen routers, trains inside backward
+            for layer in self.parts.layers:
+                layer.requires_grad_(True)
+            for module in self.frozen:
+                module.requires_grad_(False)
+            self.inactive.set_trainable({name: p for name, p in trainable_named_parameters(self.model).items()
+                                         if name not in trained})
         self.active_layers = active
 
     def switch(self, step: int, micro_batches: list[Batch] | None = None) -> None:
@@ -381,6 +392,15 @@ class TrainingCore:
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
 
+    @property
+    def optimizers(self) -> list[ShardedOptimizer]:
+        """The sampled units' optimizer, and lisa.inactive_update's for the others."""
+        return [self.optimizer] if self.inactive is None else [self.optimizer, self.inactive]
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every optimizer's local state by slot key (the two optimizers' parameters are disjoint)."""
+        return {key: state for optimizer in self.optimizers for key, state in optimizer.state_dict().items()}
+
     def memory_tensors(self) -> list[torch.Tensor]:
         """Long-lived tensors of this rank (shards, gradients kept, optimizer state), for CPU accounting."""
-        return [*self.engine.resident_tensors(), *(t for s in self.optimizer.state_dict().values() for t in s.values())]
+        return [*self.engine.resident_tensors(), *(t for s in self.optimizer_state().values() for t in s.values())]

@@ -20,6 +20,7 @@ from lisa_dist.offload import offload_saved_tensors
 from lisa_dist.optim import ShardedOptimizer
 from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
+from lisa_dist.optim.rules import inactive_lr
 from lisa_dist.optim.sharded_optimizer import UpdateOptions
 
 Batch = dict[str, torch.Tensor]
@@ -170,16 +171,34 @@ class StepRunner:
 
 
 class PostBackwardStep(StepRunner):
+    """adamw, sgd: the update after backward, clipped by the step's global norm; a non-finite norm skips it.
+    With lisa.inactive_update the units not sampled are updated inside backward, as LOMO's one pass is: by
+    the previous step's norm, a non-finite gradient shard not applied; their gradients count in the norm."""
+
     def run(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor, lr: float,
             loss_fn: LossFn | None = None) -> StepOutcome:
-        self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False)
+        inactive = self._inactive_options(step, lr) if self.hooks.inactive is not None else None
+        self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False, inactive_options=inactive)
         loss_sum, aux_sum = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
+        inactive_sq, bad = self.hooks.end_pass(self.model)
         sq = self.optimizer.grad_sq_sum()
+        sq = sq + inactive_sq.to(sq.device)
         total_sq = self.values.sum_over_ranks_on_device(sq.to(self.runtime.device, torch.float64).reshape(1))[0]
         commit = torch.isfinite(total_sq)  # a non-finite norm (or an fp16 overflow) skips the step
         self.optimizer.step(self._options(step, lr, self._clip_factor_on_device(total_sq), commit))
         self.optimizer.zero_grad(self.model)
-        return StepOutcome(loss_sum=loss_sum, sums=self._sums(sq, 0, commit), aux_sum=aux_sum)
+        return StepOutcome(loss_sum=loss_sum, sums=self._sums(sq, bad, commit), aux_sum=aux_sum)
+
+    def _inactive_options(self, step: int, lr: float) -> UpdateOptions:
+        """lisa.inactive_lr on optim.lr's schedule; in bf16 always rounded stochastically (no fp32 master keeps
+        what rounds away), from a stream of its own."""
+        config = self.config
+        generator = None
+        if config.train.dtype == "bf16" or config.optim.stochastic_rounding:
+            generator = rounding_generator(config.seed, step, self.runtime.rank, self.runtime.device, "inactive")
+        return UpdateOptions(lr=inactive_lr(config.lisa, config.optim) * lr / config.optim.lr,
+                             grad_scale=self._clip_factor(self.last_grad_norm) / self.scaler.scale,
+                             clip_value=config.optim.clip_grad_value, generator=generator)
 
 
 class FusedStep(StepRunner):

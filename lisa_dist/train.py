@@ -119,7 +119,8 @@ class Trainer:
             with self.tracker:
                 record = self.train_step(step)
             peak = self.tracker.peak
-        per_rank = all_gather_floats([peak, self.core.optimizer.state_bytes()], self.runtime.device)
+        state = sum(optimizer.state_bytes() for optimizer in self.core.optimizers)
+        per_rank = all_gather_floats([peak, state], self.runtime.device)
         record["peak_mem_gib"] = max(p for p, _ in per_rank) / GIB
         record["peak_mem_gib_per_rank"] = [p / GIB for p, _ in per_rank]
         record["optim_state_gib"] = max(s for _, s in per_rank) / GIB

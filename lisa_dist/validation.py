@@ -74,12 +74,34 @@ def validate_training(c: Config) -> None:
     _at_least("engine.timeout_s", c.engine.timeout_s, 1)
     _validate_engine(c.engine)
     _validate_lisa(c.lisa)
-    for key, default in (("strategy", "uniform"), ("unit", "layer")):
+    for key, default in (("strategy", "uniform"), ("unit", "layer"), ("inactive_update", "none")):
         value = getattr(c.lisa, key)
         _require(c.method == "lisa" or value == default,
                  f"lisa.{key}={value} chooses what method=lisa trains; method=full trains every layer")
+    _validate_inactive_update(c)
     _validate_train(c.train)
     _validate_optim(c.optim, c.train)
+
+
+def _validate_inactive_update(c: Config) -> None:
+    lisa = c.lisa
+    _require(lisa.inactive_lr is None or lisa.inactive_update != "none",
+             f"lisa.inactive_lr={lisa.inactive_lr} is the rate of lisa.inactive_update, which is none; set "
+             "lisa.inactive_update: sgd, signsgd or adalomo, or drop lisa.inactive_lr")
+    if lisa.inactive_update == "none":
+        return
+    _require(lisa.inactive_lr is None or (lisa.inactive_lr > 0 and math.isfinite(lisa.inactive_lr)),
+             f"lisa.inactive_lr must be a positive number, got {lisa.inactive_lr}")
+    _require(c.optim.name in ("adamw", "sgd"),
+             f"lisa.inactive_update={lisa.inactive_update} updates the units not sampled inside backward beside a "
+             f"post-backward optimizer for the sampled ones; optim.name={c.optim.name} already updates every "
+             "trained unit inside backward: use optim.name adamw or sgd, or method=full")
+    _require(lisa.unit != "expert",
+             f"lisa.inactive_update={lisa.inactive_update} with lisa.unit=expert is not supported: an expert's "
+             "unsampled neighbours share its stacked parameters; use lisa.unit layer or block")
+    _require(c.train.dtype != "fp16",
+             f"lisa.inactive_update={lisa.inactive_update} with train.dtype=fp16: fp16's loss scaling skips a whole "
+             "step on an overflow, which updates applied inside backward cannot undo; use train.dtype bf16 or fp32")
 
 
 # Engine options only one engine has, with the value the other engine always behaves as.
@@ -190,3 +212,9 @@ def check_world_size(c: Config, world_size: int) -> None:
              f"{c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, "
              f"which would keep every gradient; set train.micro_batch_size="
              f"{c.train.global_batch_size // world_size} or use method=lisa")
+    _require(not (c.method == "lisa" and c.lisa.inactive_update != "none" and accumulation > 1),
+             f"lisa.inactive_update={c.lisa.inactive_update} updates the units not sampled during backward and keeps "
+             f"none of their gradients, but train.global_batch_size={c.train.global_batch_size} over micro-batches "
+             f"of {c.train.micro_batch_size} on {world_size} ranks needs {accumulation} accumulation steps, which "
+             f"would keep every unit's gradient; set train.micro_batch_size={c.train.global_batch_size // world_size}"
+             " or lisa.inactive_update=none")

@@ -59,9 +59,16 @@ METHODS = {m.name: m for m in [
     Method("lomo", ["method=full", "optim.name=lomo", f"optim.lr={LOMO_LR}"]),
     Method("adalomo", ["method=full", "optim.name=adalomo", f"optim.lr={ADALOMO_LR}"]),
     Method("lisa_adalomo", _lisa("uniform", optim="adalomo", lr=ADALOMO_LR)),
+    *(Method(f"lisa_inactive_{rule}", _lisa("uniform", f"lisa.inactive_update={rule}"))
+      for rule in ("sgd", "signsgd", "adalomo")),
     Method("lisa_expert_uniform", _lisa("uniform", "lisa.unit=expert", f"lisa.gamma={expert_gamma(MOE_BASE)}")),
     Method("lisa_expert_routing", _lisa("routing", "lisa.unit=expert", f"lisa.gamma={expert_gamma(MOE_BASE)}")),
 ]}
+
+STRINGS_METHODS = ["full_adamw", "lora", "lisa_uniform", "lisa_grad_norm", "lisa_inactive_sgd", "lisa_inactive_signsgd",
+                   "lisa_inactive_adalomo", "adalomo"]
+"""On the string-transformation task (`--task strings`): LISA with each state-free rule for the units it did not
+sample (`lisa.inactive_update`, its default rate) beside full fine-tuning, LoRA, plain LISA and AdaLomo."""
 
 MOE_METHODS = ["full_adamw", "lisa_uniform", "lisa_expert_uniform", "lisa_expert_routing"]
 """On the mixture-of-experts base (`--base moe`): LISA over layers (gamma 2) and over experts at the same

@@ -19,8 +19,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.quality.task import corpus
+from benchmarks.quality import strings, task
+
 from lisa_dist.assets import TINY_MODEL_DIR
+
+TASKS = {"creatures": task, "strings": strings}
+"""Each task family's module: `corpus(count, seed)` for pre-training, `task_splits()` for fine-tuning."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class BaseModel:
     steps: int = 1200
     lr: float = 3e-3
     seed: int = 0
+    task: str = "creatures"
+    """Whose pre-training corpus: `creatures` (task.py) or `strings` (strings.py)."""
     experts: int = 0
     """Routed experts per layer, each `intermediate_size` wide (a Mixtral); 0 for a dense LLaMA."""
     top_k: int = 2
@@ -63,14 +69,15 @@ def model_config(spec: BaseModel, tokenizer: transformers.PreTrainedTokenizerBas
 
 def _digest(spec: BaseModel) -> str:
     tokenizer = (TINY_MODEL_DIR / "tokenizer.json").read_bytes()
-    sources = b"".join((Path(__file__).parent / name).read_bytes() for name in ("pretrain.py", "task.py"))
+    sources = b"".join((Path(__file__).parent / name).read_bytes()
+                       for name in ("pretrain.py", "task.py", "strings.py"))
     text = json.dumps(asdict(spec), sort_keys=True).encode() + tokenizer + sources
     return hashlib.sha256(text).hexdigest()[:12]
 
 
 def _packed(tokenizer: transformers.PreTrainedTokenizerBase, spec: BaseModel) -> torch.Tensor:
     ids: list[int] = []
-    for text in corpus(spec.documents, spec.seed):
+    for text in TASKS[spec.task].corpus(spec.documents, spec.seed):
         ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     rows = len(ids) // spec.seq_len
     return torch.tensor(ids[:rows * spec.seq_len]).view(rows, spec.seq_len)

@@ -4,6 +4,7 @@ LOMO compare at their memory? One command:
     .venv/bin/python -m benchmarks.quality.run            # every method, 3 seeds (about an hour on 2 cores)
     .venv/bin/python -m benchmarks.quality.run --quick    # the pipeline, and that full fine-tuning learns
     .venv/bin/python -m benchmarks.quality.run --base moe # a Mixtral base: LISA over layers and over experts
+    .venv/bin/python -m benchmarks.quality.run --task strings  # a string transformation; LISA's inactive updates
 
 It pre-trains the base model once (cached), fine-tunes it with each method and seed (lisa-dist on 2 CPU
 ranks; LoRA through peft in one process), and scores each final model on held-out data by exact match of
@@ -14,6 +15,7 @@ and OUT/table.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -26,10 +28,10 @@ import torch
 import transformers
 import yaml
 
-from benchmarks.quality.methods import LORA_LR, METHODS, MOE_METHODS, Method
-from benchmarks.quality.pretrain import MOE_BASE, QUICK_BASE, QUICK_MOE_BASE, BaseModel, pretrain
+from benchmarks.quality.methods import LORA_LR, METHODS, MOE_METHODS, STRINGS_METHODS, Method
+from benchmarks.quality.pretrain import MOE_BASE, QUICK_BASE, QUICK_MOE_BASE, TASKS, BaseModel, pretrain
 from benchmarks.quality.score import exact_match
-from benchmarks.quality.task import task_splits, write_jsonl
+from benchmarks.quality.task import write_jsonl
 from lisa_dist.data import build_sequences, load_examples
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,29 +129,33 @@ def main(argv: list[str] | None = None) -> int:
                         "(with --base moe: and LISA over experts by routing)")
     parser.add_argument("--base", choices=["dense", "moe"], default="dense",
                         help="moe: a Mixtral of 8 experts (top 2) per layer and the methods of MOE_METHODS")
+    parser.add_argument("--task", choices=list(TASKS), default="creatures",
+                        help="strings: the string transformation (strings.py), 300 steps, STRINGS_METHODS")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tuning steps (default 150, as calibrated; quick 30)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "quality" / ".cache")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/quality (runs/quality_moe)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default runs/quality (runs/quality_moe, runs/quality_strings)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="appended to every lisa-dist method's overrides (say optim.lr=3e-4, to see how "
                              "another rate moves the table); use another --out")
     args = parser.parse_args(argv)
-    moe = args.base == "moe"
-    args.out = args.out or REPO / "runs" / ("quality_moe" if moe else "quality")
+    moe, strings = args.base == "moe", args.task == "strings"
+    args.out = args.out or REPO / "runs" / ("quality_moe" if moe else "quality_strings" if strings else "quality")
     quick_methods = ["full_adamw", "lisa_expert_routing"] if moe else ["full_adamw"]
-    everything = MOE_METHODS if moe else [name for name in METHODS if name not in MOE_METHODS[2:]]
+    everything = MOE_METHODS if moe else STRINGS_METHODS if strings else [
+        name for name in METHODS if name not in MOE_METHODS[2:] and not name.startswith("lisa_inactive")]
     methods = args.methods or (quick_methods if args.quick else everything)
     if args.override and any(METHODS[name].lora for name in methods):
         parser.error("--override applies to lisa-dist methods; leave lora out (--methods ...)")
-    steps = args.steps or (30 if args.quick else 150)
+    steps = args.steps or (30 if args.quick else 300 if strings else 150)
     seeds = 1 if args.quick else args.seeds
     spec = {(False, False): BaseModel(), (True, False): QUICK_BASE, (False, True): MOE_BASE,
             (True, True): QUICK_MOE_BASE}[args.quick, moe]
-    base = pretrain(spec, args.cache_dir)
-    train_rows, held_rows = task_splits()
+    base = pretrain(dataclasses.replace(spec, task=args.task), args.cache_dir)
+    train_rows, held_rows = TASKS[args.task].task_splits()
     rows = {"train": train_rows, "held": held_rows}
     data = {"train": write_jsonl(args.out / "data" / "train.jsonl", train_rows),
             "held": write_jsonl(args.out / "data" / "held_out.jsonl", held_rows)}

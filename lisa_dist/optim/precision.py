@@ -21,9 +21,11 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def rounding_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """Fresh per step, so a resumed run draws the same noise without saving generator state."""
-    digest = hashlib.sha256(f"lisa_dist/rounding/{seed}/{step}/{rank}".encode()).digest()
+def rounding_generator(seed: int, step: int, rank: int, device: torch.device,
+                       stream: str = "rounding") -> torch.Generator:
+    """Fresh per step, so a resumed run draws the same noise without saving generator state; `stream` names
+    draws kept apart from the others (lisa.inactive_update's)."""
+    digest = hashlib.sha256(f"lisa_dist/{stream}/{seed}/{step}/{rank}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 

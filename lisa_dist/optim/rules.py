@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from lisa_dist.config import OptimConfig
+from lisa_dist.config import LisaConfig, OptimConfig
 from lisa_dist.errors import ConfigError
 from lisa_dist.optim.shard_info import ShardInfo, matrix_segments, outer_slice, per_matrix, row_col_sums
 
@@ -133,6 +133,22 @@ class Sgd(OneAtATime):
                 buf.mul_(self.momentum if commit is None else torch.where(commit, self.momentum, 1.0)).add_(grad)
             grad = buf
         master.add_(grad, alpha=-lr)
+
+
+class SignSgd(OneAtATime):
+    """signSGD: each element moves by lr against its gradient's sign (a zero gradient: not at all). No state;
+    applied inside backward (FRUGAL's state-free rule, arXiv 2411.07837)."""
+
+    fused = True
+    needs_finite_grads = False
+    keeps_master_when_held = False
+
+    def init_state(self, master: torch.Tensor, shard: ShardInfo) -> dict[str, torch.Tensor]:
+        return {}
+
+    def update(self, master: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor],
+               step: int, lr: float, shard: ShardInfo, commit: torch.Tensor | None = None) -> None:
+        master.sub_(grad.sign_(), alpha=lr)
 
 
 class AdaLomo:
@@ -263,6 +279,29 @@ def _per_matrix_squared_sums(t: torch.Tensor, shard: ShardInfo) -> torch.Tensor:
     for lo, hi, matrix in matrix_segments(shard.flat_start, shard.numel, rows * cols):
         sums[matrix] = squared_sum(flat[lo:hi])
     return sums
+
+
+INACTIVE_LR_FACTOR = {"sgd": 100.0, "signsgd": 0.1, "adalomo": 10.0}
+"""lisa.inactive_lr when unset: optim.lr times this. SGD's step is the gradient's size (about 1 / sqrt(N) of a
+clipped norm per element), signSGD's lr itself on every element, AdaLomo's lr relative to each matrix's RMS."""
+
+
+def inactive_lr(lisa: LisaConfig, optim: OptimConfig) -> float:
+    """lisa.inactive_update's peak learning rate."""
+    return lisa.inactive_lr if lisa.inactive_lr is not None else optim.lr * INACTIVE_LR_FACTOR[lisa.inactive_update]
+
+
+def make_inactive_rule(lisa: LisaConfig, optim: OptimConfig) -> UpdateRule | None:
+    """The state-free rule for the decoder units not sampled (lisa.inactive_update; None: they stay frozen).
+    No weight decay: decaying every unit at every step is not LISA's."""
+    if lisa.inactive_update == "none":
+        return None
+    if lisa.inactive_update == "sgd":
+        return Sgd(0.0, 0.0, fused=True)
+    if lisa.inactive_update == "signsgd":
+        return SignSgd()
+    return AdaLomo((optim.adalomo_eps[0], optim.adalomo_eps[1]), optim.adalomo_decay_rate,
+                   optim.adalomo_clip_threshold, 0.0)
 
 
 def make_rule(c: OptimConfig) -> UpdateRule:

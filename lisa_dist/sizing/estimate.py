@@ -148,7 +148,7 @@ def _tracked_peak(trainer: Trainer, steps: list[int], offload_params: bool = Fal
     with tracker:
         for step in steps:
             trainer.core.switch(step)  # before the step: new optimizer state is then filed as such
-            for state in trainer.core.optimizer.state_dict().values():
+            for state in trainer.core.optimizer_state().values():
                 for tensor in state.values():
                     tracker.track_optimizer_state(tensor)
             trainer.train_step(step)

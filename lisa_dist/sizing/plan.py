@@ -110,8 +110,8 @@ class ModelShape:
         return self._draw(config)[0]
 
     def with_gradients(self, config: Config) -> int:
-        """Elements that get gradients in the heaviest draw: the trainable ones, and with expert units every
-        expert of a layer any of whose experts trains."""
+        """Elements that get gradients in the heaviest draw: the trainable ones, with expert units every
+        expert of a layer any of whose experts trains, with lisa.inactive_update every decoder layer's."""
         return self._draw(config)[1]
 
     def _draw(self, config: Config) -> tuple[int, int]:
@@ -119,6 +119,8 @@ class ModelShape:
             return self.total, self.total
         lisa = config.lisa
         trained, gradients = draw_elements(self.units, heaviest_draw(self.units, lisa.gamma))
+        if lisa.inactive_update != "none":
+            gradients = sum(self.layers)
         always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
         return trained + always, gradients + always
 
@@ -133,8 +135,9 @@ class ModelShape:
         return spread + always / world_size, experts
 
     def active_share(self, config: Config) -> float:
-        """The share of decoder-layer parameters with gradients in the heaviest draw (1 without LISA)."""
-        if config.method == "full":
+        """The share of decoder-layer parameters with gradients in the heaviest draw (1 without LISA, or with
+        lisa.inactive_update)."""
+        if config.method == "full" or config.lisa.inactive_update != "none":
             return 1.0
         return draw_elements(self.units, heaviest_draw(self.units, config.lisa.gamma))[1] / sum(self.layers)
 

@@ -74,6 +74,16 @@ def test_plan_is_within_10_percent_of_estimate_with_block_units(plans_and_estima
     assert planned != plans_and_estimates["llama2-7b", "no-checkpointing", "lisa", "adamw"][0]
 
 
+@pytest.mark.parametrize("levers", ["no-checkpointing", "checkpointing"])
+def test_plan_is_within_10_percent_of_estimate_with_inactive_updates(levers, plans_and_estimates):
+    """LISA + AdamW with lisa.inactive_update=signsgd: every layer keeps its inputs for weight gradients and sends
+    its gradients, but only the sampled layers' are held for the update and have state."""
+    planned, estimated = _planned_and_estimated("llama2-7b", levers, "lisa", "adamw", ("lisa.inactive_update=signsgd",))
+    assert planned == pytest.approx(estimated, rel=0.10)
+    plain = plans_and_estimates["llama2-7b", levers, "lisa", "adamw"]
+    assert estimated >= plain[1] and planned >= plain[0]
+
+
 def _expert_units_planned_and_estimated(levers: str, unit: str, gamma: int) -> tuple[dict, dict]:
     config = load_config(TINY_YAML, [*SHAPES, "model.preset=qwen3-30b-a3b", "method=lisa", "optim.name=adamw",
                                      f"lisa.unit={unit}", f"lisa.gamma={gamma}", *LEVER_SETS[levers]])

@@ -91,11 +91,30 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("lisa.strategy=outlier lisa.outlier_threshold=0", "lisa.outlier_threshold must be a positive number"),
     ("method=full lisa.strategy=cyclic", "lisa.strategy=cyclic chooses what method=lisa trains; method=full trains"),
     ("method=full lisa.unit=block", "lisa.unit=block chooses what method=lisa trains"),
+    ("method=full lisa.inactive_update=sgd", "lisa.inactive_update=sgd chooses what method=lisa trains"),
+    ("lisa.inactive_update=adam", "lisa.inactive_update must be one of 'none', 'sgd', 'signsgd', 'adalomo'"),
+    ("lisa.inactive_lr=0.1", "lisa.inactive_lr=0.1 is the rate of lisa.inactive_update, which is none"),
+    ("lisa.inactive_update=sgd lisa.inactive_lr=0", "lisa.inactive_lr must be a positive number, got 0"),
+    ("lisa.inactive_update=signsgd optim.name=lomo", "optim.name=lomo already updates every trained unit inside "
+                                                    "backward: use optim.name adamw or sgd, or method=full"),
+    ("lisa.inactive_update=adalomo lisa.unit=expert", "lisa.inactive_update=adalomo with lisa.unit=expert is not "
+                                                      "supported"),
+    ("lisa.inactive_update=sgd train.dtype=fp16", "lisa.inactive_update=sgd with train.dtype=fp16: fp16's loss "
+                                                  "scaling skips a whole step"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, BASE), override.split(" "))
     assert message in str(err.value)
+
+
+def test_inactive_updates_reject_gradient_accumulation_with_the_reason(tmp_path):
+    c = load_config(write(tmp_path, BASE), ["lisa.inactive_update=signsgd", "train.global_batch_size=8",
+                                            "train.micro_batch_size=2"])
+    check_world_size(c, 4)
+    with pytest.raises(ConfigError, match="needs 2 accumulation steps, which would keep every unit's gradient; "
+                                          "set train.micro_batch_size=4 or lisa.inactive_update=none"):
+        check_world_size(c, 2)
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

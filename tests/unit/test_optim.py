@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from lisa_dist.config import OptimConfig
+from lisa_dist.config import LisaConfig, OptimConfig
 from lisa_dist.optim import ShardedOptimizer, lr_at, make_rule
+from lisa_dist.optim.rules import AdaLomo, Sgd, SignSgd, inactive_lr, make_inactive_rule
 from lisa_dist.optim.shard_info import ShardInfo, local_shard_info
 from lisa_dist.optim.sharded_optimizer import UpdateOptions
 
@@ -295,3 +296,62 @@ def test_state_for_chosen_experts_only_and_their_updates_are_adamws_on_each_expe
     assert torch.equal(stacked.detach()[0], alone[0].detach()) and torch.equal(stacked.detach()[2], alone[1].detach())
     opt.set_trainable({"w": stacked}, {"w": (1,)})
     assert sorted(opt.slots) == ["w#1"] and opt.state_bytes() == 2 * 20 * 4
+
+
+def _fused_steps(opt: ShardedOptimizer, grads: list[torch.Tensor], lr: float,
+                 generator: torch.Generator | None = None) -> None:
+    """Each gradient applied inside "backward", as the hooks do: measured, applied, freed."""
+    (slot,) = opt.slots.values()
+    for grad in grads:
+        slot.param.grad = grad.to(slot.param.dtype)
+        opt.apply(slot, opt.full_grad(slot), UpdateOptions(lr=lr, generator=generator))
+        opt.access.release_grad(slot.param)
+
+
+def test_signsgd_moves_each_element_by_lr_against_its_gradients_sign():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 5))
+    start = p.detach().clone()
+    grads = [torch.randn(6, 5) for _ in range(3)]
+    grads[1][0] = 0.0  # a zero gradient moves nothing
+    opt = ShardedOptimizer(SignSgd(), PLAIN)
+    opt.set_trainable({"p": p})
+    assert opt.state_bytes() == 0 and opt.slots["p"].master is None
+    _fused_steps(opt, grads, lr=0.01)
+    expected = start.clone()
+    for grad in grads:
+        expected -= 0.01 * grad.sign()  # the same fp32 operations, in the same order
+    assert torch.equal(p.data, expected)
+
+
+def test_state_free_bf16_updates_below_half_a_step_accumulate_with_stochastic_rounding():
+    """4096 bf16 weights at 1.0 take 100 signSGD steps of 1e-3, each below half a bf16 step there (2^-9): rounded to
+    nearest they never move; rounded stochastically each rounding is unbiased, so the mean lands at 0.9 within
+    5 standard deviations: one rounding's error is at most a step below 1 (2^-8), so over 100 independent roundings an
+    element's variance is at most 100 x 2^-16 / 4, and the mean's at most that / 4096: sd <= 3.1e-4."""
+    def run(generator: torch.Generator | None) -> torch.Tensor:
+        p = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = ShardedOptimizer(SignSgd(), PLAIN)
+        opt.set_trainable({"p": p})
+        _fused_steps(opt, [torch.ones(4096)] * 100, lr=1e-3, generator=generator)
+        return p.data.float()
+
+    assert torch.equal(run(None), torch.ones(4096))
+    rounded = run(torch.Generator().manual_seed(0))
+    assert float(rounded.mean()) == pytest.approx(0.9, abs=5 * (100 * 2 ** -16 / 4 / 4096) ** 0.5)
+    assert len(rounded.unique()) > 1  # weights took different roundings, not one shared value
+
+
+@pytest.mark.parametrize("rule, factor", [("sgd", 100.0), ("signsgd", 0.1), ("adalomo", 10.0)])
+def test_inactive_rules_keep_no_state_but_adalomos_statistics_and_default_to_a_multiple_of_optim_lr(rule, factor):
+    lisa, optim = LisaConfig(inactive_update=rule), OptimConfig(name="adamw", lr=2e-3, weight_decay=0.1)
+    made = make_inactive_rule(lisa, optim)
+    assert made.fused and isinstance(made, {"sgd": Sgd, "signsgd": SignSgd, "adalomo": AdaLomo}[rule])
+    assert getattr(made, "weight_decay", 0.0) == 0.0 and getattr(made, "momentum", 0.0) == 0.0
+    assert inactive_lr(lisa, optim) == pytest.approx(2e-3 * factor)
+    assert inactive_lr(LisaConfig(inactive_update=rule, inactive_lr=0.5), optim) == 0.5
+    p = nn.Parameter(torch.randn(8, 4))
+    opt = ShardedOptimizer(made, PLAIN)
+    opt.set_trainable({"p": p})
+    assert opt.state_bytes() == (4 * (8 + 4) if rule == "adalomo" else 0)  # AdaLomo: a row and a column vector
+    assert make_inactive_rule(LisaConfig(), optim) is None
