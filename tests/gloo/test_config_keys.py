@@ -101,6 +101,7 @@ VARIANTS: list[dict[str, Any]] = [
      "engine": {"offload_params": True},
      "lisa": {"strategy": "grad_norm", "unit": "block", "uniform_mix": 0.2, "grad_norm_decay": 0.5}},
     {"lisa": {"strategy": "cyclic", "cyclic_order": "ascending", "interval": 1}},
+    {"lisa": {"inactive_update": "adalomo", "inactive_lr": 0.01}, "train": {"micro_batch_size": 8}},
     {"optim": {"name": "lomo"}, "data": {"eval_fraction": 0.05, "fields": {"instruction": "instruction"}},
      "lisa": {"strategy": "outlier", "outlier_threshold": 5.0},
      "eval_every": 1, "eval_max_batches": 1,
