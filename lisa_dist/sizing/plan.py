@@ -15,6 +15,7 @@ Checked against `lisa-dist estimate` and against measured runs (tests/fakepg/tes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class ModelShape:
         if config.method == "full":
             return self.total, self.total
         lisa = config.lisa
-        trained, gradients = draw_elements(self.units, heaviest_draw(self.units, lisa.gamma))
+        trained, gradients = draw_elements(self.units, _heaviest(tuple(self.units), lisa.gamma))
         if lisa.inactive_update != "none":
             gradients = sum(self.layers)
         always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
@@ -131,7 +132,7 @@ class ModelShape:
             return self.total / world_size, 0
         lisa = config.lisa
         always = self.embeddings * lisa.train_embeddings + self.head * lisa.train_head + self.norm * lisa.train_norm
-        spread, experts = rank_trained_elements(self.units, heaviest_draw(self.units, lisa.gamma), world_size)
+        spread, experts = rank_trained_elements(self.units, _heaviest(tuple(self.units), lisa.gamma), world_size)
         return spread + always / world_size, experts
 
     def active_share(self, config: Config) -> float:
@@ -139,7 +140,14 @@ class ModelShape:
         lisa.inactive_update)."""
         if config.method == "full" or config.lisa.inactive_update != "none":
             return 1.0
-        return draw_elements(self.units, heaviest_draw(self.units, config.lisa.gamma))[1] / sum(self.layers)
+        return draw_elements(self.units, _heaviest(tuple(self.units), config.lisa.gamma))[1] / sum(self.layers)
+
+
+@functools.lru_cache(maxsize=16)
+def _heaviest(units: tuple[UnitSize, ...], gamma: int) -> tuple[int, ...]:
+    """`heaviest_draw`, once per model and gamma: `suggest_levers` plans a config many times, and a draw over
+    thousands of expert units is not free."""
+    return heaviest_draw(list(units), gamma)
 
 
 def _unit_sizes(parts: Any, unit: str, layers: list[int]) -> list[UnitSize]:

@@ -71,12 +71,14 @@ def heaviest_draw(sizes: list[UnitSize], gamma: int, preferred: Collection[int] 
     and `estimate` measures rank 0), then one of `preferred`, then the last (backward starts at the last
     layer, with every layer's activations held). For layers (or blocks) this is the gamma largest."""
     chosen: list[int] = []
+    taken: set[int] = set()
     groups: set[str] = set()
     for _ in range(min(gamma, len(sizes))):
-        u = min((u for u in range(len(sizes)) if u not in chosen),
+        u = min((u for u in range(len(sizes)) if u not in taken),
                 key=lambda u: (-(sizes[u].group not in groups) * sizes[u].gradients, -sizes[u].trained,
                                sizes[u].expert or 0, u not in preferred, -u))
         chosen.append(u)
+        taken.add(u)
         groups.add(sizes[u].group)
     return tuple(sorted(chosen))
 
