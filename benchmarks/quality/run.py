@@ -28,7 +28,7 @@ import torch
 import transformers
 import yaml
 
-from benchmarks.quality.methods import LORA_LR, METHODS, MOE_METHODS, STRINGS_METHODS, Method
+from benchmarks.quality.methods import BUDGETS, INACTIVE_METHODS, METHODS, MOE_METHODS, Budget, Method, methods_at
 from benchmarks.quality.pretrain import MOE_BASE, QUICK_BASE, QUICK_MOE_BASE, TASKS, BaseModel, pretrain
 from benchmarks.quality.score import exact_match
 from benchmarks.quality.task import write_jsonl
@@ -90,12 +90,12 @@ def _score(model_dir: Path, rows: dict[str, list[dict]], held_path: Path) -> dic
 
 
 def run_one(method: Method, base: Path, data: dict[str, Path], rows: dict[str, list[dict]], out: Path, seed: int,
-            steps: int, extra: tuple[str, ...] = ()) -> dict:
+            steps: int, lora_lr: float, extra: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
     if method.lora:
         from benchmarks.quality.lora import train_lora  # peft: pip install -e '.[benchmark]'
 
-        measured = train_lora(base, data["train"], out, seed, steps, LORA_LR, SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH,
+        measured = train_lora(base, data["train"], out, seed, steps, lora_lr, SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH,
                               WARMUP, MIN_LR_RATIO)
     else:
         measured = _run_lisa_dist(method, base, data["train"], out, seed, steps, extra)
@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", choices=["dense", "moe"], default="dense",
                         help="moe: a Mixtral of 8 experts (top 2) per layer and the methods of MOE_METHODS")
     parser.add_argument("--task", choices=list(TASKS), default="creatures",
-                        help="strings: the string transformation (strings.py), 300 steps, STRINGS_METHODS")
+                        help="strings: the string transformation (strings.py), 600 steps, INACTIVE_METHODS")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None,
-                        help="fine-tuning steps (default 150, as calibrated; quick 30)")
+                        help="fine-tuning steps (default the task's calibrated budget, methods.BUDGETS; quick 30)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--cache-dir", type=Path, default=REPO / "benchmarks" / "quality" / ".cache")
     parser.add_argument("--out", type=Path, default=None,
@@ -145,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     moe, strings = args.base == "moe", args.task == "strings"
     args.out = args.out or REPO / "runs" / ("quality_moe" if moe else "quality_strings" if strings else "quality")
     quick_methods = ["full_adamw", "lisa_expert_routing"] if moe else ["full_adamw"]
-    everything = MOE_METHODS if moe else STRINGS_METHODS if strings else [
+    everything = MOE_METHODS if moe else INACTIVE_METHODS if strings else [
         name for name in METHODS if name not in MOE_METHODS[2:] and not name.startswith("lisa_inactive")]
     methods = args.methods or (quick_methods if args.quick else everything)
-    if args.override and any(METHODS[name].lora for name in methods):
+    budget: Budget = BUDGETS[args.task]
+    by_name = methods_at(budget)
+    if args.override and any(by_name[name].lora for name in methods):
         parser.error("--override applies to lisa-dist methods; leave lora out (--methods ...)")
-    steps = args.steps or (30 if args.quick else 300 if strings else 150)
+    steps = args.steps or (30 if args.quick else budget.steps)
     seeds = 1 if args.quick else args.seeds
     spec = {(False, False): BaseModel(), (True, False): QUICK_BASE, (False, True): MOE_BASE,
             (True, True): QUICK_MOE_BASE}[args.quick, moe]
@@ -169,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(seeds):
             if any(r["method"] == name and r["seed"] == seed and r.get("steps") == steps for r in results):
                 continue
-            row = {**run_one(METHODS[name], base, data, rows, args.out / name / f"seed{seed}", seed, steps,
-                             tuple(args.override)), "steps": steps, "overrides": args.override}
+            row = {**run_one(by_name[name], base, data, rows, args.out / name / f"seed{seed}", seed, steps,
+                             budget.lora, tuple(args.override)), "steps": steps, "overrides": args.override}
             results.append(row)
             results_path.write_text(json.dumps(results, indent=1))
             print(f"{name} seed {seed}: exact match {100 * row['exact_match']:.1f} % (training questions "

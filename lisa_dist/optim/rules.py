@@ -281,9 +281,10 @@ def _per_matrix_squared_sums(t: torch.Tensor, shard: ShardInfo) -> torch.Tensor:
     return sums
 
 
-INACTIVE_LR_FACTOR = {"sgd": 100.0, "signsgd": 0.1, "adalomo": 10.0}
+INACTIVE_LR_FACTOR = {"sgd": 300.0, "signsgd": 1.0, "adalomo": 10.0}
 """lisa.inactive_lr when unset: optim.lr times this. SGD's step is the gradient's size (about 1 / sqrt(N) of a
-clipped norm per element), signSGD's lr itself on every element, AdaLomo's lr relative to each matrix's RMS."""
+clipped norm per element), signSGD's lr itself on every element (an Adam step's size), AdaLomo's lr relative to
+each matrix's RMS. Calibrated on both quality benchmark tasks (docs/quality.md, "Choosing the inactive rates")."""
 
 
 def inactive_lr(lisa: LisaConfig, optim: OptimConfig) -> float:
