@@ -210,6 +210,17 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class PreemptConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask the run to stop: every rank finishes its step, they agree on it, write a checkpoint
+    and exit with preempt.exit_code (SLURM's `--signal`, Kubernetes' SIGTERM before the kill). [] leaves
+    each signal's default action: the process dies and resumes from the last periodic checkpoint."""
+    exit_code: int = 75
+    """The exit status after a preemption checkpoint: 75 (EX_TEMPFAIL, "try again"); launch/slurm.sbatch
+    requeues the job on it."""
+
+
+@dataclass(kw_only=True, slots=True)
 class LoggingConfig:
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Experiment trackers rank 0 writes to: `tensorboard` (OUTPUT_DIR/tensorboard) and `wandb` (offline
@@ -253,6 +264,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

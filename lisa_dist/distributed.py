@@ -161,6 +161,13 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     return [summed[r * width:(r + 1) * width] for r in range(world_size)]
 
 
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's `value` (one collective and one host read)."""
+    out = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.item()
+
+
 def sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` summed over every rank (a copy on `device`; `t` itself is left as it was)."""
     out = t.to(device, copy=True)

@@ -20,10 +20,11 @@ from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, 
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.interfaces import MemoryProbe
 from lisa_dist.env import LaunchEnv, read_launch_env
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import ConfigError, Preempted
 from lisa_dist.evaluate import Evaluator
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
+from lisa_dist.preempt import PreemptionNotice, signal_name
 from lisa_dist.progress import Reporter, check_trackers
 from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
 from lisa_dist.sizing.memory import GIB, StorageTracker
@@ -98,6 +99,9 @@ class Trainer:
         self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
         self.checkpointer = ckpt.Checkpointer(self.core, config, states={"data": self.batches},
                                               write_meta=self._write_meta)
+        self.notice = PreemptionNotice(config.preempt)
+        self.stop_signal = 0
+        """A preemption signal some rank received by the end of the last step (every rank reads the same)."""
 
     def train_step(self, step: int) -> dict[str, Any]:
         with self.core.values.real_tensors():
@@ -120,14 +124,30 @@ class Trainer:
                 record = self.train_step(step)
             peak = self.tracker.peak
         state = sum(optimizer.state_bytes() for optimizer in self.core.optimizers)
-        per_rank = all_gather_floats([peak, state], self.runtime.device)
-        record["peak_mem_gib"] = max(p for p, _ in per_rank) / GIB
-        record["peak_mem_gib_per_rank"] = [p / GIB for p, _ in per_rank]
-        record["optim_state_gib"] = max(s for _, s in per_rank) / GIB
+        per_rank = all_gather_floats([peak, state, float(self.notice.received)], self.runtime.device)
+        self.stop_signal = int(max(signum for _, _, signum in per_rank))
+        record["peak_mem_gib"] = max(p for p, _, _ in per_rank) / GIB
+        record["peak_mem_gib_per_rank"] = [p / GIB for p, _, _ in per_rank]
+        record["optim_state_gib"] = max(s for _, s, _ in per_rank) / GIB
         return record
 
     def save(self, step: int) -> Path:
         return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step)
+
+    def _save_and_prune(self, step: int) -> Path:
+        saved = self.save(step)
+        if self.runtime.is_main and self.config.save_total_limit:
+            ckpt.prune(self.output_dir, self.config.save_total_limit)
+        return saved
+
+    def _stop(self, step: int, saved: Path | None) -> None:
+        """After a preemption signal: the checkpoint of `step` (unless this step's periodic one was just
+        written), then `Preempted`, whose exit status asks for a requeue."""
+        saved = saved or self._save_and_prune(step)
+        code = self.notice.exit_code
+        raise Preempted(f"{signal_name(self.stop_signal)} received; every rank stopped after step {step} of "
+                        f"{self.config.max_steps} and saved {saved}. Exit status {code} asks for a requeue; "
+                        "resume=auto continues from it", code)
 
     def _write_meta(self, directory: Path) -> None:
         ckpt.write_hf_meta(directory, self._export_config(), self.source.tokenizer_dir, self.source.weights_dir)
@@ -156,6 +176,10 @@ class Trainer:
         return self.evaluator is not None and (done == self.config.max_steps or bool(every and done % every == 0))
 
     def fit(self) -> None:
+        with self.notice:
+            self._fit()
+
+    def _fit(self) -> None:
         start_step = self._resume()
         is_main = self.runtime.is_main
         reporter = Reporter(self.config, is_main, self.runtime.env.is_tty, start_step)
@@ -178,10 +202,11 @@ class Trainer:
                     if is_main:
                         metrics.write(evaluation)
                         reporter.evaluation(evaluation)
+                saved = None
                 if self.config.save_every and done % self.config.save_every == 0:
-                    self.save(done)
-                    if is_main and self.config.save_total_limit:
-                        ckpt.prune(self.output_dir, self.config.save_total_limit)
+                    saved = self._save_and_prune(done)
+                if self.stop_signal and done < self.config.max_steps:
+                    self._stop(done, saved)
         finally:
             reporter.close()
         self.save_final()
