@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,10 +20,12 @@ import transformers
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lisa_dist.checksums import MANIFEST, check_share, digest_share, file_digest
 from lisa_dist.config import Config
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.interfaces import CheckpointLayout, ShardAccess
+from lisa_dist.distributed import gather_objects
 from lisa_dist.errors import CheckpointError
 from lisa_dist.models.build import parameters_on_meta, persistent_buffers
 
@@ -125,17 +128,53 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def finish_save(tmp: Path, final: Path, state: dict[str, Any], is_main: bool) -> None:
-    """Every rank has written its shards; rank 0 completes the directory, then one rename publishes it.
+    """Every rank has written its shards and hashes them; rank 0 completes the directory (state, checksums,
+    marker), then one rename publishes it.
 
     A crash before the rename leaves only `step_N.tmp`, which `latest_checkpoint` never picks; an older
     `step_N` (a re-save after resume) is moved aside first and removed only after the new one is in place.
     """
     dist.barrier()
+    shares = gather_objects(digest_share(tmp, dist.get_rank(), dist.get_world_size(), skip=(STATE_FILE,)))
     if is_main:
         _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
+        digests = {name: digest for share in shares for name, digest in share.items()}
+        digests[STATE_FILE] = file_digest(tmp / STATE_FILE)
+        _write_synced(tmp / MANIFEST, json.dumps(digests, indent=1, sort_keys=True))
         _write_synced(tmp / COMPLETE_MARKER, "ok\n")
         publish(tmp, final)
     dist.barrier()
+
+
+def damage(directory: Path) -> list[str]:
+    """The damaged files of a complete checkpoint, checked against its checksums by every rank in parallel
+    (collective); [] when intact."""
+    if not dist.is_initialized():
+        return check_share(directory, 0, 1)
+    found = gather_objects(check_share(directory, dist.get_rank(), dist.get_world_size()))
+    return [problem for share in found for problem in share]
+
+
+def check_intact(directory: Path) -> None:
+    """Raise CheckpointError naming each damaged file of `directory` (collective)."""
+    problems = damage(directory)
+    if problems:
+        raise CheckpointError(f"{directory} is damaged: {'; '.join(problems[:4])}"
+                              f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}; its files "
+                              "differ from the checksums recorded when it was written")
+
+
+def newest_intact(output_dir: Path) -> Path | None:
+    """resume=auto's checkpoint: the newest complete one whose files match their checksums; a damaged one is
+    named and skipped (collective: every rank checks its share of each)."""
+    for _, directory in reversed(complete_checkpoints(output_dir)):
+        problems = damage(directory)
+        if not problems:
+            return directory
+        if dist.get_rank() == 0:
+            print(f"lisa-dist: {directory} is damaged ({'; '.join(problems[:2])}); trying the one before",
+                  file=sys.stderr)
+    return None
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -148,9 +187,13 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside)
 
 
-def read_state(directory: Path) -> dict[str, Any]:
+def read_state(directory: Path, checked: bool = False) -> dict[str, Any]:
+    """The run state of a complete, intact checkpoint (checking its files is collective; `checked`: the
+    caller did it)."""
     if not is_complete(directory):
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    if not checked:
+        check_intact(directory)
     return json.loads((directory / STATE_FILE).read_text())
 
 
@@ -400,9 +443,10 @@ class Checkpointer:
         finish_save(tmp, final, state, self.is_main)
         return final
 
-    def load(self, directory: Path) -> int:
-        """Continue from `directory`; returns its step. Everything is checked before any shard is read."""
-        state = read_state(directory)
+    def load(self, directory: Path, checked: bool = False) -> int:
+        """Continue from `directory`; returns its step. Everything is checked before any shard is read (its
+        files against their checksums unless `checked`: `newest_intact` chose it)."""
+        state = read_state(directory, checked)
         missing = [k for k in (*STATE_KEYS, *self.states) if k not in state]
         if missing:
             raise CheckpointError(f"{directory}: {STATE_FILE} lacks {', '.join(missing)}")

@@ -218,9 +218,9 @@ class Trainer:
                                  self.batches.state_dict())
         resume, directory = self.config.resume, None
         if resume is not None:
-            directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+            directory = ckpt.newest_intact(self.output_dir) if resume == "auto" else Path(resume)
         verify_same_across_ranks("the checkpoint to resume from", directory and str(directory))
-        return self.checkpointer.load(directory) if directory is not None else 0
+        return self.checkpointer.load(directory, checked=resume == "auto") if directory is not None else 0
 
 
 def run_training(config: Config, env: LaunchEnv | None = None, launcher: AccelerateSettings | None = None) -> Path:
