@@ -244,6 +244,10 @@ class Config:
     save_total_limit: int = 0
     """Keep only the newest this many step checkpoints (older ones are deleted once a newer one is
     complete); 0 keeps all."""
+    save_errors: Literal["stop", "continue"] = "stop"
+    """A step checkpoint that cannot be written (a full disk, an I/O error, a quota): `stop` ends the run with
+    an error naming the file and the space a checkpoint needs; `continue` prints it, keeps training and
+    tries again at the next save. Either way the checkpoints written before stay whole."""
     method: Literal["lisa", "full"] = "lisa"
     """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
     resume: str | None = None

@@ -54,6 +54,10 @@ class ReportError(UserError):
     """`lisa-dist report` was pointed at a directory without a readable run."""
 
 
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (a full disk, an I/O error, a quota); the earlier ones are whole."""
+
+
 class RankDisagreementError(RunError):
     """Ranks hold different values for something they must agree on."""
 

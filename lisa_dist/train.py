@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, 
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.interfaces import MemoryProbe
 from lisa_dist.env import LaunchEnv, read_launch_env
-from lisa_dist.errors import ConfigError, Preempted
+from lisa_dist.errors import CheckpointWriteError, ConfigError, Preempted
 from lisa_dist.evaluate import Evaluator
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
@@ -100,6 +101,7 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(self.core, config, states={"data": self.batches},
                                               write_meta=self._write_meta)
         self.notice = PreemptionNotice(config.preempt)
+        self.save_errors = config.save_errors
         self.stop_signal = 0
         """A preemption signal some rank received by the end of the last step (every rank reads the same)."""
 
@@ -134,8 +136,17 @@ class Trainer:
     def save(self, step: int) -> Path:
         return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step)
 
-    def _save_and_prune(self, step: int) -> Path:
-        saved = self.save(step)
+    def _save_and_prune(self, step: int, retry_later: bool = True) -> Path | None:
+        """The checkpoint of `step`, then pruning; None when it could not be written and save_errors=continue
+        (and `retry_later`: a later save comes)."""
+        try:
+            saved = self.save(step)
+        except CheckpointWriteError as e:
+            if not (retry_later and self.save_errors == "continue"):
+                raise
+            if self.runtime.is_main:
+                print(f"lisa-dist: {e}; training goes on (save_errors=continue)", file=sys.stderr)
+            return None
         if self.runtime.is_main and self.config.save_total_limit:
             ckpt.prune(self.output_dir, self.config.save_total_limit)
         return saved
@@ -143,7 +154,7 @@ class Trainer:
     def _stop(self, step: int, saved: Path | None) -> None:
         """After a preemption signal: the checkpoint of `step` (unless this step's periodic one was just
         written), then `Preempted`, whose exit status asks for a requeue."""
-        saved = saved or self._save_and_prune(step)
+        saved = saved or self._save_and_prune(step, retry_later=False)
         code = self.notice.exit_code
         raise Preempted(f"{signal_name(self.stop_signal)} received; every rank stopped after step {step} of "
                         f"{self.config.max_steps} and saved {saved}. Exit status {code} asks for a requeue; "
@@ -160,10 +171,12 @@ class Trainer:
     def save_final(self) -> Path:
         state_dict = self.core.engine.full_state_dict()
         out = self.output_dir / "final"
-        if self.runtime.is_main:
-            ckpt.save_hf_model(state_dict, self._export_config(), self.source.tokenizer_dir, out,
-                               self.source.weights_dir)
-        torch.distributed.barrier()
+        write = functools.partial(ckpt.save_hf_model, state_dict, self._export_config(), self.source.tokenizer_dir,
+                                  out, self.source.weights_dir)
+        errors = ckpt.agree_on_errors(ckpt.attempt(write) if self.runtime.is_main else None)
+        if errors:
+            raise CheckpointWriteError(f"could not write the final model to {out}: {'; '.join(errors)}; the step "
+                                       "checkpoints are untouched (lisa-dist export turns the newest into a model)")
         return out
 
     def evaluate(self, step: int) -> dict[str, Any]:
