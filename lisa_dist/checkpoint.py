@@ -250,7 +250,8 @@ RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "save_total_limit", "
                      "max_steps", "train.max_consecutive_skips", "train.micro_batch_size", "optim.offload_state",
                      "engine.name", "engine.deepspeed_config", "engine.reshard_after_forward", "engine.split_layers",
                      "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s",
-                     "preempt.signals", "preempt.exit_code", "save_errors"}
+                     "preempt.signals", "preempt.exit_code", "save_errors",
+                     "async_save"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -438,30 +439,64 @@ class Checkpointer:
         self.states = states or {}
         self.write_meta = write_meta
         self.is_main = core.runtime.is_main
+        self.pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
+        """A checkpoint being written in the background: (future, tmp, final, state)."""
+        self.writer_group: Any = None
 
-    def save(self, final: Path, step: int) -> Path:
+    def save(self, final: Path, step: int, background: bool = False) -> Path:
         """Write the checkpoint of the run after `step` optimizer steps to `final`, atomically: in `final`.tmp,
         which one rename publishes once every rank's files, the state, checksums and marker are written. A
         write that fails on any rank (a full disk, an I/O error, a quota) raises CheckpointWriteError on every
-        rank and leaves the checkpoints written before as they were."""
+        rank and leaves the checkpoints written before as they were.
+
+        `background`: each rank copies its shards to host memory and a thread writes them while training goes
+        on; `finish_pending` (the next save, the end of the run) waits for it and publishes the checkpoint."""
+        self.finish_pending()
         tmp = final.with_name(final.name + ".tmp")
         core = self.core
         state = {"step": step, "world_size": core.runtime.world_size, "engine": core.engine.name,
                  "config": self.config.to_dict(), "optim_params": optimizer_keys(core), **core.state_dict(),
                  **{name: s.state_dict() for name, s in self.states.items()}}
         errors = agree_on_errors(attempt(lambda: self._begin(tmp)) if self.is_main else None)
-        if not errors:
-            try:
-                save_shards(core.engine, tmp, core.optimizer_state())
-            except CheckpointException as e:  # every rank gets it when any rank's write failed
-                errors = _shard_write_errors(e)
-        if not errors:
-            shares = gather_objects(digest_share(tmp, dist.get_rank(), dist.get_world_size(), skip=(STATE_FILE,)))
-            errors = agree_on_errors(attempt(lambda: self._complete(tmp, final, state, shares))
-                                     if self.is_main else None)
         if errors:
             raise self._failed(final, tmp, errors)
+        if background:
+            layout = core.engine.checkpoint_state(core.optimizer_state())
+            self.pending = (dcp.async_save(layout, checkpoint_id=str(tmp), process_group=self._writer_group()),
+                            tmp, final, state)
+            return final
+        try:
+            save_shards(core.engine, tmp, core.optimizer_state())
+        except CheckpointException as e:  # every rank gets it when any rank's write failed
+            raise self._failed(final, tmp, _shard_write_errors(e)) from None
+        self._publish(tmp, final, state)
         return final
+
+    def finish_pending(self) -> Path | None:
+        """Wait for a checkpoint being written in the background, then publish it (collective); its path."""
+        if self.pending is None:
+            return None
+        future, tmp, final, state = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except CheckpointException as e:
+            raise self._failed(final, tmp, _shard_write_errors(e)) from None
+        self._publish(tmp, final, state)
+        return final
+
+    def _writer_group(self) -> Any:
+        """A gloo group of every rank for the background writer's collectives, apart from training's."""
+        if self.writer_group is None:
+            self.writer_group = dist.new_group(backend="gloo")
+        return self.writer_group
+
+    def _publish(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+        """Every rank's shards are in `tmp`: hash them, then rank 0 completes and publishes the checkpoint."""
+        shares = gather_objects(digest_share(tmp, dist.get_rank(), dist.get_world_size(), skip=(STATE_FILE,)))
+        errors = agree_on_errors(attempt(lambda: self._complete(tmp, final, state, shares)) if self.is_main else None)
+        if errors:
+            raise self._failed(final, tmp, errors)
 
     def _begin(self, tmp: Path) -> None:
         """Rank 0: a fresh `tmp`, with the files beside the shards."""

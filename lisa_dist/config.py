@@ -248,6 +248,10 @@ class Config:
     """A step checkpoint that cannot be written (a full disk, an I/O error, a quota): `stop` ends the run with
     an error naming the file and the space a checkpoint needs; `continue` prints it, keeps training and
     tries again at the next save. Either way the checkpoints written before stay whole."""
+    async_save: bool = False
+    """Write step checkpoints in the background: each rank copies its shards to host memory (as much host
+    memory as its share of a checkpoint), training goes on while a thread writes them, and the checkpoint is
+    published at the next save or at the end of the run. A kill before then leaves the previous checkpoint."""
     method: Literal["lisa", "full"] = "lisa"
     """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
     resume: str | None = None

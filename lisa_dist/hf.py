@@ -60,6 +60,7 @@ SET_BY_THE_SCRIPT = {
     "output_dir": "TrainingArguments.output_dir", "overwrite": "TrainingArguments.output_dir",
     "save_every": "TrainingArguments.save_steps", "save_total_limit": "TrainingArguments.save_total_limit",
     "save_errors": "the Trainer's own checkpointing, which stops the run on a failed write",
+    "async_save": "the Trainer's own checkpointing, which writes before training goes on",
     "resume": "trainer.train(resume_from_checkpoint=...)", "progress_bar": "TrainingArguments.disable_tqdm",
     "optim.lr": "TrainingArguments.learning_rate", "optim.weight_decay": "TrainingArguments.weight_decay",
     "optim.eps": "TrainingArguments.adam_epsilon", "optim.max_grad_norm": "TrainingArguments.max_grad_norm",

@@ -102,6 +102,7 @@ class Trainer:
                                               write_meta=self._write_meta)
         self.notice = PreemptionNotice(config.preempt)
         self.save_errors = config.save_errors
+        self.async_save = config.async_save
         self.stop_signal = 0
         """A preemption signal some rank received by the end of the last step (every rank reads the same)."""
 
@@ -133,27 +134,40 @@ class Trainer:
         record["optim_state_gib"] = max(s for _, s, _ in per_rank) / GIB
         return record
 
-    def save(self, step: int) -> Path:
-        return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step)
+    def save(self, step: int, background: bool = False) -> Path:
+        return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step, background)
 
     def _save_and_prune(self, step: int, retry_later: bool = True) -> Path | None:
-        """The checkpoint of `step`, then pruning; None when it could not be written and save_errors=continue
-        (and `retry_later`: a later save comes)."""
+        """The checkpoint of `step` (in the background with async_save, unless no later save comes), then
+        pruning; None when it could not be written and save_errors=continue (and `retry_later`)."""
+        self._finish_pending_save(retry_later)
         try:
-            saved = self.save(step)
+            saved = self.save(step, background=self.async_save and retry_later)
         except CheckpointWriteError as e:
-            if not (retry_later and self.save_errors == "continue"):
-                raise
-            if self.runtime.is_main:
-                print(f"lisa-dist: {e}; training goes on (save_errors=continue)", file=sys.stderr)
+            self._save_failed(e, retry_later)
             return None
         if self.runtime.is_main and self.config.save_total_limit:
             ckpt.prune(self.output_dir, self.config.save_total_limit)
         return saved
 
+    def _finish_pending_save(self, retry_later: bool = True) -> None:
+        """Publish the checkpoint async_save is writing, once written (collective)."""
+        try:
+            self.checkpointer.finish_pending()
+        except CheckpointWriteError as e:
+            self._save_failed(e, retry_later)
+
+    def _save_failed(self, error: CheckpointWriteError, retry_later: bool) -> None:
+        """Raise `error`, unless save_errors=continue and another save comes: then say so and go on."""
+        if not (retry_later and self.save_errors == "continue"):
+            raise error
+        if self.runtime.is_main:
+            print(f"lisa-dist: {error}; training goes on (save_errors=continue)", file=sys.stderr)
+
     def _stop(self, step: int, saved: Path | None) -> None:
         """After a preemption signal: the checkpoint of `step` (unless this step's periodic one was just
-        written), then `Preempted`, whose exit status asks for a requeue."""
+        started), written before anything else, then `Preempted`, whose exit status asks for a requeue."""
+        self._finish_pending_save(retry_later=False)
         saved = saved or self._save_and_prune(step, retry_later=False)
         code = self.notice.exit_code
         raise Preempted(f"{signal_name(self.stop_signal)} received; every rank stopped after step {step} of "
@@ -169,6 +183,7 @@ class Trainer:
         return hf_config
 
     def save_final(self) -> Path:
+        self._finish_pending_save()
         state_dict = self.core.engine.full_state_dict()
         out = self.output_dir / "final"
         write = functools.partial(ckpt.save_hf_model, state_dict, self._export_config(), self.source.tokenizer_dir,
