@@ -27,7 +27,7 @@ from lisa_dist.config import Config
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.interfaces import CheckpointLayout, ShardAccess
-from lisa_dist.distributed import gather_objects
+from lisa_dist.distributed import gather_objects, verify_same_across_ranks
 from lisa_dist.errors import CheckpointError, CheckpointWriteError
 from lisa_dist.models.build import parameters_on_meta, persistent_buffers
 
@@ -167,7 +167,11 @@ def check_intact(directory: Path) -> None:
 def newest_intact(output_dir: Path) -> Path | None:
     """resume=auto's checkpoint: the newest complete one whose files match their checksums; a damaged one is
     named and skipped (collective: every rank checks its share of each)."""
-    for _, directory in reversed(complete_checkpoints(output_dir)):
+    found = complete_checkpoints(output_dir)
+    # checked collectively, one checkpoint after another: the ranks must list the same ones (a node-local disk
+    # that missed a save would otherwise pair one rank's check with another's)
+    verify_same_across_ranks("the complete checkpoints in output_dir", [str(d) for _, d in found])
+    for _, directory in reversed(found):
         problems = damage(directory)
         if not problems:
             return directory
