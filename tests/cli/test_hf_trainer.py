@@ -201,7 +201,8 @@ def test_a_preemption_signal_saves_the_agreed_step_exits_75_and_resume_ends_with
     assert after <= stopped < STEPS, (after, text[-3000:])
     assert text.count(f"lisa-dist: stopped: SIGTERM received; every rank stopped after step {stopped}") == 2, \
         text[-3000:]
-    assert text.count("exitcode  : 75") == 2, text[-3000:]  # torchrun lists each failed rank
+    # torchrun reports the first rank to exit (75), then stops the other, which may not have exited yet
+    assert "failed (exitcode: 75)" in text, text[-3000:]
     resumed = run_example(tmp_path / "resumed", "--optim", optim, "--engine", "fsdp2",
                           "--resume", str(tmp_path / f"checkpoint-{stopped}"), nproc=2)
     assert resumed == records[stopped:]
