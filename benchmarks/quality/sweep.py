@@ -1,8 +1,9 @@
 """Choosing rates in one process: a plain loop (no lisa_dist engine, no ranks) fine-tunes the base model by full
-AdamW, by LISA (uniform draws) with or without a state-free rule for the layers not drawn, or by AdaLomo alone,
-and prints exact match on held-out and training words per seed. The rules are lisa_dist's own
-(`optim.rules`); each interval the drawn layers get a fresh AdamW state, the embeddings, final norm and head keep
-theirs. It runs several times faster than the benchmark's 2-rank runs, so a rate sweep fits in minutes.
+AdamW, by LISA (uniform draws) with or without a state-free rule for the layers not drawn, by AdaLomo alone or
+by LoRA (the benchmark's peft loop), and prints exact match on held-out and training words per seed. The rules
+are lisa_dist's own (`optim.rules`); each interval the drawn layers get a fresh AdamW state, the embeddings,
+final norm and head keep theirs. It runs twice as fast as the benchmark's 2-rank runs, so a rate sweep fits in
+minutes.
 
     .venv/bin/python -m benchmarks.quality.sweep --task strings --method lisa --inactive signsgd --factor 1
     .venv/bin/python -m benchmarks.quality.sweep --task creatures --method full --seeds 0 1
@@ -64,6 +65,15 @@ def _schedule(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / WARMUP) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
 
 
+def finetune_lora(base, train_path, args: argparse.Namespace, seed: int) -> transformers.PreTrainedModel:
+    """LoRA through the benchmark's own peft loop (`lora.py`), merged."""
+    from benchmarks.quality.lora import train_lora
+
+    out = REPO / "runs" / f"quality_sweep_{args.task}" / f"lora_seed{seed}"
+    train_lora(base, train_path, out, seed, args.steps, args.lr, SEQ_LEN, GLOBAL_BATCH, GLOBAL_BATCH, WARMUP, 0.1)
+    return transformers.AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+
+
 def finetune(base, sequences: SequenceSet, args: argparse.Namespace, seed: int) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -104,7 +114,7 @@ def finetune(base, sequences: SequenceSet, args: argparse.Namespace, seed: int) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="strings")
-    parser.add_argument("--method", choices=["full", "lisa", "adalomo"], default="lisa")
+    parser.add_argument("--method", choices=["full", "lisa", "adalomo", "lora"], default="lisa")
     parser.add_argument("--inactive", choices=["none", "sgd", "signsgd", "adalomo"], default="none",
                         help="with --method lisa: the rule for the layers not drawn")
     parser.add_argument("--factor", type=float, default=1.0, help="the inactive rule's rate over --lr")
@@ -122,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     sequences = build_sequences(load_examples(path, tokenizer), SEQ_LEN, tokenizer.pad_token_id, pack=False)
     start, scores = time.perf_counter(), []
     for seed in args.seeds:
-        model = finetune(base, sequences, args, seed)
+        if args.method == "lora":
+            model = finetune_lora(base, path, args, seed)
+        else:
+            model = finetune(base, sequences, args, seed)
         scores.append((exact_match(model, tokenizer, held_rows), exact_match(model, tokenizer, train_rows[:200])))
     print(f"{args.task} {args.method} inactive={args.inactive} x{args.factor} lr {args.lr} steps {args.steps} seeds "
           f"{args.seeds}: held-out {', '.join(f'{100 * h:.1f}' for h, _ in scores)} % | training words "
