@@ -35,11 +35,11 @@ def _signal_at(trainer, step: int, rank: int, signum: int, inside: str = "train_
     the step it completes)."""
     original = getattr(trainer, inside)
 
-    def wrapped(s: int):
+    def wrapped(s: int, *args, **kwargs):
         done = s + 1 if inside == "train_step" else s
         if done == step and trainer.runtime.rank == rank:
             os.kill(os.getpid(), signum)
-        return original(s)
+        return original(s, *args, **kwargs)
 
     setattr(trainer, inside, wrapped)
 
