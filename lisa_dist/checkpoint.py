@@ -8,22 +8,27 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 import transformers
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lisa_dist.checksums import MANIFEST, check_share, digest_share, file_digest
 from lisa_dist.config import Config
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.interfaces import CheckpointLayout, ShardAccess
-from lisa_dist.errors import CheckpointError
+from lisa_dist.distributed import gather_objects, verify_same_across_ranks
+from lisa_dist.errors import CheckpointError, CheckpointWriteError
 from lisa_dist.models.build import parameters_on_meta, persistent_buffers
 
 if TYPE_CHECKING:
@@ -107,16 +112,6 @@ def _copy_generation_config(model_dir: Path | None, target: Path) -> None:
         shutil.copyfile(model_dir / GENERATION_CONFIG, target / GENERATION_CONFIG)
 
 
-def begin_save(final: Path, is_main: bool) -> Path:
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    return tmp
-
-
 def _write_synced(path: Path, text: str) -> None:
     with path.open("w") as f:
         f.write(text)
@@ -124,18 +119,66 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def finish_save(tmp: Path, final: Path, state: dict[str, Any], is_main: bool) -> None:
-    """Every rank has written its shards; rank 0 completes the directory, then one rename publishes it.
+def attempt(action: Callable[[], Any]) -> str | None:
+    """None when `action` wrote what it had to; else what failed (a file system error: ENOSPC, EIO, EDQUOT)."""
+    try:
+        action()
+    except OSError as e:
+        return f"{e.filename or 'a file'}: {e.strerror or e}"
+    return None
 
-    A crash before the rename leaves only `step_N.tmp`, which `latest_checkpoint` never picks; an older
-    `step_N` (a re-save after resume) is moved aside first and removed only after the new one is in place.
-    """
-    dist.barrier()
-    if is_main:
-        _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
-        _write_synced(tmp / COMPLETE_MARKER, "ok\n")
-        publish(tmp, final)
-    dist.barrier()
+
+def agree_on_errors(error: str | None) -> list[str]:
+    """Every rank's write error (collective), so that all ranks go on or all stop together."""
+    return [f"rank {rank}: {e}" for rank, e in enumerate(gather_objects(error)) if e]
+
+
+def _shard_write_errors(error: BaseException) -> list[str]:
+    """A DCP CheckpointException (raised on every rank when any rank's write failed), one line per rank."""
+    failures = getattr(error, "failures", {}) or {}
+    return [f"rank {rank}: {_cause(failure)}" for rank, failure in sorted(failures.items())] or [str(error)]
+
+
+def _cause(failure: Any) -> str:
+    exc = failure[0] if isinstance(failure, tuple) else failure
+    if isinstance(exc, OSError):
+        return f"{exc.filename or 'a shard file'}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def damage(directory: Path) -> list[str]:
+    """The damaged files of a complete checkpoint, checked against its checksums by every rank in parallel
+    (collective); [] when intact."""
+    if not dist.is_initialized():
+        return check_share(directory, 0, 1)
+    found = gather_objects(check_share(directory, dist.get_rank(), dist.get_world_size()))
+    return [problem for share in found for problem in share]
+
+
+def check_intact(directory: Path) -> None:
+    """Raise CheckpointError naming each damaged file of `directory` (collective)."""
+    problems = damage(directory)
+    if problems:
+        raise CheckpointError(f"{directory} is damaged: {'; '.join(problems[:4])}"
+                              f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}; its files "
+                              "differ from the checksums recorded when it was written")
+
+
+def newest_intact(output_dir: Path) -> Path | None:
+    """resume=auto's checkpoint: the newest complete one whose files match their checksums; a damaged one is
+    named and skipped (collective: every rank checks its share of each)."""
+    found = complete_checkpoints(output_dir)
+    # checked collectively, one checkpoint after another: the ranks must list the same ones (a node-local disk
+    # that missed a save would otherwise pair one rank's check with another's)
+    verify_same_across_ranks("the complete checkpoints in output_dir", [str(d) for _, d in found])
+    for _, directory in reversed(found):
+        problems = damage(directory)
+        if not problems:
+            return directory
+        if dist.get_rank() == 0:
+            print(f"lisa-dist: {directory} is damaged ({'; '.join(problems[:2])}); trying the one before",
+                  file=sys.stderr)
+    return None
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -148,9 +191,13 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside)
 
 
-def read_state(directory: Path) -> dict[str, Any]:
+def read_state(directory: Path, checked: bool = False) -> dict[str, Any]:
+    """The run state of a complete, intact checkpoint (checking its files is collective; `checked`: the
+    caller did it)."""
     if not is_complete(directory):
         raise CheckpointError(f"{directory} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    if not checked:
+        check_intact(directory)
     return json.loads((directory / STATE_FILE).read_text())
 
 
@@ -206,7 +253,9 @@ def export_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
 RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "save_total_limit", "progress_bar", "overwrite",
                      "max_steps", "train.max_consecutive_skips", "train.micro_batch_size", "optim.offload_state",
                      "engine.name", "engine.deepspeed_config", "engine.reshard_after_forward", "engine.split_layers",
-                     "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s"}
+                     "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s",
+                     "preempt.signals", "preempt.exit_code", "save_errors",
+                     "async_save"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -232,6 +281,15 @@ def check_resume_compatible(saved: dict[str, Any], config: Config) -> None:
 
 
 OptimState = dict[str, dict[str, torch.Tensor]]
+
+
+def _local_bytes(state: Any) -> int:
+    """Bytes of this rank's tensors in a (nested) checkpoint state: its shards of the checkpoint."""
+    if isinstance(state, dict):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, DTensor):
+        state = state.to_local()
+    return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
 def save_shards(layout: CheckpointLayout, directory: Path, optim_state: OptimState) -> None:
@@ -385,23 +443,102 @@ class Checkpointer:
         self.states = states or {}
         self.write_meta = write_meta
         self.is_main = core.runtime.is_main
+        self.pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
+        """A checkpoint being written in the background: (future, tmp, final, state)."""
+        self.writer_group: Any = None
 
-    def save(self, final: Path, step: int) -> Path:
-        """Write the checkpoint of the run after `step` optimizer steps to `final`, atomically."""
-        tmp = begin_save(final, self.is_main)
-        if self.is_main and self.write_meta is not None:
-            self.write_meta(tmp)
+    def save(self, final: Path, step: int, background: bool = False) -> Path:
+        """Write the checkpoint of the run after `step` optimizer steps to `final`, atomically: in `final`.tmp,
+        which one rename publishes once every rank's files, the state, checksums and marker are written. A
+        write that fails on any rank (a full disk, an I/O error, a quota) raises CheckpointWriteError on every
+        rank and leaves the checkpoints written before as they were.
+
+        `background`: each rank copies its shards to host memory and a thread writes them while training goes
+        on; `finish_pending` (the next save, the end of the run) waits for it and publishes the checkpoint."""
+        self.finish_pending()
+        tmp = final.with_name(final.name + ".tmp")
         core = self.core
-        save_shards(core.engine, tmp, core.optimizer_state())
         state = {"step": step, "world_size": core.runtime.world_size, "engine": core.engine.name,
                  "config": self.config.to_dict(), "optim_params": optimizer_keys(core), **core.state_dict(),
                  **{name: s.state_dict() for name, s in self.states.items()}}
-        finish_save(tmp, final, state, self.is_main)
+        errors = agree_on_errors(attempt(lambda: self._begin(tmp)) if self.is_main else None)
+        if errors:
+            raise self._failed(final, tmp, errors)
+        if background:
+            layout = core.engine.checkpoint_state(core.optimizer_state())
+            self.pending = (dcp.async_save(layout, checkpoint_id=str(tmp), process_group=self._writer_group()),
+                            tmp, final, state)
+            return final
+        try:
+            save_shards(core.engine, tmp, core.optimizer_state())
+        except CheckpointException as e:  # every rank gets it when any rank's write failed
+            raise self._failed(final, tmp, _shard_write_errors(e)) from None
+        self._publish(tmp, final, state)
         return final
 
-    def load(self, directory: Path) -> int:
-        """Continue from `directory`; returns its step. Everything is checked before any shard is read."""
-        state = read_state(directory)
+    def finish_pending(self) -> Path | None:
+        """Wait for a checkpoint being written in the background, then publish it (collective); its path."""
+        if self.pending is None:
+            return None
+        future, tmp, final, state = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except CheckpointException as e:
+            raise self._failed(final, tmp, _shard_write_errors(e)) from None
+        self._publish(tmp, final, state)
+        return final
+
+    def _writer_group(self) -> Any:
+        """A gloo group of every rank for the background writer's collectives, apart from training's."""
+        if self.writer_group is None:
+            self.writer_group = dist.new_group(backend="gloo")
+        return self.writer_group
+
+    def _publish(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+        """Every rank's shards are in `tmp`: hash them, then rank 0 completes and publishes the checkpoint."""
+        shares = gather_objects(digest_share(tmp, dist.get_rank(), dist.get_world_size(), skip=(STATE_FILE,)))
+        errors = agree_on_errors(attempt(lambda: self._complete(tmp, final, state, shares)) if self.is_main else None)
+        if errors:
+            raise self._failed(final, tmp, errors)
+
+    def _begin(self, tmp: Path) -> None:
+        """Rank 0: a fresh `tmp`, with the files beside the shards."""
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if self.write_meta is not None:
+            self.write_meta(tmp)
+
+    @staticmethod
+    def _complete(tmp: Path, final: Path, state: dict[str, Any], shares: list[dict[str, dict]]) -> None:
+        """Rank 0, every rank's files written: the state, the checksums, the marker, then one rename."""
+        _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
+        digests = {name: digest for share in shares for name, digest in share.items()}
+        digests[STATE_FILE] = file_digest(tmp / STATE_FILE)
+        _write_synced(tmp / MANIFEST, json.dumps(digests, indent=1, sort_keys=True))
+        _write_synced(tmp / COMPLETE_MARKER, "ok\n")
+        publish(tmp, final)
+
+    def _failed(self, final: Path, tmp: Path, errors: list[str]) -> CheckpointWriteError:
+        """The error every rank raises for a failed save (collective: the checkpoint's size is summed), after
+        rank 0 removed what was written of it."""
+        layout = self.core.engine.checkpoint_state(self.core.optimizer_state())
+        needed = sum(gather_objects(_local_bytes(layout)))
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()  # every rank reports the failure once the partial directory is gone
+        usage = shutil.disk_usage(final.parent) if final.parent.exists() else None
+        free = f", {usage.free / 2**30:.2f} GiB free on its file system" if usage else ""
+        return CheckpointWriteError(
+            f"could not write the checkpoint {final}: {'; '.join(errors[:4])}. The checkpoints written before it "
+            f"are untouched. It needs about {needed / 2**30:.2f} GiB ({needed} bytes of shards{free}); free space, "
+            "or set save_errors=continue to keep training and try again at the next save")
+
+    def load(self, directory: Path, checked: bool = False) -> int:
+        """Continue from `directory`; returns its step. Everything is checked before any shard is read (its
+        files against their checksums unless `checked`: `newest_intact` chose it)."""
+        state = read_state(directory, checked)
         missing = [k for k in (*STATE_KEYS, *self.states) if k not in state]
         if missing:
             raise CheckpointError(f"{directory}: {STATE_FILE} lacks {', '.join(missing)}")

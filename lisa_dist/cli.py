@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             export_checkpoint(Path(args.checkpoint_dir), Path(args.out_dir))
             print(f"lisa-dist: exported {args.checkpoint_dir} to {args.out_dir}", file=sys.stderr)
     except LisaDistError as e:
-        print(f"lisa-dist: error: {e}", file=sys.stderr)
+        print(f"lisa-dist: {e.label}: {e}", file=sys.stderr)
         from lisa_dist.distributed import process_group_started
 
         if process_group_started():

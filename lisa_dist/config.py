@@ -210,6 +210,17 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class PreemptConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask the run to stop: every rank finishes its step, they agree on it, write a checkpoint
+    and exit with preempt.exit_code (SLURM's `--signal`, Kubernetes' SIGTERM before the kill). [] leaves
+    each signal's default action: the process dies and resumes from the last periodic checkpoint."""
+    exit_code: int = 75
+    """The exit status after a preemption checkpoint: 75 (EX_TEMPFAIL, "try again"); launch/slurm.sbatch
+    requeues the job on it."""
+
+
+@dataclass(kw_only=True, slots=True)
 class LoggingConfig:
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Experiment trackers rank 0 writes to: `tensorboard` (OUTPUT_DIR/tensorboard) and `wandb` (offline
@@ -233,6 +244,14 @@ class Config:
     save_total_limit: int = 0
     """Keep only the newest this many step checkpoints (older ones are deleted once a newer one is
     complete); 0 keeps all."""
+    save_errors: Literal["stop", "continue"] = "stop"
+    """A step checkpoint that cannot be written (a full disk, an I/O error, a quota): `stop` ends the run with
+    an error naming the file and the space a checkpoint needs; `continue` prints it, keeps training and
+    tries again at the next save. Either way the checkpoints written before stay whole."""
+    async_save: bool = False
+    """Write step checkpoints in the background: each rank copies its shards to host memory (as much host
+    memory as its share of a checkpoint), training goes on while a thread writes them, and the checkpoint is
+    published at the next save or at the end of the run. A kill before then leaves the previous checkpoint."""
     method: Literal["lisa", "full"] = "lisa"
     """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
     resume: str | None = None
@@ -253,6 +272,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -143,6 +143,16 @@ def verify_same_across_ranks(what: str, value: Any) -> None:
         raise RankDisagreementError(f"ranks disagree on {what}: {details} (ranks {differing} differ from rank 0)")
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order."""
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def _difference(reference: Any, value: Any, prefix: str = "") -> str:
     """What `value` has where rank 0 has `reference`: the differing keys of nested dicts, else both reprs."""
     if isinstance(reference, dict) and isinstance(value, dict):
@@ -159,6 +169,13 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     slots[rank * width:(rank + 1) * width] = values
     summed = all_reduce_sum(slots, device)
     return [summed[r * width:(r + 1) * width] for r in range(world_size)]
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest of every rank's `value` (one collective and one host read)."""
+    out = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.item()
 
 
 def sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:

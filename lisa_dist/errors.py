@@ -9,6 +9,8 @@ class LisaDistError(Exception):
     """A failure the user is told about in one message, without a traceback."""
 
     exit_code = 1
+    label = "error"
+    """The word the CLI puts before the message."""
 
 
 class UserError(LisaDistError, ValueError):
@@ -52,6 +54,10 @@ class ReportError(UserError):
     """`lisa-dist report` was pointed at a directory without a readable run."""
 
 
+class CheckpointWriteError(RunError):
+    """A checkpoint could not be written (a full disk, an I/O error, a quota); the earlier ones are whole."""
+
+
 class RankDisagreementError(RunError):
     """Ranks hold different values for something they must agree on."""
 
@@ -70,3 +76,14 @@ class NonFiniteStepsError(RunError):
 
 class FusedPathError(RunError):
     """A trainable parameter's fused (in-backward) update did not run: its gradient would be lost."""
+
+
+class Preempted(LisaDistError):
+    """A preemption signal (preempt.signals) stopped the run after a checkpoint of the step every rank agreed on;
+    the exit status (preempt.exit_code) asks the scheduler to requeue it, and resume=auto continues exactly."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

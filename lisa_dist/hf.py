@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,14 @@ from lisa_dist.accelerate_config import read_accelerate_settings
 from lisa_dist.config import Config, apply_implied, from_dict
 from lisa_dist.core import StepResult, TrainingCore
 from lisa_dist.data import IGNORE_INDEX
-from lisa_dist.distributed import init_distributed, shutdown
+from lisa_dist.distributed import init_distributed, max_over_ranks, shutdown
 from lisa_dist.engines import engine_class
 from lisa_dist.env import LaunchEnv, read_launch_env
 from lisa_dist.errors import CheckpointError, ConfigError, DataError
 from lisa_dist.loss import logits_loss_sum
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.models.build import check_architecture, check_model
+from lisa_dist.preempt import PreemptionNotice, signal_name
 from lisa_dist.steps import LossFn
 from lisa_dist.validation import validate_training
 
@@ -57,6 +59,8 @@ SET_BY_THE_SCRIPT = {
     "seed": "TrainingArguments.seed", "max_steps": "TrainingArguments.max_steps",
     "output_dir": "TrainingArguments.output_dir", "overwrite": "TrainingArguments.output_dir",
     "save_every": "TrainingArguments.save_steps", "save_total_limit": "TrainingArguments.save_total_limit",
+    "save_errors": "the Trainer's own checkpointing, which stops the run on a failed write",
+    "async_save": "the Trainer's own checkpointing, which writes before training goes on",
     "resume": "trainer.train(resume_from_checkpoint=...)", "progress_bar": "TrainingArguments.disable_tqdm",
     "optim.lr": "TrainingArguments.learning_rate", "optim.weight_decay": "TrainingArguments.weight_decay",
     "optim.eps": "TrainingArguments.adam_epsilon", "optim.max_grad_norm": "TrainingArguments.max_grad_norm",
@@ -230,6 +234,23 @@ class LisaDistTrainer(transformers.Trainer):
         self.last_result: StepResult | None = None
         """The last optimizer step's outcome (loss, grad norm, active layers, skipped)."""
         self._micro_batches: list[dict[str, Any]] = []
+        self.notice = PreemptionNotice(self.lisa_config.preempt)
+        self.stopped: tuple[int, int] | None = None
+        """(step, signal) after a preemption signal stopped training; None otherwise."""
+        self.add_callback(_PreemptionCallback(self))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's `train`; after a preemption signal (lisa_dist's preempt.signals) it saved the step
+        every rank agreed on as checkpoint-N and the process exits with preempt.exit_code."""
+        with self.notice:
+            output = super().train(*args, **kwargs)
+        if self.stopped is not None:
+            step, signum = self.stopped
+            print(f"lisa-dist: stopped: {signal_name(signum)} received; every rank stopped after step {step} and "
+                  f"saved checkpoint-{step} in {self.args.output_dir}. Exit status {self.notice.exit_code} asks "
+                  "for a requeue; resume_from_checkpoint=True continues from it", file=sys.stderr)
+            raise SystemExit(self.notice.exit_code)
+        return output
 
     def _computes_token_loss(self) -> bool:
         """Whether this Trainer's loss is the mean cross-entropy of the labelled tokens, which lisa_dist then
@@ -375,3 +396,19 @@ class LisaDistTrainer(transformers.Trainer):
 def _model_inputs(batch: Mapping[str, Any]) -> tuple[str, ...]:
     """Every entry a collator gives but the labels: masks, position ids, and a packed row's sequence lengths."""
     return tuple(key for key in batch if key != "labels")
+
+
+class _PreemptionCallback(transformers.TrainerCallback):
+    """At each step's end, the ranks agree whether any got a preemption signal (one all-reduce of a number);
+    if so, the Trainer saves this step and stops (`LisaDistTrainer.train` then exits)."""
+
+    def __init__(self, trainer: LisaDistTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: transformers.TrainingArguments, state: TrainerState,
+                    control: transformers.TrainerControl, **kwargs: Any) -> None:
+        trainer = self.trainer
+        signum = int(max_over_ranks(float(trainer.notice.received), trainer.core.runtime.device))
+        if signum and state.global_step < state.max_steps:
+            trainer.stopped = (state.global_step, signum)
+            control.should_save = control.should_training_stop = True

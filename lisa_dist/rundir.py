@@ -56,7 +56,7 @@ class MetricsWriter:
         """On resume: drop records of steps after the checkpoint, which will be run again."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, self.path)  # a crash here leaves the old file or the new one, never half of it
@@ -64,3 +64,12 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a crash while it was written (it can only be the last) counts as
+    after any checkpoint, so it is dropped with the steps that run again."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from lisa_dist.distributed import (Runtime, all_gather_floats, as_peer_failure, 
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.interfaces import MemoryProbe
 from lisa_dist.env import LaunchEnv, read_launch_env
-from lisa_dist.errors import ConfigError
+from lisa_dist.errors import CheckpointWriteError, ConfigError, Preempted
 from lisa_dist.evaluate import Evaluator
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
+from lisa_dist.preempt import PreemptionNotice, signal_name
 from lisa_dist.progress import Reporter, check_trackers
 from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
 from lisa_dist.sizing.memory import GIB, StorageTracker
@@ -98,6 +100,11 @@ class Trainer:
         self.tracker = StorageTracker() if runtime.device.type == "cpu" else None
         self.checkpointer = ckpt.Checkpointer(self.core, config, states={"data": self.batches},
                                               write_meta=self._write_meta)
+        self.notice = PreemptionNotice(config.preempt)
+        self.save_errors = config.save_errors
+        self.async_save = config.async_save
+        self.stop_signal = 0
+        """A preemption signal some rank received by the end of the last step (every rank reads the same)."""
 
     def train_step(self, step: int) -> dict[str, Any]:
         with self.core.values.real_tensors():
@@ -120,14 +127,52 @@ class Trainer:
                 record = self.train_step(step)
             peak = self.tracker.peak
         state = sum(optimizer.state_bytes() for optimizer in self.core.optimizers)
-        per_rank = all_gather_floats([peak, state], self.runtime.device)
-        record["peak_mem_gib"] = max(p for p, _ in per_rank) / GIB
-        record["peak_mem_gib_per_rank"] = [p / GIB for p, _ in per_rank]
-        record["optim_state_gib"] = max(s for _, s in per_rank) / GIB
+        per_rank = all_gather_floats([peak, state, float(self.notice.received)], self.runtime.device)
+        self.stop_signal = int(max(signum for _, _, signum in per_rank))
+        record["peak_mem_gib"] = max(p for p, _, _ in per_rank) / GIB
+        record["peak_mem_gib_per_rank"] = [p / GIB for p, _, _ in per_rank]
+        record["optim_state_gib"] = max(s for _, s, _ in per_rank) / GIB
         return record
 
-    def save(self, step: int) -> Path:
-        return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step)
+    def save(self, step: int, background: bool = False) -> Path:
+        return self.checkpointer.save(ckpt.step_dir(self.output_dir, step), step, background)
+
+    def _save_and_prune(self, step: int, retry_later: bool = True) -> Path | None:
+        """The checkpoint of `step` (in the background with async_save, unless no later save comes), then
+        pruning; None when it could not be written and save_errors=continue (and `retry_later`)."""
+        self._finish_pending_save(retry_later)
+        try:
+            saved = self.save(step, background=self.async_save and retry_later)
+        except CheckpointWriteError as e:
+            self._save_failed(e, retry_later)
+            return None
+        if self.runtime.is_main and self.config.save_total_limit:
+            ckpt.prune(self.output_dir, self.config.save_total_limit)
+        return saved
+
+    def _finish_pending_save(self, retry_later: bool = True) -> None:
+        """Publish the checkpoint async_save is writing, once written (collective)."""
+        try:
+            self.checkpointer.finish_pending()
+        except CheckpointWriteError as e:
+            self._save_failed(e, retry_later)
+
+    def _save_failed(self, error: CheckpointWriteError, retry_later: bool) -> None:
+        """Raise `error`, unless save_errors=continue and another save comes: then say so and go on."""
+        if not (retry_later and self.save_errors == "continue"):
+            raise error
+        if self.runtime.is_main:
+            print(f"lisa-dist: {error}; training goes on (save_errors=continue)", file=sys.stderr)
+
+    def _stop(self, step: int, saved: Path | None) -> None:
+        """After a preemption signal: the checkpoint of `step` (unless this step's periodic one was just
+        started), written before anything else, then `Preempted`, whose exit status asks for a requeue."""
+        self._finish_pending_save(retry_later=False)
+        saved = saved or self._save_and_prune(step, retry_later=False)
+        code = self.notice.exit_code
+        raise Preempted(f"{signal_name(self.stop_signal)} received; every rank stopped after step {step} of "
+                        f"{self.config.max_steps} and saved {saved}. Exit status {code} asks for a requeue; "
+                        "resume=auto continues from it", code)
 
     def _write_meta(self, directory: Path) -> None:
         ckpt.write_hf_meta(directory, self._export_config(), self.source.tokenizer_dir, self.source.weights_dir)
@@ -138,12 +183,15 @@ class Trainer:
         return hf_config
 
     def save_final(self) -> Path:
+        self._finish_pending_save()
         state_dict = self.core.engine.full_state_dict()
         out = self.output_dir / "final"
-        if self.runtime.is_main:
-            ckpt.save_hf_model(state_dict, self._export_config(), self.source.tokenizer_dir, out,
-                               self.source.weights_dir)
-        torch.distributed.barrier()
+        write = functools.partial(ckpt.save_hf_model, state_dict, self._export_config(), self.source.tokenizer_dir,
+                                  out, self.source.weights_dir)
+        errors = ckpt.agree_on_errors(ckpt.attempt(write) if self.runtime.is_main else None)
+        if errors:
+            raise CheckpointWriteError(f"could not write the final model to {out}: {'; '.join(errors)}; the step "
+                                       "checkpoints are untouched (lisa-dist export turns the newest into a model)")
         return out
 
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -156,6 +204,10 @@ class Trainer:
         return self.evaluator is not None and (done == self.config.max_steps or bool(every and done % every == 0))
 
     def fit(self) -> None:
+        with self.notice:
+            self._fit()
+
+    def _fit(self) -> None:
         start_step = self._resume()
         is_main = self.runtime.is_main
         reporter = Reporter(self.config, is_main, self.runtime.env.is_tty, start_step)
@@ -178,10 +230,11 @@ class Trainer:
                     if is_main:
                         metrics.write(evaluation)
                         reporter.evaluation(evaluation)
+                saved = None
                 if self.config.save_every and done % self.config.save_every == 0:
-                    self.save(done)
-                    if is_main and self.config.save_total_limit:
-                        ckpt.prune(self.output_dir, self.config.save_total_limit)
+                    saved = self._save_and_prune(done)
+                if self.stop_signal and done < self.config.max_steps:
+                    self._stop(done, saved)
         finally:
             reporter.close()
         self.save_final()
@@ -193,9 +246,9 @@ class Trainer:
                                  self.batches.state_dict())
         resume, directory = self.config.resume, None
         if resume is not None:
-            directory = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+            directory = ckpt.newest_intact(self.output_dir) if resume == "auto" else Path(resume)
         verify_same_across_ranks("the checkpoint to resume from", directory and str(directory))
-        return self.checkpointer.load(directory) if directory is not None else 0
+        return self.checkpointer.load(directory, checked=resume == "auto") if directory is not None else 0
 
 
 def run_training(config: Config, env: LaunchEnv | None = None, launcher: AccelerateSettings | None = None) -> Path:

@@ -4,6 +4,7 @@ do live with the model and data code). Each error names the key and what it allo
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,7 @@ from lisa_dist.errors import ConfigError
 from lisa_dist.extras import require_extra
 
 if TYPE_CHECKING:
-    from lisa_dist.config import Config, EngineConfig, LisaConfig, OptimConfig, TrainConfig
+    from lisa_dist.config import Config, EngineConfig, LisaConfig, OptimConfig, PreemptConfig, TrainConfig
 
 
 def _require(condition: bool, message: str) -> None:
@@ -38,6 +39,22 @@ def validate(c: Config) -> None:
                                    "holds all its layers (unset one of them)")
     _validate_data(c)
     validate_training(c)
+    validate_preempt(c.preempt)
+
+
+# Signals no process can catch.
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def validate_preempt(p: PreemptConfig) -> None:
+    for name in p.signals:
+        _require(isinstance(name, str) and name.startswith("SIG") and isinstance(getattr(signal, name, None),
+                                                                                 signal.Signals),
+                 f"preempt.signals: {name!r} is not a signal name (say SIGTERM, SIGUSR1)")
+        _require(name not in UNCATCHABLE, f"preempt.signals: {name} cannot be caught by a process")
+    _require(len(set(p.signals)) == len(p.signals), f"preempt.signals lists a signal twice: {p.signals}")
+    _require(3 <= p.exit_code <= 125, f"preempt.exit_code must be in [3, 125] (0 is success, 1 and 2 are "
+                                      f"lisa-dist's errors, above 125 the shell's), got {p.exit_code}")
 
 
 # The keys of each record format (`lisa_dist.data.formats`) that data.fields may point elsewhere; kept here

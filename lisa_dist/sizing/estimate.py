@@ -48,6 +48,10 @@ NOT_MODELLED = {
     "eval_every": "evaluation runs forwards without gradients between steps, within a step's peak",
     "eval_max_batches": "evaluation runs forwards without gradients between steps, within a step's peak",
     "logging.wandb_project": "trackers run on rank 0 outside the step", "logging.log_every": "no line is printed",
+    "save_errors": "checkpoints are written between steps, outside the step's peak",
+    "async_save": "the background checkpoint's copy is in host memory, not the device's",
+    "preempt.signals": "a preemption signal ends the run between steps",
+    "preempt.exit_code": "a preemption signal ends the run between steps",
 }
 """Keys that do not change a step's peak; `estimate` reports which of them a config sets."""
 

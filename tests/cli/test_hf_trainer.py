@@ -3,6 +3,9 @@ with the FSDP2 and ZeRO-3 config files. The CLI's guarantees hold: optimizer sta
 layers, frozen layers untouched, fused updates all run inside backward; and 2 ranks train like 1."""
 
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
 
@@ -11,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
+from tests.cli.test_reliability_cli import wait_for, worker_pids
 from tests.helpers import (ENV, PARITY_ADALOMO_EPS1, PARITY_EPS, REDUCTION_ROUNDING, REPO, assert_weights_close,
                            free_port, layer_of, parity_atol)
 
@@ -172,3 +176,36 @@ def test_an_moe_model_adding_its_router_loss_trains_on_two_ranks_like_one_proces
     assert_weights_close(final["two"], final["one"], atol)
     moved = max(float((final["without"][k] - final["one"][k]).abs().max()) for k in final["one"])
     assert moved > 10 * atol, "the router loss changes the update beyond the parity bound"
+
+
+def test_a_preemption_signal_saves_the_agreed_step_exits_75_and_resume_ends_with_the_same_weights(case, tmp_path):
+    """SIGTERM to rank 1 of a torchrun'd Trainer script at a random step: both ranks stop after the same step,
+    the Trainer saves it as checkpoint-N and each rank exits 75; the script resumed from checkpoint-N ends with
+    the uninterrupted run's weights bit for bit."""
+    out, optim, records = case
+    if "zero3" in out.name:
+        pytest.skip("the Trainer's preemption path does not depend on the engine; each engine's save on a signal: "
+                    "tests/gloo/test_preemption.py")
+    record = tmp_path / "record.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           EXAMPLE, "--out", str(tmp_path), "--steps", str(STEPS), "--record", str(record), *PARITY,
+           "--optim", optim, "--engine", "fsdp2"]
+    log = tmp_path / "torchrun.log"
+    job = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    after = random.Random(int.from_bytes(os.urandom(4))).randint(1, STEPS - 2)
+    wait_for(lambda: record.exists() and len(record.read_text().splitlines()) >= after)
+    os.kill(worker_pids(job.pid)[1], signal.SIGTERM)
+    assert job.wait(timeout=240) != 0
+    text = log.read_text()
+    stopped = len(record.read_text().splitlines())
+    assert after <= stopped < STEPS, (after, text[-3000:])
+    assert text.count(f"lisa-dist: stopped: SIGTERM received; every rank stopped after step {stopped}") == 2, \
+        text[-3000:]
+    # torchrun reports the first rank to exit (75), then stops the other, which may not have exited yet
+    assert "failed (exitcode: 75)" in text, text[-3000:]
+    resumed = run_example(tmp_path / "resumed", "--optim", optim, "--engine", "fsdp2",
+                          "--resume", str(tmp_path / f"checkpoint-{stopped}"), nproc=2)
+    assert resumed == records[stopped:]
+    final, straight = load_file(tmp_path / "resumed" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in final:
+        assert torch.equal(final[name], straight[name]), name

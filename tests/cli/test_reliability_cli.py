@@ -124,6 +124,24 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole_and_resume_sk
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
 
 
+def test_a_kill_during_an_asynchronous_save_leaves_the_previous_checkpoint_whole(run, tmp_path):
+    """async_save=true: rank 1 dies while its background writer writes the step-6 checkpoint; step 3 (written in
+    the background and published at the next save) is whole and resumes to the reference run's weights."""
+    out = tmp_path / "crashed"
+    crashed = subprocess.run(torchrun_command(f"output_dir={out}", *FP32, "async_save=true",
+                                              entry=(str(REPO / "tests" / "cli" / "crash_in_async_save.py"),)),
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode != 0
+    partial = out / "checkpoints" / "step_6.tmp"
+    assert partial.is_dir() and not ckpt.is_complete(partial) and not (out / "final").exists()
+    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step_3"
+    assert ckpt.damage(out / "checkpoints" / "step_3") == []
+    resumed = torchrun(f"output_dir={out}", *FP32, "async_save=true", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_final(out, run)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+
 TIMEOUT_S = 20  # long enough that start-up skew between ranks stays under it on a busy 2-core machine running two tests
 
 

@@ -98,11 +98,12 @@ def _retention(output_dir: Path) -> dict[str, list[str]]:
 
 
 def _disagreement(output_dir: Path, rank: int, what: str) -> str:
-    """Rank 1 sees an older checkpoint as newest (a node-local disk that missed the last save), or a copy
+    """Rank 1 misses the newest checkpoint (a node-local disk that missed the last save), or has a copy
     of the data that differs from rank 0's."""
     data = TINY_ALPACA
     if what == "checkpoint" and rank == 1:
-        ckpt.latest_checkpoint = lambda out: ckpt.step_dir(out, 4)
+        listed = ckpt.complete_checkpoints
+        ckpt.complete_checkpoints = lambda out: listed(out)[:-1]  # it missed the newest
     if what == "data" and rank == 1:
         data = output_dir.parent / "other_data.jsonl"
         lines = Path(TINY_ALPACA).read_text().splitlines()
@@ -186,8 +187,8 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_a_branch_sets_later_o
 
 
 @pytest.mark.parametrize("what, details", [
-    ("checkpoint", ["ranks disagree on the checkpoint to resume from", "rank 1: '", "step_4' where rank 0 has '",
-                    "step_5'"]),
+    ("checkpoint", ["ranks disagree on the complete checkpoints in output_dir: rank 1: [] where rank 0 has ['",
+                    "step_5']"]),
     ("data", ["ranks disagree on the training data", "rank 1: fingerprint '"]),
     ("config", ["ranks disagree on the run configuration", "rank 1: optim.lr 0.002 where rank 0 has 0.001 (ranks [1]"]),
 ])

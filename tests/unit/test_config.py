@@ -93,6 +93,12 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("method=full lisa.unit=block", "lisa.unit=block chooses what method=lisa trains"),
     ("method=full lisa.inactive_update=sgd", "lisa.inactive_update=sgd chooses what method=lisa trains"),
     ("lisa.inactive_update=adam", "lisa.inactive_update must be one of 'none', 'sgd', 'signsgd', 'adalomo'"),
+    ("preempt.signals=[SIGTERN]", "preempt.signals: 'SIGTERN' is not a signal name (say SIGTERM, SIGUSR1)"),
+    ("preempt.signals=[TERM]", "preempt.signals: 'TERM' is not a signal name"),
+    ("preempt.signals=[SIGKILL]", "preempt.signals: SIGKILL cannot be caught by a process"),
+    ("preempt.signals=[SIGTERM,SIGTERM]", "preempt.signals lists a signal twice"),
+    ("preempt.exit_code=1", "preempt.exit_code must be in [3, 125] (0 is success, 1 and 2 are lisa-dist's errors"),
+    ("preempt.exit_code=137", "preempt.exit_code must be in [3, 125]"),
     ("lisa.inactive_lr=0.1", "lisa.inactive_lr=0.1 is the rate of lisa.inactive_update, which is none"),
     ("lisa.inactive_update=sgd lisa.inactive_lr=0", "lisa.inactive_lr must be a positive number, got 0"),
     ("lisa.inactive_update=signsgd optim.name=lomo", "optim.name=lomo already updates every trained unit inside "

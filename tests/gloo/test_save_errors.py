@@ -1,0 +1,142 @@
+"""A checkpoint that cannot be written, on 2 gloo ranks (FSDP2): "No space left on device" injected into one
+rank's shard write (each rank in turn) and into rank 0's state file, and a real full file system (a 1 MiB tmpfs,
+where the test can mount one). Every rank stops with one error naming the file and the space a checkpoint
+needs; the checkpoint before stays whole and loads; no partial directory is left. With save_errors=continue
+the run trains on and the next save succeeds."""
+
+import contextlib
+import errno
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+from lisa_dist import checkpoint as ckpt
+from lisa_dist.config import load_config
+from lisa_dist.errors import CheckpointWriteError
+from tests.helpers import COMMON, REPO, metrics, run_distributed, start_trainer
+
+
+def _config(out: Path, *extra: str):
+    return load_config(REPO / "configs" / "tiny.yaml", [*COMMON, "train.dtype=fp32", "max_steps=4", "save_every=2",
+                                                        f"output_dir={out}", *extra])
+
+
+def _full_disk(path: Path | str) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@contextlib.contextmanager
+def _failing_writes(me: int, rank: int, where: str, step: int):
+    """In process `me`, if it is `rank`, the write of checkpoint `step` fails: in DCP's shard writer (`shard`)
+    or rank 0's state file (`state`)."""
+    shard_write, synced_write = dcp_filesystem._write_item, ckpt._write_synced
+
+    def write_item(*args, **kwargs):
+        stream = args[1]
+        if f"step_{step}.tmp" in str(getattr(stream, "name", "")):
+            raise _full_disk(stream.name)
+        return shard_write(*args, **kwargs)
+
+    def write_synced(path: Path, text: str) -> None:
+        if f"step_{step}.tmp" in str(path) and path.name == ckpt.STATE_FILE:
+            raise _full_disk(path)
+        synced_write(path, text)
+
+    if me == rank:
+        if where == "shard":
+            dcp_filesystem._write_item = write_item
+        else:
+            ckpt._write_synced = write_synced
+    try:
+        yield
+    finally:
+        dcp_filesystem._write_item, ckpt._write_synced = shard_write, synced_write
+
+
+def _run(out: Path, *extra: str) -> dict:
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            start_trainer(_config(out, *extra)).fit()
+    except CheckpointWriteError as e:
+        return {"error": str(e), "said": said.getvalue()}
+    return {"error": None, "said": said.getvalue()}
+
+
+def _jobs(rank: int, world_size: int, root: str) -> dict:
+    results = {}
+    for name, failing_rank, where in (("shard0", 0, "shard"), ("shard1", 1, "shard"), ("state", 0, "state")):
+        out = Path(root) / name
+        with _failing_writes(rank, failing_rank, where, step=4):
+            results[name] = _run(out)
+        results[name]["checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with _failing_writes(rank, 1, "shard", step=2):
+        results["continue"] = _run(Path(root) / "continue", "save_errors=continue")
+    results["continue"]["checkpoints"] = sorted(p.name for p in (Path(root) / "continue" / "checkpoints").iterdir())
+    # the checkpoint before the failed one loads
+    results["resumed"] = _run(Path(root) / "shard1", "resume=auto", "max_steps=3")
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("save_errors")
+    return root, run_distributed(_jobs, 2, root=str(root))
+
+
+@pytest.mark.parametrize("name, failing", [("shard0", "rank 0"), ("shard1", "rank 1"), ("state", "rank 0")])
+def test_a_failed_write_stops_every_rank_naming_the_file_and_leaves_the_previous_checkpoint(runs, name, failing):
+    root, results = runs
+    written = "__1_0.distcp" if name == "shard1" else "__0_0.distcp" if name == "shard0" else ckpt.STATE_FILE
+    for result in results:
+        error = result[name]["error"]
+        assert error is not None and f"could not write the checkpoint {root / name / 'checkpoints' / 'step_4'}: " \
+            f"{failing}: " in error and f"step_4.tmp/{written}: No space left on device" in error, error
+        assert "The checkpoints written before it are untouched. It needs about" in error
+        assert " bytes of shards" in error
+        assert result[name]["checkpoints"] == ["step_2"]  # no step_4, no step_4.tmp
+    assert ckpt.damage(root / name / "checkpoints" / "step_2") == []
+
+
+def test_the_checkpoint_before_a_failed_one_resumes(runs):
+    root, results = runs
+    assert all(result["resumed"]["error"] is None for result in results)
+    assert [r["step"] for r in metrics(root / "shard1")][-1] == 3
+
+
+def test_save_errors_continue_trains_on_and_the_next_save_succeeds(runs):
+    root, results = runs
+    assert "No space left on device. The checkpoints written before it are untouched" in results[0]["continue"]["said"]
+    assert "training goes on (save_errors=continue)" in results[0]["continue"]["said"]
+    for result in results:
+        assert result["continue"]["error"] is None and result["continue"]["checkpoints"] == ["step_4"]
+    assert [r["step"] for r in metrics(root / "continue")] == [1, 2, 3, 4]
+    assert (root / "continue" / "final" / "model.safetensors").is_file()
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _on_small_disk(rank: int, world_size: int, out: str, cache: str) -> dict:
+    return _run(Path(out), f"data.cache_dir={cache}")
+
+
+def test_a_full_file_system_stops_the_run_at_its_first_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        results = run_distributed(_on_small_disk, 2, out=str(disk / "run"), cache=str(tmp_path / "cache"))
+        for result in results:
+            assert "No space left on device" in result["error"] and "GiB free on its file system" in result["error"]
+        assert not (disk / "run" / "checkpoints").exists() or \
+            list((disk / "run" / "checkpoints").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
