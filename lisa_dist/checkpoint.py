@@ -10,24 +10,24 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException
 import transformers
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from lisa_dist.checksums import MANIFEST, check_share, digest_share, file_digest
 from lisa_dist.config import Config
+from lisa_dist.distributed import gather_objects, verify_same_across_ranks
 from lisa_dist.engines import engine_class
 from lisa_dist.engines.base import Engine
 from lisa_dist.engines.interfaces import CheckpointLayout, ShardAccess
-from lisa_dist.distributed import gather_objects, verify_same_across_ranks
 from lisa_dist.errors import CheckpointError, CheckpointWriteError
 from lisa_dist.models.build import parameters_on_meta, persistent_buffers
 
@@ -124,8 +124,13 @@ def attempt(action: Callable[[], Any]) -> str | None:
     try:
         action()
     except OSError as e:
-        return f"{e.filename or 'a file'}: {e.strerror or e}"
+        return _os_error(e, "a file")
     return None
+
+
+def _os_error(e: OSError, what: str) -> str:
+    """`FILE: strerror`, the file named as the error names it (`what` when it names none)."""
+    return f"{e.filename or what}: {e.strerror or e}"
 
 
 def agree_on_errors(error: str | None) -> list[str]:
@@ -142,7 +147,7 @@ def _shard_write_errors(error: BaseException) -> list[str]:
 def _cause(failure: Any) -> str:
     exc = failure[0] if isinstance(failure, tuple) else failure
     if isinstance(exc, OSError):
-        return f"{exc.filename or 'a shard file'}: {exc.strerror or exc}"
+        return _os_error(exc, "a shard file")
     return f"{type(exc).__name__}: {exc}"
 
 

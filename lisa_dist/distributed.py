@@ -131,11 +131,9 @@ def shutdown() -> None:
 
 def verify_same_across_ranks(what: str, value: Any) -> None:
     """Raise on every rank, naming the ranks, if `value` differs from rank 0's."""
-    world_size = dist.get_world_size()
-    if world_size == 1 or dist.get_backend() == "fake":
+    if dist.get_world_size() == 1 or dist.get_backend() == "fake":
         return
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, value)
+    gathered = gather_objects(value)
     reference = gathered[0]
     differing = [r for r, v in enumerate(gathered) if v != reference]
     if differing:

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
-from tests.cli.test_reliability_cli import wait_for, worker_pids
+from scripts.soak import worker_pids
+from tests.cli.test_reliability_cli import wait_for
 from tests.helpers import (ENV, PARITY_ADALOMO_EPS1, PARITY_EPS, REDUCTION_ROUNDING, REPO, assert_weights_close,
                            free_port, layer_of, parity_atol)
 

@@ -13,25 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist import checkpoint as ckpt
+from scripts.soak import worker_pids
 from tests.helpers import (COMMON, ENV, REPO, ZERO3, assert_same_final, assert_same_training, free_port, lisa_dist,
                            metrics, torchrun, torchrun_command)
 
 FP32 = ["train.dtype=fp32", "max_steps=6", "save_every=3"]
-
-
-def worker_pids(parent: int) -> dict[int, int]:
-    """rank -> pid of the worker processes torchrun (pid `parent`) started."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            environ = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == parent else []
-        except (OSError, ValueError):
-            continue
-        for entry in environ:
-            if entry.startswith(b"RANK="):
-                found[int(entry[5:])] = int(stat.parent.name)
-    return found
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 180.0) -> None:
