@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -136,6 +137,18 @@ def _os_error(e: OSError, what: str) -> str:
 def agree_on_errors(error: str | None) -> list[str]:
     """Every rank's write error (collective), so that all ranks go on or all stop together."""
     return [f"rank {rank}: {e}" for rank, e in enumerate(gather_objects(error)) if e]
+
+
+def _digests(tmp: Path) -> dict[str, dict]:
+    """This rank's share of the digests of the files in `tmp` (the state file is written after them)."""
+    return digest_share(tmp, dist.get_rank(), dist.get_world_size(), skip=(STATE_FILE,))
+
+
+def _written_share(written: Future, tmp: Path) -> dict[str, dict]:
+    """Once a background write is done (every rank's files: DCP's save ends in a collective), this rank's share
+    of their digests; run off the training thread, so that a save's hashing does not hold up a step."""
+    written.result()
+    return _digests(tmp)
 
 
 def _shard_write_errors(error: BaseException) -> list[str]:
@@ -448,9 +461,10 @@ class Checkpointer:
         self.states = states or {}
         self.write_meta = write_meta
         self.is_main = core.runtime.is_main
-        self.pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
-        """A checkpoint being written in the background: (future, tmp, final, state)."""
+        self.pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+        """A checkpoint being written in the background: (its digests' future, tmp, final, state)."""
         self.writer_group: Any = None
+        self.hasher: ThreadPoolExecutor | None = None
 
     def save(self, final: Path, step: int, background: bool = False) -> Path:
         """Write the checkpoint of the run after `step` optimizer steps to `final`, atomically: in `final`.tmp,
@@ -471,8 +485,8 @@ class Checkpointer:
             raise self._failed(final, tmp, errors)
         if background:
             layout = core.engine.checkpoint_state(core.optimizer_state())
-            self.pending = (dcp.async_save(layout, checkpoint_id=str(tmp), process_group=self._writer_group()),
-                            tmp, final, state)
+            written = dcp.async_save(layout, checkpoint_id=str(tmp), process_group=self._writer_group())
+            self.pending = (self._background().submit(_written_share, written, tmp), tmp, final, state)
             return final
         try:
             save_shards(core.engine, tmp, core.optimizer_state())
@@ -488,10 +502,10 @@ class Checkpointer:
         future, tmp, final, state = self.pending
         self.pending = None
         try:
-            future.result()
+            share = future.result()
         except CheckpointException as e:
             raise self._failed(final, tmp, _shard_write_errors(e)) from None
-        self._publish(tmp, final, state)
+        self._publish(tmp, final, state, share)
         return final
 
     def _writer_group(self) -> Any:
@@ -500,9 +514,16 @@ class Checkpointer:
             self.writer_group = dist.new_group(backend="gloo")
         return self.writer_group
 
-    def _publish(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
-        """Every rank's shards are in `tmp`: hash them, then rank 0 completes and publishes the checkpoint."""
-        shares = gather_objects(digest_share(tmp, dist.get_rank(), dist.get_world_size(), skip=(STATE_FILE,)))
+    def _background(self) -> ThreadPoolExecutor:
+        """The thread that waits for a background checkpoint's write and then hashes this rank's share of it."""
+        if self.hasher is None:
+            self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lisa-dist-checksums")
+        return self.hasher
+
+    def _publish(self, tmp: Path, final: Path, state: dict[str, Any], share: dict[str, dict] | None = None) -> None:
+        """Every rank's shards are in `tmp`: hash them (unless this rank's `share` of the digests is given), then
+        rank 0 completes and publishes the checkpoint."""
+        shares = gather_objects(share if share is not None else _digests(tmp))
         errors = agree_on_errors(attempt(lambda: self._complete(tmp, final, state, shares)) if self.is_main else None)
         if errors:
             raise self._failed(final, tmp, errors)

@@ -251,7 +251,9 @@ class Config:
     async_save: bool = False
     """Write step checkpoints in the background: each rank copies its shards to host memory (as much host
     memory as its share of a checkpoint), training goes on while a thread writes them, and the checkpoint is
-    published at the next save or at the end of the run. A kill before then leaves the previous checkpoint."""
+    published at the next save or at the end of the run. A kill before then leaves the previous checkpoint.
+    It pays where the host's cores are idle during a step (an accelerator's); on CPU training the writer shares
+    the cores and the run is no faster (docs/reliability.md)."""
     method: Literal["lisa", "full"] = "lisa"
     """`lisa` trains gamma sampled decoder layers per interval; `full` trains them all."""
     resume: str | None = None
