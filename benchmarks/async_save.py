@@ -5,11 +5,12 @@ in reverse order; this machine's noise moves whole rounds).
     .venv/bin/python -m benchmarks.async_save                          # the 42M-parameter shape, full + AdamW
     .venv/bin/python -m benchmarks.async_save --rounds 5 --steps 10 --save-every 2 engine.name=zero3 ...
 
-Each run is its own 2-rank launch. A rank times its training loop from the end of step 1 (which builds the
-optimizer state) to the end of the run's last save, including the wait for a background checkpoint to be
-written and its publication (hashes, marker, rename); per step, that is what checkpointing costs training. It
-also reports its peak resident host memory (getrusage) and the bytes of the checkpoint shards it wrote. The
-cost of checkpointing is each saving mode's loop time per step less the unsaved run's, from the same round.
+Each run is its own launch of `--nproc` ranks (2; one per GPU on a GPU machine). A rank times its training
+loop from the end of step 1 (which builds the optimizer state) to the end of the run's last save, including the
+wait for a background checkpoint to be written and its publication (hashes, marker, rename); per step, that is
+what checkpointing costs training. It also reports its peak resident host memory (getrusage) and the bytes of
+the checkpoint shards it wrote. The cost of checkpointing is each saving mode's loop time per step less the
+unsaved run's, from the same round; `--summarize OUT` prints it again from an earlier invocation's files.
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ def _shard_mib(output_dir: Path, rank: int) -> float:
     return sum(p.stat().st_size for p in steps[-1].glob(f"__{rank}_*.distcp")) / 2 ** 20 if steps else 0.0
 
 
-def run_one(mode: str, config: Path, overrides: list[str], out: Path) -> dict[str, Any]:
+def run_one(mode: str, config: Path, overrides: list[str], out: Path, nproc: int = 2) -> dict[str, Any]:
     result = out / mode / "result"
     result.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     args = [str(config), str(result), *JOB, *overrides, *MODES[mode], f"output_dir={out / mode}", "overwrite=true",
             "progress_bar=false"]
-    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m",
+    done = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(nproc), "-m",
                            "benchmarks.async_save", "--worker", *args], cwd=REPO, env=env, capture_output=True,
                           text=True)
     if done.returncode:
@@ -104,7 +105,7 @@ def run_one(mode: str, config: Path, overrides: list[str], out: Path) -> dict[st
 def read_run(result: Path) -> dict[str, Any]:
     """A run's figures from its ranks' result files: the slower rank's loop time per step, the larger peak RSS
     and share of a checkpoint, and every rank's time held in each save and in each step after one."""
-    ranks = [json.loads(Path(f"{result}.{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads(p.read_text()) for p in result.parent.glob(f"{result.name}.[0-9]*.json")]
     pairs = [(a, b) for r in ranks for a, b in zip(r["marks"], r["marks"][1:])]
     return {"per_step_s": max(r["loop_s"] for r in ranks) / (ranks[0]["steps"] - 1),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks per run (one GPU each on a GPU machine)")
     parser.add_argument("--summarize", type=Path, default=None, metavar="OUT",
                         help="print the summary of an earlier invocation's --out, running nothing")
     parser.add_argument("overrides", nargs="*", help="key=value changes to the config, for every run")
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i in range(args.rounds):
         order = list(MODES) if i % 2 == 0 else list(MODES)[::-1]
-        row = {mode: run_one(mode, args.config, overrides, out / f"round{i + 1}") for mode in order}
+        row = {mode: run_one(mode, args.config, overrides, out / f"round{i + 1}", args.nproc) for mode in order}
         rows.append(row)
         print(f"| {i + 1} | " + " | ".join(f"{row[m]['per_step_s']:.3f}" for m in MODES) + " | " +
               " | ".join(f"{row[m]['peak_rss_mib']:.0f}" for m in MODES) + " |", flush=True)
