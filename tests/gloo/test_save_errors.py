@@ -1,8 +1,8 @@
 """A checkpoint that cannot be written, on 2 gloo ranks (FSDP2): "No space left on device" injected into one
-rank's shard write (each rank in turn) and into rank 0's state file, and a real full file system (a 1 MiB tmpfs,
-where the test can mount one). Every rank stops with one error naming the file and the space a checkpoint
-needs; the checkpoint before stays whole and loads; no partial directory is left. With save_errors=continue
-the run trains on and the next save succeeds."""
+rank's shard write (each rank in turn, and rank 1's background writer with async_save) and into rank 0's state
+file, and a real full file system (a 1 MiB tmpfs, where the test can mount one). Every rank stops with one
+error naming the file and the space a checkpoint needs; the checkpoint before stays whole and loads; no partial
+directory is left. With save_errors=continue the run trains on and the next save succeeds."""
 
 import contextlib
 import errno
@@ -69,10 +69,11 @@ def _run(out: Path, *extra: str) -> dict:
 
 def _jobs(rank: int, world_size: int, root: str) -> dict:
     results = {}
-    for name, failing_rank, where in (("shard0", 0, "shard"), ("shard1", 1, "shard"), ("state", 0, "state")):
+    for name, failing_rank, where, extra in (("shard0", 0, "shard", ()), ("shard1", 1, "shard", ()),
+                                             ("state", 0, "state", ()), ("async1", 1, "shard", ("async_save=true",))):
         out = Path(root) / name
         with _failing_writes(rank, failing_rank, where, step=4):
-            results[name] = _run(out)
+            results[name] = _run(out, *extra)
         results[name]["checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
     with _failing_writes(rank, 1, "shard", step=2):
         results["continue"] = _run(Path(root) / "continue", "save_errors=continue")
@@ -88,10 +89,11 @@ def runs(tmp_path_factory) -> tuple[Path, list[dict]]:
     return root, run_distributed(_jobs, 2, root=str(root))
 
 
-@pytest.mark.parametrize("name, failing", [("shard0", "rank 0"), ("shard1", "rank 1"), ("state", "rank 0")])
+@pytest.mark.parametrize("name, failing", [("shard0", "rank 0"), ("shard1", "rank 1"), ("state", "rank 0"),
+                                           ("async1", "rank 1")])  # async1: rank 1's background writer
 def test_a_failed_write_stops_every_rank_naming_the_file_and_leaves_the_previous_checkpoint(runs, name, failing):
     root, results = runs
-    written = "__1_0.distcp" if name == "shard1" else "__0_0.distcp" if name == "shard0" else ckpt.STATE_FILE
+    written = {"shard0": "__0_0.distcp", "shard1": "__1_0.distcp", "async1": "__1_0.distcp"}.get(name, ckpt.STATE_FILE)
     for result in results:
         error = result[name]["error"]
         assert error is not None and f"could not write the checkpoint {root / name / 'checkpoints' / 'step_4'}: " \
