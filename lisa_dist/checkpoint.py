@@ -555,7 +555,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()  # every rank reports the failure once the partial directory is gone
         usage = shutil.disk_usage(final.parent) if final.parent.exists() else None
-        free = f", {usage.free / 2**30:.2f} GiB free on its file system" if usage else ""
+        # torch.save's writer (DCP's for tensors) reports a full disk as "file write failed", without the errno
+        full = ": less than it needs, the file system is full" if usage and usage.free < needed else ""
+        free = f", {usage.free / 2**30:.2f} GiB free on its file system{full}" if usage else ""
         return CheckpointWriteError(
             f"could not write the checkpoint {final}: {'; '.join(errors[:4])}. The checkpoints written before it "
             f"are untouched. It needs about {needed / 2**30:.2f} GiB ({needed} bytes of shards{free}); free space, "

@@ -137,7 +137,9 @@ def test_a_full_file_system_stops_the_run_at_its_first_checkpoint(tmp_path):
     try:
         results = run_distributed(_on_small_disk, 2, out=str(disk / "run"), cache=str(tmp_path / "cache"))
         for result in results:
-            assert "No space left on device" in result["error"] and "GiB free on its file system" in result["error"]
+            # the failing write's own words vary with where the disk filled (torch.save's writer drops the errno)
+            assert f"could not write the checkpoint {disk / 'run' / 'checkpoints' / 'step_2'}: " in result["error"]
+            assert "GiB free on its file system: less than it needs, the file system is full" in result["error"]
         assert not (disk / "run" / "checkpoints").exists() or \
             list((disk / "run" / "checkpoints").iterdir()) == []
     finally:
