@@ -88,6 +88,16 @@ def pretrain(spec: BaseModel, cache_dir: Path, log: bool = True) -> Path:
     out = cache_dir / f"base-{_digest(spec)}"
     if (out / "model.safetensors").exists():
         return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a reduction's order follows the thread count: one base whatever the machine's
+    try:
+        _train(spec, out, log)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _train(spec: BaseModel, out: Path, log: bool) -> None:
     torch.manual_seed(spec.seed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     model = transformers.AutoModelForCausalLM.from_config(model_config(spec, tokenizer))
@@ -113,4 +123,3 @@ def pretrain(spec: BaseModel, cache_dir: Path, log: bool = True) -> Path:
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     partial.rename(out)
-    return out
