@@ -272,8 +272,7 @@ RESUMABLE_CHANGES = {"output_dir", "resume", "save_every", "save_total_limit", "
                      "max_steps", "train.max_consecutive_skips", "train.micro_batch_size", "optim.offload_state",
                      "engine.name", "engine.deepspeed_config", "engine.reshard_after_forward", "engine.split_layers",
                      "engine.backward_prefetch", "engine.offload_params", "engine.layer_class", "engine.timeout_s",
-                     "preempt.signals", "preempt.exit_code", "save_errors",
-                     "async_save"}
+                     "preempt.signals", "preempt.exit_code", "save_errors", "async_save"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

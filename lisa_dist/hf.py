@@ -46,7 +46,7 @@ from lisa_dist.errors import CheckpointError, ConfigError, DataError
 from lisa_dist.loss import logits_loss_sum
 from lisa_dist.loss import loss_sum as token_loss_sum
 from lisa_dist.models.build import check_architecture, check_model
-from lisa_dist.preempt import PreemptionNotice, signal_name
+from lisa_dist.preempt import PreemptionNotice, stop_message
 from lisa_dist.steps import LossFn
 from lisa_dist.validation import validate_training
 
@@ -246,9 +246,9 @@ class LisaDistTrainer(transformers.Trainer):
             output = super().train(*args, **kwargs)
         if self.stopped is not None:
             step, signum = self.stopped
-            print(f"lisa-dist: stopped: {signal_name(signum)} received; every rank stopped after step {step} and "
-                  f"saved checkpoint-{step} in {self.args.output_dir}. Exit status {self.notice.exit_code} asks "
-                  "for a requeue; resume_from_checkpoint=True continues from it", file=sys.stderr)
+            said = stop_message(signum, f"step {step}", f"checkpoint-{step} in {self.args.output_dir}",
+                                self.notice.exit_code, "resume_from_checkpoint=True")
+            print(f"lisa-dist: stopped: {said}", file=sys.stderr)
             raise SystemExit(self.notice.exit_code)
         return output
 

@@ -35,5 +35,7 @@ class PreemptionNotice:
         self._previous.clear()
 
 
-def signal_name(number: int) -> str:
-    return signal.Signals(number).name
+def stop_message(signum: int, step: str, saved: str, exit_code: int, resume: str) -> str:
+    """What a run stopped by a preemption signal says, on either entry point (the CLI, the HF Trainer)."""
+    return (f"{signal.Signals(signum).name} received; every rank stopped after {step} and saved {saved}. Exit "
+            f"status {exit_code} asks for a requeue; {resume} continues from it")

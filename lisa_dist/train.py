@@ -25,7 +25,7 @@ from lisa_dist.errors import CheckpointWriteError, ConfigError, Preempted
 from lisa_dist.evaluate import Evaluator
 from lisa_dist.models.build import ModelSource, check_against_model, check_weights, resolve_model_source
 from lisa_dist.optim import lr_at
-from lisa_dist.preempt import PreemptionNotice, signal_name
+from lisa_dist.preempt import PreemptionNotice, stop_message
 from lisa_dist.progress import Reporter, check_trackers
 from lisa_dist.rundir import MetricsWriter, check_output_dir, clear_previous_run
 from lisa_dist.sizing.memory import GIB, StorageTracker
@@ -101,8 +101,6 @@ class Trainer:
         self.checkpointer = ckpt.Checkpointer(self.core, config, states={"data": self.batches},
                                               write_meta=self._write_meta)
         self.notice = PreemptionNotice(config.preempt)
-        self.save_errors = config.save_errors
-        self.async_save = config.async_save
         self.stop_signal = 0
         """A preemption signal some rank received by the end of the last step (every rank reads the same)."""
 
@@ -142,7 +140,7 @@ class Trainer:
         pruning; None when it could not be written and save_errors=continue (and `retry_later`)."""
         self._finish_pending_save(retry_later)
         try:
-            saved = self.save(step, background=self.async_save and retry_later)
+            saved = self.save(step, background=self.config.async_save and retry_later)
         except CheckpointWriteError as e:
             self._save_failed(e, retry_later)
             return None
@@ -159,7 +157,7 @@ class Trainer:
 
     def _save_failed(self, error: CheckpointWriteError, retry_later: bool) -> None:
         """Raise `error`, unless save_errors=continue and another save comes: then say so and go on."""
-        if not (retry_later and self.save_errors == "continue"):
+        if not (retry_later and self.config.save_errors == "continue"):
             raise error
         if self.runtime.is_main:
             print(f"lisa-dist: {error}; training goes on (save_errors=continue)", file=sys.stderr)
@@ -169,10 +167,8 @@ class Trainer:
         started), written before anything else, then `Preempted`, whose exit status asks for a requeue."""
         self._finish_pending_save(retry_later=False)
         saved = saved or self._save_and_prune(step, retry_later=False)
-        code = self.notice.exit_code
-        raise Preempted(f"{signal_name(self.stop_signal)} received; every rank stopped after step {step} of "
-                        f"{self.config.max_steps} and saved {saved}. Exit status {code} asks for a requeue; "
-                        "resume=auto continues from it", code)
+        raise Preempted(stop_message(self.stop_signal, f"step {step} of {self.config.max_steps}", str(saved),
+                                     self.notice.exit_code, "resume=auto"), self.notice.exit_code)
 
     def _write_meta(self, directory: Path) -> None:
         ckpt.write_hf_meta(directory, self._export_config(), self.source.tokenizer_dir, self.source.weights_dir)
