@@ -234,7 +234,8 @@ class LoggingConfig:
 @dataclass(kw_only=True, slots=True)
 class Config:
     seed: int = 0
-    """Seeds the layer schedule, the data order and random initialization."""
+    """Seeds the layer schedule, the data order, random initialization and what the model draws in training
+    (dropout: from the seed, the step and the rank, so a resumed run draws as the uninterrupted one)."""
     max_steps: int = 100
     """Optimizer steps to run."""
     output_dir: str = "runs/default"

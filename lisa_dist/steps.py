@@ -22,6 +22,7 @@ from lisa_dist.optim.fused import GradHooks
 from lisa_dist.optim.precision import DynamicLossScaler, rounding_generator
 from lisa_dist.optim.rules import inactive_lr
 from lisa_dist.optim.sharded_optimizer import UpdateOptions
+from lisa_dist.randomness import model_randomness
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[Batch, torch.Tensor], torch.Tensor]
@@ -104,8 +105,15 @@ class StepRunner:
         return loss_sum_and_router_aux(self.model, self.engine.parts.head, batch, self.config.train.loss_chunk_tokens,
                                        self.runtime.device, aux)
 
-    def forward_backward(self, micro_batches: list[Batch], global_targets: torch.Tensor, check_loss: bool,
-                         loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_backward(self, step: int, micro_batches: list[Batch], global_targets: torch.Tensor,
+                         check_loss: bool, loss_fn: LossFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward_backward`, with the model's own draws (dropout) a function of the seed, `step` and the rank
+        (`randomness.model_randomness`): repeatable, the same after a resume, alike in both passes of a step."""
+        with model_randomness(self.config.seed, step, self.runtime.rank, self.runtime.device):
+            return self._forward_backward(micro_batches, global_targets, check_loss, loss_fn)
+
+    def _forward_backward(self, micro_batches: list[Batch], global_targets: torch.Tensor, check_loss: bool,
+                          loss_fn: LossFn | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (local loss sum, local router load-balancing loss sum or None where none was added); both
         stay on the device. The router's loss (lisa_dist's own loss only; a Trainer's includes its own) is the
         mean over the global batch's micro-batches, weighted by its coefficient. With `check_loss`, before the
@@ -179,7 +187,8 @@ class PostBackwardStep(StepRunner):
             loss_fn: LossFn | None = None) -> StepOutcome:
         inactive = self._inactive_options(step, lr) if self.hooks.inactive is not None else None
         self.hooks.begin_pass("accumulate", UpdateOptions(lr=lr), guard=False, inactive_options=inactive)
-        loss_sum, aux_sum = self.forward_backward(micro_batches, global_targets, check_loss=False, loss_fn=loss_fn)
+        loss_sum, aux_sum = self.forward_backward(step, micro_batches, global_targets, check_loss=False,
+                                                  loss_fn=loss_fn)
         inactive_sq, bad = self.hooks.end_pass(self.model)
         sq = self.optimizer.grad_sq_sum()
         sq = sq + inactive_sq.to(sq.device)
@@ -212,12 +221,13 @@ class FusedStep(StepRunner):
         precheck = self.config.optim.fused_precheck
         self.precheck = self.config.train.dtype == "fp16" if precheck is None else precheck
 
-    def _pass(self, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
+    def _pass(self, step: int, mode: str, options: UpdateOptions, guard: bool, micro_batches: list[Batch],
               global_targets: torch.Tensor, loss_fn: LossFn | None) -> tuple[StepOutcome, torch.Tensor, torch.Tensor]:
         """One forward/backward with the hooks in `mode`; returns its outcome and its local (squared gradient
         norm, non-finite shard count)."""
         self.hooks.begin_pass(mode, options, guard)
-        loss_sum, aux_sum = self.forward_backward(micro_batches, global_targets, check_loss=True, loss_fn=loss_fn)
+        loss_sum, aux_sum = self.forward_backward(step, micro_batches, global_targets, check_loss=True,
+                                                  loss_fn=loss_fn)
         sq, bad = self.hooks.end_pass(self.model)
         outcome = StepOutcome(loss_sum=loss_sum, sums=self._sums(sq, bad, self.hooks.options.commit), aux_sum=aux_sum)
         return outcome, sq, bad
@@ -226,14 +236,15 @@ class FusedStep(StepRunner):
             loss_fn: LossFn | None = None) -> StepOutcome:
         if not self.precheck:  # clipped by the previous step's norm: this step's is read with its figures
             options = self._options(step, lr, self._clip_factor(self.last_grad_norm), None)
-            return self._pass("apply", options, True, micro_batches, global_targets, loss_fn)[0]
-        check, sq, bad = self._pass("check", UpdateOptions(lr=lr), False, micro_batches, global_targets, loss_fn)
+            return self._pass(step, "apply", options, True, micro_batches, global_targets, loss_fn)[0]
+        check, sq, bad = self._pass(step, "check", UpdateOptions(lr=lr), False, micro_batches, global_targets,
+                                    loss_fn)
         # The norm and non-finite count go over ranks on the device: the apply pass clips by them and its
         # updates stand only if the check found every loss and gradient finite.
         totals = self.values.sum_over_ranks_on_device(check.sums)
         commit = (totals[1] == 0) & (totals[2] == 0) & torch.isfinite(totals[0])
         options = self._options(step, lr, self._clip_factor_on_device(totals[0]), commit)
-        self._pass("apply", options, False, micro_batches, global_targets, loss_fn)
+        self._pass(step, "apply", options, False, micro_batches, global_targets, loss_fn)
         check.sums = self._sums(sq, bad, self.hooks.options.commit)
         check.backward_passes = 2
         return check

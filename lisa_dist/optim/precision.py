@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 
 from lisa_dist.errors import LossScaleError
+from lisa_dist.randomness import derived_seed
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -25,8 +25,7 @@ def rounding_generator(seed: int, step: int, rank: int, device: torch.device,
                        stream: str = "rounding") -> torch.Generator:
     """Fresh per step, so a resumed run draws the same noise without saving generator state; `stream` names
     draws kept apart from the others (lisa.inactive_update's)."""
-    digest = hashlib.sha256(f"lisa_dist/{stream}/{seed}/{step}/{rank}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(derived_seed(stream, seed, step, rank))
 
 
 class DynamicLossScaler:

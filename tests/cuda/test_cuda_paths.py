@@ -4,10 +4,11 @@ On a CPU run, offload copies host memory to host memory, FSDP2's reduce-scatter 
 share the one stream there is, and the parameter offload's update runs where the compute does. Here they
 do not: pinned host memory with non-blocking copies against the compute stream, LOMO's update in FSDP2's
 post-reduce hooks on its reduce-scatter stream, AdaLomo's statistics made in host memory and summed by
-NCCL, and the CUDA allocator's peak against `lisa-dist estimate`.
+NCCL, the CUDA allocator's peak against `lisa-dist estimate`, and the GPU's own generator seeded per step.
 
-Each run is `torchrun --nproc_per_node 1 -m lisa_dist train` on the first GPU. Runs compared bit for bit use
-eager attention and a fixed cuBLAS workspace, so the same kernels run in the same order in both."""
+Each run is `torchrun --nproc_per_node 1 -m lisa_dist train` on the first GPU (the generator's test runs in
+process). Runs compared bit for bit use eager attention and a fixed cuBLAS workspace, so the same kernels run
+in the same order in both."""
 
 import json
 import math
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_ALPACA, TINY_MODEL_DIR
+from lisa_dist.randomness import model_randomness
 from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA paths: needs a GPU")
@@ -128,3 +130,19 @@ def test_allocator_peak_is_within_10_percent_of_estimate_on_a_shallow_7b(tmp_pat
     estimated = json.loads(done.stdout.strip().splitlines()[-1])["peak_gib"]
     assert math.isfinite(measured) and measured > 0
     assert estimated == pytest.approx(measured, rel=0.10)
+
+
+def test_dropout_on_the_gpu_draws_from_seed_step_and_rank_and_leaves_the_generator_as_it_was():
+    device = torch.device("cuda", 0)
+
+    def mask(step: int) -> torch.Tensor:
+        with model_randomness(0, step, 0, device):
+            return torch.nn.functional.dropout(torch.ones(1000, device=device), 0.5)
+
+    torch.cuda.manual_seed(5)
+    expected = torch.rand(4, device=device)
+    torch.cuda.manual_seed(5)
+    first = mask(3)
+    assert torch.equal(torch.rand(4, device=device), expected)
+    assert torch.equal(mask(3), first)
+    assert not torch.equal(mask(4), first)  # 1000 coin flips: equal with probability 2**-1000

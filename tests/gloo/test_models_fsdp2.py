@@ -69,8 +69,8 @@ def _architectures_worker(rank: int, world_size: int, output_dir: str) -> dict:
         config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
         directory = f"{output_dir}/{name}"
         config.save_pretrained(f"{directory}/config_rank{rank}")  # no process group yet to order writes
-        # GPT-2 keeps dropout 0.1, drawn from each rank's unseeded global generator, so its losses move by about
-        # 0.01 between invocations; at lr 1e-2 three steps lower every architecture's loss by about 0.3.
+        # GPT-2 keeps dropout 0.1 (its draws: tests/gloo/test_model_randomness.py); at lr 1e-2 three steps lower
+        # every architecture's loss by about 0.3.
         trainer = start_trainer(tiny_config(directory + "/run",
                                             model={"path": None, "config": f"{directory}/config_rank{rank}"},
                                             lisa={"gamma": 1, "interval": 1}, optim={"lr": 1e-2}))
