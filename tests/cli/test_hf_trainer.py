@@ -5,12 +5,14 @@ layers, frozen layers untouched, fused updates all run inside backward; and 2 ra
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from lisa_dist.assets import TINY_MODEL_DIR
@@ -209,4 +211,26 @@ def test_a_preemption_signal_saves_the_agreed_step_exits_75_and_resume_ends_with
     assert resumed == records[stopped:]
     final, straight = load_file(tmp_path / "resumed" / "model.safetensors"), load_file(out / "model.safetensors")
     for name in final:
+        assert torch.equal(final[name], straight[name]), name
+
+
+def test_a_model_with_dropout_resumes_exactly_from_a_trainer_checkpoint(tmp_path):
+    """A GPT-2 written by save_pretrained keeps dropout 0.1: the run resumed from checkpoint-2 ends with the
+    uninterrupted run's weights, bit for bit. (The Trainer saves and restores its generators itself; lisa_dist's
+    per-step seeding, which the CLI's resume relies on, is tests/gloo/test_model_randomness.py.)"""
+    model = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64, vocab_size=512)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1
+    transformers.GPT2LMHeadModel(config).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_MODEL_DIR / name, model / name)
+    out = tmp_path / "straight"
+    common = ["--model", str(model), "--engine", "fsdp2", "--save-steps", str(SAVE_STEPS)]
+    records = run_example(out, *common, nproc=2)
+    resumed = run_example(tmp_path / "resumed", *common, "--resume", str(out / f"checkpoint-{SAVE_STEPS}"), nproc=2)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed == records[SAVE_STEPS:]
+    final, straight = load_file(tmp_path / "resumed" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in straight:
         assert torch.equal(final[name], straight[name]), name
