@@ -1,5 +1,5 @@
-"""Random draws as a function of (seed, step, rank): a resumed run draws what the uninterrupted run drew, with
-no generator state saved in checkpoints."""
+"""Random draws as a function of the seed and where they are made (a step and a rank, a parameter): a resumed run
+draws what the uninterrupted run drew, with no generator state saved in checkpoints."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from contextlib import contextmanager
 import torch
 
 
-def derived_seed(stream: str, seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for `stream`'s draws at `step` on `rank`; streams are independent of each other."""
-    digest = hashlib.sha256(f"lisa_dist/{stream}/{seed}/{step}/{rank}".encode()).digest()
+def derived_seed(stream: str, seed: int, *where: object) -> int:
+    """A 63-bit seed for `stream`'s draws at `where` (a step and a rank, a parameter's name, ...): the same on
+    every machine; streams are independent of each other."""
+    digest = hashlib.sha256("/".join(["lisa_dist", stream, str(seed), *map(str, where)]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -21,13 +22,12 @@ def model_randomness(seed: int, step: int, rank: int, device: torch.device) -> I
     """Inside: torch's global generators (the CPU's and `device`'s), which a model's dropout and router noise draw
     from, seeded for `step` on `rank`; after: as they were, so code around the step (a Trainer's sampler) sees
     no change. Each entry at a step draws the same masks, so a fused optimizer's two passes agree."""
-    devices = [device.index if device.index is not None else 0] if device.type != "cpu" else []
-    device_type = device.type if device.type != "cpu" else "cuda"
-    with torch.random.fork_rng(devices=devices, device_type=device_type):
+    devices = [] if device.type == "cpu" else [device.index or 0]
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
         value = derived_seed("model", seed, step, rank)
         torch.default_generator.manual_seed(value)
-        if device.type != "cpu":
+        for index in devices:
             module = torch.get_device_module(device.type)
-            with module.device(devices[0]):
+            with module.device(index):
                 module.manual_seed(value)
         yield

@@ -9,20 +9,19 @@ The statistics are state: `state_dict` carries them, so a resumed run draws exac
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
 import torch
 
 from lisa_dist.errors import CheckpointError, ConfigError
+from lisa_dist.randomness import derived_seed
 
 STRATEGIES = ("uniform", "weights", "outlier", "routing", "grad_norm", "cyclic")
 
 
 def _generator(seed: int, *where: object) -> torch.Generator:
-    digest = hashlib.sha256("/".join(["lisa_dist/sampler", str(seed), *map(str, where)]).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(derived_seed("sampler", seed, *where))
 
 
 def draw(probabilities: torch.Tensor, gamma: int, seed: int, interval_index: int) -> tuple[int, ...]:

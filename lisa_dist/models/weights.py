@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 
 from lisa_dist.errors import WeightsError
 from lisa_dist.models.keys import map_checkpoint_keys
+from lisa_dist.randomness import derived_seed
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -176,16 +176,11 @@ class SafetensorsReader:
         self._handles.clear()
 
 
-def _param_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"lisa_dist/init/{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def random_init(name: str, shape: torch.Size, std: float, seed: int) -> torch.Tensor:
     """The same full fp32 tensor on every rank and for every world size."""
     if name.endswith("bias"):
         return torch.zeros(shape)
     if len(shape) == 1:
         return torch.ones(shape)
-    generator = torch.Generator().manual_seed(_param_seed(seed, name))
+    generator = torch.Generator().manual_seed(derived_seed("init", seed, name))
     return torch.empty(shape).normal_(0.0, std, generator=generator)
