@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -309,3 +311,39 @@ def labelled_runs(example: TokenizedExample) -> list[list[int]]:
             runs[-1].append(token)
         previous_labelled = labelled
     return runs
+
+
+def full_disk(path: Path | str) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@contextlib.contextmanager
+def failing_writes(me: int, rank: int, where: str, step: int):
+    """In process `me`, if it is `rank`, the write of checkpoint `step` fails: in DCP's shard writer (`shard`)
+    or rank 0's state file (`state`)."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    from lisa_dist import checkpoint as ckpt
+
+    shard_write, synced_write = dcp_filesystem._write_item, ckpt._write_synced
+
+    def write_item(*args, **kwargs):
+        stream = args[1]
+        if f"step_{step}.tmp" in str(getattr(stream, "name", "")):
+            raise full_disk(stream.name)
+        return shard_write(*args, **kwargs)
+
+    def write_synced(path: Path, text: str) -> None:
+        if f"step_{step}.tmp" in str(path) and path.name == ckpt.STATE_FILE:
+            raise full_disk(path)
+        synced_write(path, text)
+
+    if me == rank:
+        if where == "shard":
+            dcp_filesystem._write_item = write_item
+        else:
+            ckpt._write_synced = write_synced
+    try:
+        yield
+    finally:
+        dcp_filesystem._write_item, ckpt._write_synced = shard_write, synced_write

@@ -8,8 +8,6 @@ set. A key that is neither fails the test, with its name."""
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from lisa_dist._compat import RECOMPUTES_GROUPED_UNITS
 from lisa_dist.assets import TINY_MODEL_DIR
 from lisa_dist.config import Config
 from lisa_dist.errors import ConfigError
-from tests.helpers import REPO, tiny_config
+from tests.helpers import REPO, failing_writes, tiny_config
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -126,8 +124,7 @@ def probe(key: str) -> Any:
     return "probe.json"
 
 
-def _cli_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    from lisa_dist import checkpoint as ckpt
+def _cli_reads(tmp_path: Path) -> set[str]:
     from lisa_dist.env import LaunchEnv
     from lisa_dist.train import run_training
 
@@ -138,16 +135,9 @@ def _cli_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
     # The first run again, continued from its newest checkpoint (resume is read only then).
     run_training(Recorder(tiny_config(tmp_path / "cli0", max_steps=2, resume="auto", **VARIANTS[0]), reads), env)
     # A run whose first checkpoint cannot be written (save_errors is read only then).
-    written = ckpt._write_synced
-
-    def full_disk_at_step_1(path: Path, text: str) -> None:
-        if "step_1.tmp" in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        written(path, text)
-
-    monkeypatch.setattr(ckpt, "_write_synced", full_disk_at_step_1)
-    run_training(Recorder(tiny_config(tmp_path / "cli_full", max_steps=2, save_every=1, save_errors="continue"),
-                          reads), env)
+    with failing_writes(0, 0, "state", step=1):
+        run_training(Recorder(tiny_config(tmp_path / "cli_full", max_steps=2, save_every=1, save_errors="continue"),
+                              reads), env)
     return reads
 
 
@@ -216,7 +206,7 @@ def test_lisa_dist_train_reads_every_key(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # read by wandb itself
 
-    reads = _cli_reads(tmp_path, monkeypatch)
+    reads = _cli_reads(tmp_path)
     # The other model sources, and the ZeRO-3 engine's own file (read by its checks before any process
     # group): the preparation that reads them is the same for every run.
     for model in MODEL_SOURCES:

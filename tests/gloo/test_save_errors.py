@@ -5,56 +5,21 @@ error naming the file and the space a checkpoint needs; the checkpoint before st
 directory is left. With save_errors=continue the run trains on and the next save succeeds."""
 
 import contextlib
-import errno
 import io
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from lisa_dist import checkpoint as ckpt
 from lisa_dist.config import load_config
 from lisa_dist.errors import CheckpointWriteError
-from tests.helpers import COMMON, REPO, metrics, run_distributed, start_trainer
+from tests.helpers import COMMON, REPO, failing_writes, metrics, run_distributed, start_trainer
 
 
 def _config(out: Path, *extra: str):
     return load_config(REPO / "configs" / "tiny.yaml", [*COMMON, "train.dtype=fp32", "max_steps=4", "save_every=2",
                                                         f"output_dir={out}", *extra])
-
-
-def _full_disk(path: Path | str) -> OSError:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-
-@contextlib.contextmanager
-def _failing_writes(me: int, rank: int, where: str, step: int):
-    """In process `me`, if it is `rank`, the write of checkpoint `step` fails: in DCP's shard writer (`shard`)
-    or rank 0's state file (`state`)."""
-    shard_write, synced_write = dcp_filesystem._write_item, ckpt._write_synced
-
-    def write_item(*args, **kwargs):
-        stream = args[1]
-        if f"step_{step}.tmp" in str(getattr(stream, "name", "")):
-            raise _full_disk(stream.name)
-        return shard_write(*args, **kwargs)
-
-    def write_synced(path: Path, text: str) -> None:
-        if f"step_{step}.tmp" in str(path) and path.name == ckpt.STATE_FILE:
-            raise _full_disk(path)
-        synced_write(path, text)
-
-    if me == rank:
-        if where == "shard":
-            dcp_filesystem._write_item = write_item
-        else:
-            ckpt._write_synced = write_synced
-    try:
-        yield
-    finally:
-        dcp_filesystem._write_item, ckpt._write_synced = shard_write, synced_write
 
 
 def _run(out: Path, *extra: str) -> dict:
@@ -72,10 +37,10 @@ def _jobs(rank: int, world_size: int, root: str) -> dict:
     for name, failing_rank, where, extra in (("shard0", 0, "shard", ()), ("shard1", 1, "shard", ()),
                                              ("state", 0, "state", ()), ("async1", 1, "shard", ("async_save=true",))):
         out = Path(root) / name
-        with _failing_writes(rank, failing_rank, where, step=4):
+        with failing_writes(rank, failing_rank, where, step=4):
             results[name] = _run(out, *extra)
         results[name]["checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
-    with _failing_writes(rank, 1, "shard", step=2):
+    with failing_writes(rank, 1, "shard", step=2):
         results["continue"] = _run(Path(root) / "continue", "save_errors=continue")
     results["continue"]["checkpoints"] = sorted(p.name for p in (Path(root) / "continue" / "checkpoints").iterdir())
     # the checkpoint before the failed one loads
